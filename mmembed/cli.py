@@ -1,0 +1,41 @@
+"""`mmembed` command: one subcommand per job. Each is the same code as its Ray job entry point."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module with main(argv), one-line help). Imported lazily so `--help` is instant.
+COMMANDS = {
+    "embed": ("pipelines.embed", "embed a corpus into sharded Parquet (python -m pipelines.embed)"),
+    "demo": ("mmembed.demo", "generate the offline demo corpus, embed it and show the top matches"),
+}
+
+
+def usage() -> str:
+    width = max(len(k) for k in COMMANDS)
+    lines = ["usage: mmembed <command> [options]   (mmembed <command> --help for its options)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from mmembed import __version__
+
+        print(f"mmembed {__version__}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"mmembed: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Command-line options shared by the embed, rerank and reembed jobs.
+
+Options mirror ST's argument names where ST has one. Parsing is pure: nothing here starts
+Ray or loads a model, so `--help` and option errors are instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+class UsageError(ValueError):
+    """A configuration mmembed refuses before Ray starts; the message says what to do."""
+
+
+def json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object, e.g. '{\"key\": \"value\"}'")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError("must be between 0 and 1")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be a positive integer")
+    return value
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (as in sentence-transformers)")
+    g.add_argument(
+        "--model",
+        required=True,
+        help="Hub name (e.g. sentence-transformers/clip-ViT-B-32, Qwen/Qwen3-VL-Embedding-2B) or a local "
+        "directory. Set HF_HUB_OFFLINE=1 to load only from the local cache.",
+    )
+    g.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of the model.")
+    g.add_argument(
+        "--model-kwargs",
+        type=json_object,
+        default={},
+        help='JSON passed to the transformers model, e.g. \'{"dtype": "bfloat16", "attn_implementation": "sdpa"}\'.',
+    )
+    g.add_argument(
+        "--processor-kwargs",
+        type=json_object,
+        default={},
+        help='JSON passed to the processor, e.g. \'{"min_pixels": 3136, "max_pixels": 360000}\'.',
+    )
+    g.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="Allow model repositories to run their own code (off by default).",
+    )
+
+
+def add_runtime_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("compute")
+    g.add_argument(
+        "--address",
+        default=os.environ.get("RAY_ADDRESS"),
+        help="Ray cluster address (default: $RAY_ADDRESS; without either, Ray starts in-process).",
+    )
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="Encoder device (default: auto).")
+    g.add_argument("--batch-size", type=positive_int, default=32, help="Rows per forward pass (default: 32).")
+    g.add_argument(
+        "--num-encoders",
+        type=positive_int,
+        default=None,
+        help="Encoder actors (default: one per GPU in the cluster, or 1 on CPU).",
+    )
+    g.add_argument(
+        "--num-preprocessors",
+        type=positive_int,
+        default=None,
+        help="Preprocess (fetch + decode + processor) actors (default: sized from the cluster's CPUs).",
+    )
+    g.add_argument(
+        "--preprocess-batch-size", type=positive_int, default=16, help="Records per preprocess call (default: 16)."
+    )
+    g.add_argument(
+        "--gpus-per-encoder",
+        type=float,
+        default=1.0,
+        help="GPUs per encoder actor; fractions (0.5, 0.25) pack several small-model encoders on one GPU.",
+    )
+    g.add_argument("--cpus-per-encoder", type=float, default=None, help="CPUs per encoder actor (default: 1).")
+    g.add_argument(
+        "--cpus-per-preprocessor",
+        type=float,
+        default=None,
+        help="CPUs per preprocess actor (default: 1, or less to fit a small machine).",
+    )
+    g.add_argument(
+        "--memory-per-preprocessor",
+        type=int,
+        default=None,
+        help="Memory (bytes) reserved per preprocess actor, for scheduling.",
+    )
+    g.add_argument(
+        "--encoder-resources",
+        type=json_object,
+        default={},
+        help='Custom Ray resources per encoder actor, e.g. \'{"gpu_node": 1}\'.',
+    )
+    g.add_argument(
+        "--preprocessor-resources",
+        type=json_object,
+        default={},
+        help='Custom Ray resources per preprocess actor, e.g. \'{"cpu_node": 1}\'.',
+    )
+    g.add_argument(
+        "--transport-dtype",
+        choices=["float32", "float16", "bfloat16"],
+        default=None,
+        help="Send pixel tensors from the CPU pool to the encoders in this dtype (halves the bytes; "
+        "default: the processor's own dtype, which is exact).",
+    )
+
+
+def add_io_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("storage")
+    g.add_argument(
+        "--storage-options",
+        type=json_object,
+        default={},
+        help='fsspec storage options for object stores, e.g. \'{"endpoint_url": "http://127.0.0.1:9000", '
+        '"anon": false}\'. Credentials come from the standard AWS chain and are never written out.',
+    )
+    g.add_argument("--allow-http", action="store_true", help="Fetch http(s):// media URLs (refused by default).")
+    g.add_argument(
+        "--max-bytes",
+        type=positive_int,
+        default=256 * 1024 * 1024,
+        help="Largest media object fetched, in bytes; larger ones become error rows (default: 256 MiB).",
+    )
+    g.add_argument(
+        "--max-image-pixels",
+        type=positive_int,
+        default=89_478_485,
+        help="Largest decoded image (width x height); larger ones become error rows (default: Pillow's 89.5M).",
+    )
+    g.add_argument(
+        "--shard-rows", type=positive_int, default=50_000, help="Most rows per output shard (default: 50000)."
+    )
+    g.add_argument(
+        "--max-error-fraction",
+        type=fraction,
+        default=1.0,
+        help="Exit non-zero when more than this fraction of records fail (output and error rows are "
+        "still written; default: 1.0, never).",
+    )

@@ -1,0 +1,242 @@
+"""What an input record is, and how an input URI is recognised before Ray starts.
+
+A record is one row with a string ``id`` and one or more modality cells. A manifest row with
+``text`` and ``image`` set is one multimodal record, like ST's ``{"text": ..., "image": ...}``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mmembed.storage import filesystem, unstrip
+
+MODALITY_COLUMNS = ("text", "image", "audio", "video")
+MEDIA_MODALITIES = ("image", "audio", "video")
+# `messages` is a chat-message list; it is its own modality in ST ("message").
+MESSAGE_COLUMN = "messages"
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+AUDIO_EXTENSIONS = {".wav", ".mp3", ".flac", ".ogg", ".m4a", ".opus", ".aac"}
+VIDEO_EXTENSIONS = {".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v"}
+TEXT_EXTENSIONS = {".txt", ".md"}
+
+EXTENSION_MODALITY = {
+    **{ext: "image" for ext in IMAGE_EXTENSIONS},
+    **{ext: "audio" for ext in AUDIO_EXTENSIONS},
+    **{ext: "video" for ext in VIDEO_EXTENSIONS},
+    **{ext: "text" for ext in TEXT_EXTENSIONS},
+}
+
+# The columns every stage after `read` sees. Media cells are URIs (`*_uri`) or bytes
+# (`*_bytes`), kept apart so that one Arrow type holds per column.
+RECORD_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("text", pa.string()),
+        ("text_uri", pa.string()),
+        ("image_uri", pa.string()),
+        ("image_bytes", pa.binary()),
+        ("audio_uri", pa.string()),
+        ("audio_bytes", pa.binary()),
+        ("video_uri", pa.string()),
+        ("video_bytes", pa.binary()),
+    ]
+)
+
+
+class InputError(ValueError):
+    """The input cannot be read as a manifest or a media directory; raised before Ray starts."""
+
+
+@dataclass
+class InputSpec:
+    """What the driver learned about the input without reading the corpus."""
+
+    uri: str
+    kind: str  # "manifest" | "media"
+    paths: list[str] = field(default_factory=list)  # manifest files, or media files
+    root: str = ""  # the directory relative ids and relative media paths resolve against
+    num_records: int = 0
+    modalities: set[str] = field(default_factory=set)
+    columns: list[str] = field(default_factory=list)
+    fingerprint: str = ""
+
+
+def modality_of_extension(path: str) -> str | None:
+    return EXTENSION_MODALITY.get(os.path.splitext(path)[1].lower())
+
+
+def _is_glob(path: str) -> bool:
+    return any(ch in path for ch in "*?[")
+
+
+def discover(uri: str, storage_options: dict | None = None) -> InputSpec:
+    """Classify the input as a Parquet manifest or a media tree, and list its files."""
+    fs, path = filesystem(uri, storage_options)
+    if _is_glob(path):
+        found = sorted(p for p in fs.glob(path) if not fs.isdir(p))
+        root = path.split("*", 1)[0].rsplit("/", 1)[0] if "/" in path else ""
+    elif fs.isdir(path):
+        found = sorted(fs.find(path))
+        root = path
+    elif fs.exists(path):
+        found = [path]
+        root = path.rsplit("/", 1)[0] if "/" in path else ""
+    else:
+        raise InputError(f"input not found: {uri}")
+    # Hidden and bookkeeping files (._SUCCESS, _metadata, .tmp shards) are never records.
+    found = [p for p in found if not any(part.startswith((".", "_")) for part in p[len(root) :].split("/") if part)]
+    if not found:
+        raise InputError(f"input has no files: {uri}")
+    parquet = [p for p in found if p.endswith(".parquet")]
+    if parquet and len(parquet) == len(found):
+        return _manifest_spec(uri, fs, parquet, root)
+    if parquet:
+        raise InputError(
+            f"input mixes Parquet files with other files: {uri}. Point --input at either a Parquet "
+            "manifest (file, directory or glob of .parquet) or a directory of media files."
+        )
+    media = [p for p in found if modality_of_extension(p)]
+    skipped = len(found) - len(media)
+    spec = InputSpec(
+        uri=uri,
+        kind="media",
+        paths=[unstrip(fs, p) for p in media],
+        root=unstrip(fs, root),
+        num_records=len(media),
+        modalities={modality_of_extension(p) for p in media},
+    )
+    if not media:
+        raise InputError(
+            f"no media files with a known extension under {uri} ({skipped} other files). Known: "
+            + ", ".join(sorted(EXTENSION_MODALITY))
+        )
+    spec.skipped_files = skipped  # type: ignore[attr-defined]
+    spec.fingerprint = _fingerprint(fs, media)
+    return spec
+
+
+def _fingerprint(fs, paths: list[str]) -> str:
+    """A cheap identity of the input: its file names, sizes and modification markers."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in paths:
+        try:
+            info = fs.info(p)
+        except FileNotFoundError:
+            info = {}
+        marker = info.get("ETag") or info.get("mtime") or info.get("LastModified") or ""
+        h.update(f"{p}\0{info.get('size')}\0{marker}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _manifest_spec(uri: str, fs, paths: list[str], root: str) -> InputSpec:
+    columns: list[str] | None = None
+    num_rows = 0
+    non_null: set[str] = set()
+    for p in paths:
+        with fs.open(p, "rb") as f:
+            meta = pq.ParquetFile(f).metadata
+            schema = pq.ParquetFile(f).schema_arrow
+        names = list(schema.names)
+        if columns is None:
+            columns = names
+        num_rows += meta.num_rows
+        for col in (*MODALITY_COLUMNS, MESSAGE_COLUMN):
+            if col not in names or col in non_null:
+                continue
+            # Row-group statistics give the null count without reading the column.
+            idx = names.index(col)
+            for rg in range(meta.num_row_groups):
+                c = meta.row_group(rg).column(idx) if idx < meta.num_columns else None
+                stats = c.statistics if c is not None else None
+                if stats is None or not stats.has_null_count or stats.null_count < meta.row_group(rg).num_rows:
+                    non_null.add(col)
+                    break
+    columns = columns or []
+    if "id" not in columns:
+        raise InputError(f"manifest {uri} has no `id` column; found columns: {columns}")
+    present = [c for c in (*MODALITY_COLUMNS, MESSAGE_COLUMN) if c in columns]
+    if not present:
+        raise InputError(
+            f"manifest {uri} has no modality column; expected one or more of "
+            f"{list(MODALITY_COLUMNS) + [MESSAGE_COLUMN]}, found: {columns}"
+        )
+    modalities = {"message" if c == MESSAGE_COLUMN else c for c in non_null}
+    spec = InputSpec(
+        uri=uri,
+        kind="manifest",
+        paths=[unstrip(fs, p) for p in paths],
+        root=unstrip(fs, root),
+        num_records=num_rows,
+        modalities=modalities,
+        columns=columns,
+    )
+    spec.fingerprint = _fingerprint(fs, paths)
+    return spec
+
+
+def check_unique_ids(spec: InputSpec, storage_options: dict | None = None, show: int = 5) -> None:
+    """Reject a manifest with duplicate ids before Ray starts.
+
+    Only the id column is read, a row group at a time, and ids are kept as 64-bit hashes
+    (8 bytes a record), so this stays cheap on the driver at corpus scale.
+    """
+    import numpy as np
+    import pandas as pd
+
+    if spec.kind != "manifest":
+        return
+    fs, _ = filesystem(spec.uri, storage_options)
+    hashes = []
+    for p in spec.paths:
+        with fs.open(fs._strip_protocol(p), "rb") as f:
+            pf = pq.ParquetFile(f)
+            for rg in range(pf.num_row_groups):
+                col = pf.read_row_group(rg, columns=["id"]).column(0)
+                if col.null_count:
+                    raise InputError(f"manifest {p} has {col.null_count} null ids; every record needs an id")
+                hashes.append(pd.util.hash_array(col.to_numpy(zero_copy_only=False).astype(object)))
+    if not hashes:
+        return
+    allh = np.concatenate(hashes)
+    allh.sort()
+    dup_hashes = np.unique(allh[1:][allh[1:] == allh[:-1]])
+    if not len(dup_hashes):
+        return
+    # Hash collisions are possible in principle: confirm on the ids themselves.
+    dups: dict[str, int] = {}
+    wanted = set(dup_hashes.tolist())
+    for p in spec.paths:
+        with fs.open(fs._strip_protocol(p), "rb") as f:
+            ids = pq.read_table(f, columns=["id"]).column(0).to_pylist()
+        for i, h in zip(ids, pd.util.hash_array(np.array(ids, dtype=object))):
+            if int(h) in wanted:
+                dups[i] = dups.get(i, 0) + 1
+    real = [i for i, n in dups.items() if n > 1]
+    if real:
+        first = ", ".join(repr(i) for i in real[:show])
+        raise InputError(
+            f"manifest {spec.uri} has {len(real)} duplicate ids (ids must be unique); first: {first}"
+        )
+
+
+def record_modality(row: dict) -> str:
+    """The modality label written to the output: `text`, `image`, or e.g. `image+text`."""
+    parts = []
+    for m in MODALITY_COLUMNS:
+        if (
+            (m == "text" and (row.get("text") is not None or row.get("text_uri") is not None))
+            or row.get(f"{m}_uri") is not None
+            or row.get(f"{m}_bytes") is not None
+            or row.get(f"{m}_struct") is not None
+        ):
+            parts.append(m)
+    if row.get(MESSAGE_COLUMN) is not None:
+        parts.append("message")
+    return "+".join(sorted(parts))

@@ -1,0 +1,1 @@
+"""Ray Data stages. One class per file; pipelines/ composes them."""

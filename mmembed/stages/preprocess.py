@@ -1,0 +1,149 @@
+"""Stage 2, preprocess: fetch, decode and run ST's `preprocess()` on a CPU actor pool.
+
+Each actor loads the model's processor once (weights stay on the meta device, so a 2B model
+costs no memory here) and turns every record into the exact features ST would build for it.
+A record that cannot be fetched, decoded or processed becomes an error row with its reason;
+the batch goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pyarrow as pa
+
+from mmembed.decode import DecodeError, decode_image, decode_text
+from mmembed.features import FEATURE_FIELDS, pack
+from mmembed.models import ModelSpec, load_model, modality_label, resolve_prompt
+from mmembed.records import MEDIA_MODALITIES
+from mmembed.storage import FetchError, Fetcher
+
+log = logging.getLogger(__name__)
+
+PREPROCESSED_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("modality", pa.string()),
+        ("stage", pa.string()),
+        ("error", pa.string()),
+        *FEATURE_FIELDS,
+    ]
+)
+
+
+class RecordError(Exception):
+    """This record, not the job, is at fault."""
+
+
+class PreprocessStage:
+    """CPU actor: records in, processor-ready feature rows (or error rows) out."""
+
+    def __init__(
+        self,
+        model: ModelSpec,
+        *,
+        task: str | None = None,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        storage_options: dict | None = None,
+        max_bytes: int = 256 * 1024 * 1024,
+        max_image_pixels: int = 89_478_485,
+        allow_http: bool = False,
+        transport_dtype: str | None = None,
+        decoders: dict | None = None,
+    ):
+        self.spec = model
+        self.model = load_model(model, weights=False)
+        self.task = task
+        self.prompt = resolve_prompt(self.model, task, prompt_name, prompt)
+        self.fetcher = Fetcher(storage_options, max_bytes=max_bytes, allow_http=allow_http)
+        self.max_image_pixels = max_image_pixels
+        self.transport_dtype = transport_dtype
+        self.decoders = decoders or {}
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        out = {f.name: [] for f in PREPROCESSED_SCHEMA}
+        for row in rows:
+            rid = row.get("id")
+            try:
+                st_input, label = self._build_input(row)
+                features = self._preprocess(st_input, label)
+                packed = pack(features, self.transport_dtype)
+                error = None
+            except (RecordError, FetchError, DecodeError) as exc:
+                packed, error = None, str(exc)
+            except Exception as exc:  # noqa: BLE001 - never let one record kill the job
+                packed, error = None, f"preprocess failed: {type(exc).__name__}: {exc}"
+            out["id"].append(rid)
+            out["modality"].append(_row_label(row))
+            out["stage"].append(None if error is None else "preprocess")
+            out["error"].append(error)
+            for name, _ in FEATURE_FIELDS:
+                out[name].append(packed[name] if packed else ([] if name != "feat_meta" else None))
+        return pa.table(out, schema=PREPROCESSED_SCHEMA)
+
+    # -- one record -----------------------------------------------------------------------
+    def _build_input(self, row: dict):
+        """The ST input for a record: a string, a PIL image, a dict of modalities or messages."""
+        parts: dict = {}
+        text = row.get("text")
+        if text is None and row.get("text_uri") is not None:
+            text = decode_text(self.fetcher.fetch(row["text_uri"]))
+        if text is not None:
+            if not text.strip():
+                raise RecordError("empty text")
+            parts["text"] = text
+        for m in MEDIA_MODALITIES:
+            value = self._media(row, m)
+            if value is not None:
+                parts[m] = value
+        messages = row.get("messages")
+        if messages is not None:
+            if parts:
+                raise RecordError("a record with `messages` cannot also set text/image/audio/video cells")
+            return self._messages(messages), "message"
+        if not parts:
+            raise RecordError("empty record: no text, image, audio or video")
+        label = "+".join(sorted(parts))
+        if len(parts) == 1:
+            return next(iter(parts.values())), label
+        return parts, label
+
+    def _media(self, row: dict, modality: str):
+        uri, data, struct = row.get(f"{modality}_uri"), row.get(f"{modality}_bytes"), row.get(f"{modality}_struct")
+        if uri is None and data is None and struct is None:
+            return None
+        if struct is not None and modality in self.decoders:
+            return self.decoders[modality](struct=struct, row=row)
+        if data is None:
+            data = self.fetcher.fetch(uri)
+        elif not data:
+            raise RecordError(f"zero-byte {modality} cell")
+        if modality == "image":
+            return decode_image(data, max_pixels=self.max_image_pixels)
+        decoder = self.decoders.get(modality)
+        if decoder is None:
+            raise RecordError(f"{modality} decoding is not available in this build")
+        return decoder(data=data, row=row)
+
+    def _messages(self, messages):
+        return messages
+
+    def _preprocess(self, st_input, label: str) -> dict:
+        parts = tuple(sorted(label.split("+")))
+        modality = parts[0] if len(parts) == 1 else parts
+        if not self.model.supports(modality):
+            raise RecordError(
+                f"model {self.spec.name_or_path} does not support {modality_label(modality)} records "
+                f"(it supports: {', '.join(modality_label(m) for m in self.model.modalities)})"
+            )
+        kwargs = {"task": self.task} if self.task else {}
+        return self.model.preprocess([st_input], prompt=self.prompt, **kwargs)
+
+
+def _row_label(row: dict) -> str:
+    from mmembed.records import record_modality
+
+    label = record_modality(row)
+    return label or "empty"

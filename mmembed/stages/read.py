@@ -1,0 +1,135 @@
+"""Stage 1, read: turn a manifest or a media tree into a stream of records.
+
+Rows leave this stage in `RECORD_SCHEMA`: an id, the text, and for each media modality
+either a URI or the raw bytes. Nothing is fetched or decoded here; that is the CPU pool's job,
+so a missing object becomes an error row there instead of failing a read task.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from mmembed.records import MEDIA_MODALITIES, RECORD_SCHEMA, InputSpec, modality_of_extension
+from mmembed.storage import filesystem, is_absolute_uri, join_uri
+
+LISTING_BLOCK_ROWS = 2_000
+
+
+def normalize_manifest_table(table: pa.Table, root: str) -> pa.Table:
+    """Map a manifest's columns onto RECORD_SCHEMA.
+
+    Media cells may be strings (URI or path; relative paths resolve against the manifest's
+    directory) or raw bytes. Each lands in its own typed column.
+    """
+    n = table.num_rows
+    out = {"id": table.column("id").cast(pa.string())}
+    names = table.column_names
+    out["text"] = table.column("text").cast(pa.string()) if "text" in names else pa.nulls(n, pa.string())
+    if "text_uri" in names:
+        out["text_uri"] = _resolve(table.column("text_uri").cast(pa.string()), root)
+    for m in MEDIA_MODALITIES:
+        uri = pa.nulls(n, pa.string())
+        data = pa.nulls(n, pa.binary())
+        if m in names:
+            col = table.column(m)
+            if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
+                data = col.cast(pa.binary())
+            elif pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+                uri = _resolve(col.cast(pa.string()), root)
+            elif pa.types.is_null(col.type):
+                pass
+            else:
+                # Structs such as {"array", "sampling_rate"} are carried as-is for the audio path.
+                out[f"{m}_struct"] = col
+        out[f"{m}_uri"] = uri
+        out[f"{m}_bytes"] = data
+    if "messages" in names:
+        out["messages"] = table.column("messages")
+    return _conform(pa.table(out))
+
+
+def _resolve(col: pa.ChunkedArray, root: str) -> pa.ChunkedArray:
+    values = col.to_pylist()
+    if not root or all(v is None or is_absolute_uri(v) for v in values):
+        return col
+    return pa.chunked_array(
+        [pa.array([v if v is None or is_absolute_uri(v) else join_uri(root, v) for v in values], pa.string())]
+    )
+
+
+def _conform(table: pa.Table) -> pa.Table:
+    """Every block gets every RECORD_SCHEMA column, so blocks concatenate without surprises."""
+    n = table.num_rows
+    for f in RECORD_SCHEMA:
+        if f.name not in table.column_names:
+            table = table.append_column(f, pa.nulls(n, f.type))
+    extra = [c for c in table.column_names if c not in RECORD_SCHEMA.names]
+    return table.select(RECORD_SCHEMA.names + extra)
+
+
+class ReadStage:
+    """Builds the record stream for an input. Runs on the driver; reads happen in Ray tasks."""
+
+    def __init__(self, spec: InputSpec, storage_options: dict | None = None, *, read_cpus: float = 0.25):
+        self.spec = spec
+        self.storage_options = storage_options or {}
+        self.read_cpus = read_cpus
+
+    def dataset(self):
+        import ray.data
+
+        if self.spec.kind == "manifest":
+            return self._manifest()
+        return self._listing(ray.data)
+
+    def _manifest(self):
+        import ray.data
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        fs, _ = filesystem(self.spec.uri, self.storage_options)
+        paths = [fs._strip_protocol(p) for p in self.spec.paths]
+        ds = ray.data.read_parquet(
+            paths,
+            filesystem=PyFileSystem(FSSpecHandler(fs)),
+            ray_remote_args={"num_cpus": self.read_cpus},
+        )
+        root = self.spec.root
+        return ds.map_batches(
+            normalize_manifest_table,
+            fn_kwargs={"root": root},
+            batch_format="pyarrow",
+            batch_size=None,
+            zero_copy_batch=True,
+            num_cpus=self.read_cpus,
+        )
+
+    def _listing(self, data):
+        root = self.spec.root.rstrip("/")
+        tables = []
+        for start in range(0, len(self.spec.paths), LISTING_BLOCK_ROWS):
+            chunk = self.spec.paths[start : start + LISTING_BLOCK_ROWS]
+            cols = {f.name: pa.nulls(len(chunk), f.type) for f in RECORD_SCHEMA}
+            ids = [_relative_id(p, root) for p in chunk]
+            cols["id"] = pa.array(ids, pa.string())
+            mods = [modality_of_extension(p) for p in chunk]
+            for m in MEDIA_MODALITIES:
+                cols[f"{m}_uri"] = pa.array([p if mm == m else None for p, mm in zip(chunk, mods)], pa.string())
+            cols["text_uri"] = pa.array([p if mm == "text" else None for p, mm in zip(chunk, mods)], pa.string())
+            t = pa.table(cols)
+            tables.append(_conform(t))
+        return data.from_arrow(tables)
+
+
+def _relative_id(path: str, root: str) -> str:
+    if root and path.startswith(root + "/"):
+        return path[len(root) + 1 :]
+    if root and path.startswith(root + os.sep):
+        return path[len(root) + len(os.sep) :]
+    return path
+
+
+def count_non_null(table: pa.Table, column: str) -> int:
+    return len(table) - pc.sum(pc.is_null(table.column(column))).as_py()

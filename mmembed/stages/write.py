@@ -1,0 +1,127 @@
+"""Stage 4, write: sharded Parquet for results and for error rows.
+
+Result rows go to `part-*.parquet`, error rows to `_errors/part-*.parquet`, each shard at
+most `shard_rows` rows. A shard is written under a hidden temporary name and renamed into
+place when complete, so a crash never leaves a half-written file that reads as output.
+The write tasks return only counts and file names; the driver turns them into the manifest.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Iterable
+
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - registers pa.compute
+import pyarrow.parquet as pq
+from ray.data.block import BlockAccessor
+from ray.data.datasource.datasink import Datasink, WriteResult
+
+from mmembed.storage import filesystem, with_retries
+
+ERROR_SCHEMA = pa.schema([("id", pa.string()), ("stage", pa.string()), ("error", pa.string())])
+
+
+class ShardWriter(Datasink):
+    """Writes result and error shards; `result_columns` are the columns a result row keeps."""
+
+    def __init__(
+        self,
+        output: str,
+        *,
+        result_columns: list[str],
+        storage_options: dict | None = None,
+        shard_rows: int = 50_000,
+        run_token: str | None = None,
+        compression: str = "zstd",
+    ):
+        self.output = output.rstrip("/")
+        self.result_columns = result_columns
+        self.storage_options = storage_options or {}
+        self.shard_rows = shard_rows
+        self.run_token = run_token or uuid.uuid4().hex[:8]
+        self.compression = compression
+        self.result: dict | None = None
+
+    @property
+    def min_rows_per_write(self):
+        return self.shard_rows
+
+    def on_write_start(self, schema=None) -> None:
+        fs, path = filesystem(self.output, self.storage_options)
+        fs.makedirs(path, exist_ok=True)
+        fs.makedirs(f"{path}/_errors", exist_ok=True)
+
+    def write(self, blocks: Iterable, ctx) -> dict:
+        fs, root = filesystem(self.output, self.storage_options)
+        stats = {"files": [], "error_files": [], "written": 0, "errors": 0, "modalities": {}}
+        pending: list[pa.Table] = []
+        pending_errors: list[pa.Table] = []
+        seq = [0]
+
+        def flush(tables: list[pa.Table], errors: bool, final: bool):
+            rows = sum(t.num_rows for t in tables)
+            while rows >= self.shard_rows or (final and rows):
+                table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+                head, tail = table.slice(0, self.shard_rows), table.slice(self.shard_rows)
+                name = f"part-{self.run_token}-{ctx.task_idx:06d}-{seq[0]:04d}.parquet"
+                seq[0] += 1
+                sub = f"{root}/_errors" if errors else root
+                self._write_atomic(fs, sub, name, head)
+                (stats["error_files"] if errors else stats["files"]).append(
+                    {"name": f"_errors/{name}" if errors else name, "rows": head.num_rows}
+                )
+                tables[:] = [tail] if tail.num_rows else []
+                rows = tail.num_rows
+
+        for block in blocks:
+            table = BlockAccessor.for_block(block).to_arrow()
+            if table.num_rows == 0:
+                continue
+            is_error = table.column("error").is_valid()
+            ok = table.filter(pa.compute.invert(is_error))
+            bad = table.filter(is_error)
+            if ok.num_rows:
+                ok = ok.select(self.result_columns)
+                for m, n in zip(*_value_counts(ok.column("modality"))) if "modality" in ok.column_names else []:
+                    stats["modalities"][m] = stats["modalities"].get(m, 0) + n
+                stats["written"] += ok.num_rows
+                pending.append(ok)
+                flush(pending, False, False)
+            if bad.num_rows:
+                bad = bad.select(["id", "stage", "error"]).cast(ERROR_SCHEMA)
+                stats["errors"] += bad.num_rows
+                pending_errors.append(bad)
+                flush(pending_errors, True, False)
+        flush(pending, False, True)
+        flush(pending_errors, True, True)
+        return stats
+
+    def _write_atomic(self, fs, directory: str, name: str, table: pa.Table) -> None:
+        tmp = f"{directory}/.tmp-{uuid.uuid4().hex[:8]}-{name}"
+        final = f"{directory}/{name}"
+
+        def put():
+            with fs.open(tmp, "wb") as f:
+                pq.write_table(table, f, compression=self.compression)
+            fs.mv(tmp, final)
+
+        with_retries(put)
+
+    def on_write_complete(self, write_result: WriteResult) -> None:
+        totals = {"files": [], "error_files": [], "written": 0, "errors": 0, "modalities": {}}
+        for r in write_result.write_returns:
+            if not r:
+                continue
+            totals["files"] += r["files"]
+            totals["error_files"] += r["error_files"]
+            totals["written"] += r["written"]
+            totals["errors"] += r["errors"]
+            for m, n in r["modalities"].items():
+                totals["modalities"][m] = totals["modalities"].get(m, 0) + n
+        self.result = totals
+
+
+def _value_counts(col: pa.ChunkedArray):
+    vc = pa.compute.value_counts(col)
+    return vc.field("values").to_pylist(), vc.field("counts").to_pylist()

@@ -1,0 +1,153 @@
+"""Every URI goes through fsspec, so local paths, s3://, gs:// and az:// behave the same."""
+
+from __future__ import annotations
+
+import posixpath
+import random
+import time
+from typing import Any
+
+import fsspec
+from fsspec.core import url_to_fs
+
+HTTP_PROTOCOLS = ("http", "https")
+
+
+class FetchError(Exception):
+    """A record's media could not be fetched; the message becomes the error row's reason."""
+
+
+def protocol_of(uri: str) -> str:
+    if "://" in uri:
+        return uri.split("://", 1)[0].lower()
+    return "file"
+
+
+def filesystem(uri: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem for a URI and the path within it.
+
+    Storage options only apply to object stores; local paths ignore them so one
+    `--storage-options` can serve an S3 input and a local output alike.
+    """
+    opts = dict(storage_options or {}) if protocol_of(uri) not in ("file", "local") else {}
+    return url_to_fs(uri, **opts)
+
+
+def join_uri(base: str, rel: str) -> str:
+    if protocol_of(base) == "file":
+        import os
+
+        return os.path.join(base, rel)
+    return posixpath.join(base.rstrip("/"), rel)
+
+
+def is_absolute_uri(uri: str) -> bool:
+    return "://" in uri or uri.startswith("/")
+
+
+def unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """Turn an fsspec-internal path back into a URI that another process can open."""
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol in ("file", "local"):
+        return path
+    return f"{protocol}://{path}"
+
+
+# Errors worth another try: object stores answer 5xx or drop connections under load.
+_TRANSIENT_NAMES = (
+    "ConnectionError",
+    "ConnectTimeoutError",
+    "ReadTimeoutError",
+    "EndpointConnectionError",
+    "ServerDisconnectedError",
+    "ClientPayloadError",
+    "ClientOSError",
+    "IncompleteRead",
+    "ProtocolError",
+    "ResponseStreamingError",
+    "TimeoutError",
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, (FileNotFoundError, IsADirectoryError, PermissionError, FetchError)):
+        return False
+    text = f"{type(exc).__name__}: {exc}"
+    if any(name in text for name in _TRANSIENT_NAMES):
+        return True
+    for code in ("500", "502", "503", "504", "SlowDown", "InternalError", "ServiceUnavailable"):
+        if code in text:
+            return True
+    return isinstance(exc, (ConnectionError, TimeoutError))
+
+
+def with_retries(fn, *, attempts: int = 5, base_delay: float = 0.2, max_delay: float = 5.0):
+    """Call fn, retrying transient storage errors with jittered exponential backoff."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - classification decides
+            if attempt == attempts - 1 or not is_transient(exc):
+                raise
+            time.sleep(min(max_delay, base_delay * 2**attempt) * (0.5 + random.random()))
+    raise AssertionError("unreachable")
+
+
+class Fetcher:
+    """Fetches media bytes for the preprocess stage, with limits that turn into error rows."""
+
+    def __init__(
+        self,
+        storage_options: dict | None = None,
+        *,
+        max_bytes: int = 256 * 1024 * 1024,
+        allow_http: bool = False,
+        http_timeout_s: float = 30.0,
+        attempts: int = 5,
+    ):
+        self.storage_options = storage_options or {}
+        self.max_bytes = max_bytes
+        self.allow_http = allow_http
+        self.http_timeout_s = http_timeout_s
+        self.attempts = attempts
+        self._fs_cache: dict[str, tuple[Any, str]] = {}
+
+    def _fs(self, uri: str):
+        protocol = protocol_of(uri)
+        if protocol not in self._fs_cache:
+            if protocol in HTTP_PROTOCOLS:
+                import aiohttp
+
+                fs = fsspec.filesystem(
+                    protocol, client_kwargs={"timeout": aiohttp.ClientTimeout(total=self.http_timeout_s)}
+                )
+            else:
+                fs, _ = filesystem(uri, self.storage_options)
+            self._fs_cache[protocol] = fs
+        return self._fs_cache[protocol]
+
+    def fetch(self, uri: str) -> bytes:
+        protocol = protocol_of(uri)
+        if protocol in HTTP_PROTOCOLS and not self.allow_http:
+            raise FetchError(f"HTTP(S) media URL refused: {uri} (pass --allow-http to fetch it)")
+        fs = self._fs(uri)
+        path = uri if protocol in HTTP_PROTOCOLS else fs._strip_protocol(uri)
+
+        def read() -> bytes:
+            with fs.open(path, "rb") as f:
+                data = f.read(self.max_bytes + 1)
+            return data
+
+        try:
+            data = with_retries(read, attempts=self.attempts)
+        except FileNotFoundError:
+            raise FetchError(f"not found: {uri}") from None
+        except IsADirectoryError:
+            raise FetchError(f"is a directory, not a file: {uri}") from None
+        except PermissionError as exc:
+            raise FetchError(f"permission denied: {uri} ({exc})") from None
+        if len(data) > self.max_bytes:
+            raise FetchError(f"object larger than the {self.max_bytes}-byte limit (--max-bytes): {uri}")
+        if not data:
+            raise FetchError(f"zero-byte object: {uri}")
+        return data

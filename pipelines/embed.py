@@ -1,0 +1,340 @@
+"""Ray job entry point: embed a corpus.
+
+    python -m pipelines.embed --input PATH_OR_URI --output URI --model NAME_OR_PATH [options]
+
+`mmembed embed` runs this same code. It checks everything it can before Ray starts, then
+composes read -> preprocess (CPU pool) -> encode (GPU pool) -> write, streaming.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from mmembed import __version__
+from mmembed.manifest import MANIFEST_NAME, command_line, library_versions, now_iso, read_json, report, write_json
+from mmembed.models import ModelSpec, load_model, model_revision, modality_label, resolve_prompt
+from mmembed.options import UsageError, add_io_options, add_model_options, add_runtime_options
+from mmembed.records import InputError, InputSpec, check_unique_ids, discover
+from mmembed.storage import filesystem, join_uri
+
+log = logging.getLogger("mmembed")
+
+EXIT_OK, EXIT_USAGE, EXIT_ERRORS, EXIT_FAILED = 0, 2, 3, 1
+
+
+def build_parser(prog: str = "mmembed embed") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Embed a corpus of texts, images, audio, video or multimodal records with a "
+        "sentence-transformers model, on Ray. Results equal SentenceTransformer.encode on the same inputs.",
+        epilog="Input: a Parquet manifest (file, directory or glob) with a string `id` column and one or more of "
+        "text, image, audio, video (media cells are URIs/paths or raw bytes), or a directory/glob of media files "
+        "(id = path relative to the root, modality from the extension). Output: part-*.parquet "
+        "(id, embedding, modality), _errors/*.parquet (id, stage, error) and _manifest.json. "
+        "Exit codes: 0 ok, 2 bad usage (nothing ran), 3 more errors than --max-error-fraction, 1 job failed.",
+    )
+    p.add_argument("--input", required=True, help="Manifest or media directory/glob: local path or fsspec URI.")
+    p.add_argument("--output", required=True, help="Output directory: local path or fsspec URI (e.g. s3://b/p).")
+    add_model_options(p)
+    g = p.add_argument_group("embedding (as in SentenceTransformer.encode)")
+    g.add_argument(
+        "--task",
+        choices=["query", "document"],
+        default=None,
+        help="Encode as encode_query / encode_document would: the model's query/document prompt and task.",
+    )
+    g.add_argument("--prompt-name", default=None, help="A key of the model's `prompts`.")
+    g.add_argument("--prompt", default=None, help="A literal prompt (wins over --prompt-name).")
+    g.add_argument("--normalize", action="store_true", help="L2-normalise embeddings (normalize_embeddings=True).")
+    g.add_argument("--truncate-dim", type=int, default=None, help="Keep the first N dimensions (Matryoshka).")
+    g.add_argument("--precision", choices=["float32", "float16"], default="float32", help="Stored embedding dtype.")
+    g.add_argument(
+        "--on-unsupported",
+        choices=["fail", "error-row"],
+        default="fail",
+        help="A modality in the input that the model cannot embed: fail before Ray starts (default), or "
+        "write those records as error rows and embed the rest.",
+    )
+    g.add_argument("--overwrite", action="store_true", help="Replace a finished output at --output.")
+    add_runtime_options(p)
+    add_io_options(p)
+    return p
+
+
+# --------------------------------------------------------------------------------------------
+# Before Ray starts
+# --------------------------------------------------------------------------------------------
+def plan(args) -> dict:
+    """Every check that needs no cluster: input, model, modalities, output. Raises UsageError."""
+    try:
+        spec = discover(args.input, args.storage_options)
+        check_unique_ids(spec, args.storage_options)
+    except InputError as exc:
+        raise UsageError(str(exc)) from None
+    model_spec = ModelSpec(
+        args.model,
+        revision=args.revision,
+        trust_remote_code=args.trust_remote_code,
+        model_kwargs=args.model_kwargs,
+        processor_kwargs=args.processor_kwargs,
+    )
+    try:
+        meta_model = load_model(model_spec, weights=False)
+    except Exception as exc:  # noqa: BLE001 - any load failure is a usage problem here
+        raise UsageError(
+            f"cannot load model {args.model!r}: {type(exc).__name__}: {exc}. Check the name or path, "
+            "--revision, --trust-remote-code, and HF_HUB_OFFLINE (offline runs need the model in the local cache)."
+        ) from None
+    unsupported = sorted(m for m in spec.modalities if not meta_model.supports(m))
+    if unsupported and args.on_unsupported == "fail":
+        raise UsageError(
+            f"the input has {', '.join(unsupported)} records but model {args.model} supports only "
+            f"{', '.join(modality_label(m) for m in meta_model.modalities)}. Use a model that supports "
+            f"{', '.join(unsupported)} (e.g. a CLIP or Qwen3-VL embedder for images), filter those records out, "
+            "or pass --on-unsupported error-row to write them as error rows and embed the rest."
+        )
+    try:
+        prompt = resolve_prompt(meta_model, args.task, args.prompt_name, args.prompt)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    dim = meta_model.get_embedding_dimension()
+    if args.truncate_dim:
+        dim = min(dim, args.truncate_dim)
+    existing = read_json(join_uri(args.output, MANIFEST_NAME), args.storage_options)
+    if existing and not args.overwrite:
+        raise UsageError(
+            f"{args.output} already holds a finished run ({existing.get('model', {}).get('name')}, "
+            f"{existing.get('finished_at')}). Choose another --output, or pass --overwrite to replace it."
+        )
+    return {
+        "input": spec,
+        "model_spec": model_spec,
+        "revision": model_revision(model_spec),
+        "prompt": prompt,
+        "dim": dim,
+        "modalities": list(meta_model.modalities),
+        "similarity_fn_name": getattr(meta_model, "similarity_fn_name", None),
+        "has_normalize_module": any(type(m).__name__ == "Normalize" for m in meta_model),
+        "unsupported": unsupported,
+    }
+
+
+def plan_resources(cpus: float, gpus: float, args) -> dict:
+    """Actor counts and per-actor resources for the cluster Ray reports.
+
+    One CPU stays unclaimed by the actor pools: Ray Data's file listing takes a whole CPU and
+    read/write tasks need a slice, and actors that hold every CPU would starve them forever.
+    """
+    device = args.device
+    if device == "auto":
+        device = "cuda" if gpus > 0 else "cpu"
+    if device == "cuda" and gpus <= 0:
+        raise UsageError("--device cuda was asked for but the Ray cluster has no GPUs; use --device cpu or auto.")
+    if device == "cuda":
+        encoders = args.num_encoders or max(1, int(gpus / args.gpus_per_encoder))
+        enc_cpus = args.cpus_per_encoder if args.cpus_per_encoder is not None else 1.0
+    else:
+        encoders = args.num_encoders or 1
+        enc_cpus = args.cpus_per_encoder if args.cpus_per_encoder is not None else (1.0 if cpus >= 4 else 0.5)
+    free = cpus - 1.0 - encoders * enc_cpus
+    pre_cpus = args.cpus_per_preprocessor
+    if args.num_preprocessors:
+        preprocessors = args.num_preprocessors
+    else:
+        preprocessors = max(1, int(free // (pre_cpus or 1.0)))
+    if pre_cpus is None:
+        # Fit the pool into what is left; decode is single-threaded, so a fraction still works.
+        pre_cpus = 1.0 if preprocessors * 1.0 <= free else max(0.1, round(free / preprocessors, 3))
+    if preprocessors * pre_cpus + encoders * enc_cpus > cpus - 0.5 + 1e-9:
+        raise UsageError(
+            f"{preprocessors} preprocess actors x {pre_cpus} CPU + {encoders} encoder actors x {enc_cpus} CPU "
+            f"do not fit the cluster's {cpus:g} CPUs with room for read and write tasks; lower "
+            "--num-preprocessors / --cpus-per-preprocessor / --cpus-per-encoder."
+        )
+    return {
+        "device": device,
+        "num_encoders": encoders,
+        "cpus_per_encoder": enc_cpus,
+        "gpus_per_encoder": args.gpus_per_encoder if device == "cuda" else 0,
+        "num_preprocessors": preprocessors,
+        "cpus_per_preprocessor": pre_cpus,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# The job
+# --------------------------------------------------------------------------------------------
+def compose(args, p: dict, res: dict):
+    """read -> preprocess -> encode, as a lazy Ray dataset."""
+    from mmembed.stages.encode import EncodeStage
+    from mmembed.stages.preprocess import PreprocessStage
+    from mmembed.stages.read import ReadStage
+
+    ds = ReadStage(p["input"], args.storage_options).dataset()
+    if p.get("skip_filter") is not None:
+        ds = ds.filter(p["skip_filter"])
+    pre_kwargs = {
+        "task": args.task,
+        "prompt_name": args.prompt_name,
+        "prompt": args.prompt,
+        "storage_options": args.storage_options,
+        "max_bytes": args.max_bytes,
+        "max_image_pixels": args.max_image_pixels,
+        "allow_http": args.allow_http,
+        "transport_dtype": args.transport_dtype,
+    }
+    pre_remote = {"num_cpus": res["cpus_per_preprocessor"]}
+    if args.memory_per_preprocessor:
+        pre_remote["memory"] = args.memory_per_preprocessor
+    if args.preprocessor_resources:
+        pre_remote["resources"] = args.preprocessor_resources
+    ds = ds.map_batches(
+        PreprocessStage,
+        fn_constructor_args=(p["model_spec"],),
+        fn_constructor_kwargs=pre_kwargs,
+        batch_size=args.preprocess_batch_size,
+        batch_format="pyarrow",
+        concurrency=res["num_preprocessors"],
+        **pre_remote,
+    )
+    enc_remote = {"num_cpus": res["cpus_per_encoder"]}
+    if res["device"] == "cuda":
+        enc_remote["num_gpus"] = res["gpus_per_encoder"]
+    if args.encoder_resources:
+        enc_remote["resources"] = args.encoder_resources
+    ds = ds.map_batches(
+        EncodeStage,
+        fn_constructor_args=(p["model_spec"],),
+        fn_constructor_kwargs={
+            "device": res["device"],
+            "batch_size": args.batch_size,
+            "task": args.task,
+            "normalize": args.normalize,
+            "truncate_dim": args.truncate_dim,
+            "precision": args.precision,
+        },
+        batch_size=args.batch_size,
+        batch_format="pyarrow",
+        concurrency=res["num_encoders"],
+        max_restarts=-1,
+        max_task_retries=-1,
+        **enc_remote,
+    )
+    return ds
+
+
+def init_ray(address: str | None):
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        return "existing"
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+        return address
+    ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    return "embedded"
+
+
+def run(args) -> int:
+    started = time.time()
+    started_iso = now_iso()
+    p = plan(args)
+    import ray
+    from ray.data import DataContext
+
+    from mmembed.stages.write import ShardWriter
+
+    where = init_ray(args.address)
+    cluster = ray.cluster_resources()
+    res = plan_resources(cluster.get("CPU", 1), cluster.get("GPU", 0), args)
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = True
+    ctx.enable_operator_progress_bars = True
+
+    if args.overwrite:
+        fs, path = filesystem(args.output, args.storage_options)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+
+    ds = compose(args, p, res)
+    sink = ShardWriter(
+        args.output,
+        result_columns=["id", "embedding", "modality"],
+        storage_options=args.storage_options,
+        shard_rows=args.shard_rows,
+    )
+    ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
+    totals = sink.result or {"files": [], "error_files": [], "written": 0, "errors": 0, "modalities": {}}
+    finished = time.time()
+    spec: InputSpec = p["input"]
+    records = spec.num_records
+    unaccounted = records - totals["written"] - totals["errors"]
+    manifest = {
+        "status": "complete",
+        "job": "embed",
+        "mmembed_version": __version__,
+        "model": {
+            "name": args.model,
+            "revision": p["revision"],
+            "dim": p["dim"],
+            "normalize": bool(args.normalize or p["has_normalize_module"]),
+            "normalize_flag": args.normalize,
+            "similarity_fn_name": p["similarity_fn_name"],
+            "task": args.task,
+            "prompt_name": args.prompt_name,
+            "prompt": p["prompt"],
+            "precision": args.precision,
+            "truncate_dim": args.truncate_dim,
+            "model_kwargs": args.model_kwargs,
+            "processor_kwargs": args.processor_kwargs,
+            "modalities": [modality_label(m) for m in p["modalities"]],
+        },
+        "input": {"uri": args.input, "kind": spec.kind, "fingerprint": spec.fingerprint, "records": records},
+        "output": {"uri": args.output, "shard_rows": args.shard_rows},
+        "counts": {
+            "records": records,
+            "written": totals["written"],
+            "errors": totals["errors"],
+            "unaccounted": unaccounted,
+            "by_modality": totals["modalities"],
+        },
+        "files": totals["files"],
+        "error_files": totals["error_files"],
+        "resources": {**res, "ray": where},
+        "versions": library_versions(),
+        "started_at": started_iso,
+        "finished_at": now_iso(),
+        "duration_s": round(finished - started, 3),
+        "command_line": command_line(),
+    }
+    write_json(join_uri(args.output, MANIFEST_NAME), manifest, args.storage_options)
+    print(report("mmembed embed", manifest, args.output), flush=True)
+    failed_fraction = (totals["errors"] + max(unaccounted, 0)) / max(records, 1)
+    if failed_fraction > args.max_error_fraction:
+        print(
+            f"mmembed embed: {failed_fraction:.1%} of records failed, above --max-error-fraction "
+            f"{args.max_error_fraction:.1%}; see {args.output.rstrip('/')}/_errors",
+            file=sys.stderr,
+        )
+        return EXIT_ERRORS
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return run(args)
+    except UsageError as exc:
+        print(f"mmembed embed: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
