@@ -169,6 +169,8 @@ def plan_resources(cpus: float, gpus: float, args) -> dict:
 # --------------------------------------------------------------------------------------------
 def compose(args, p: dict, res: dict):
     """read -> preprocess -> encode, as a lazy Ray dataset."""
+    from ray.data import ActorPoolStrategy
+
     from mmembed.stages.encode import EncodeStage
     from mmembed.stages.preprocess import PreprocessStage
     from mmembed.stages.read import ReadStage
@@ -197,7 +199,7 @@ def compose(args, p: dict, res: dict):
         fn_constructor_kwargs=pre_kwargs,
         batch_size=args.preprocess_batch_size,
         batch_format="pyarrow",
-        concurrency=res["num_preprocessors"],
+        compute=ActorPoolStrategy(size=res["num_preprocessors"]),
         **pre_remote,
     )
     enc_remote = {"num_cpus": res["cpus_per_encoder"]}
@@ -218,7 +220,7 @@ def compose(args, p: dict, res: dict):
         },
         batch_size=args.batch_size,
         batch_format="pyarrow",
-        concurrency=res["num_encoders"],
+        compute=ActorPoolStrategy(size=res["num_encoders"]),
         max_restarts=-1,
         max_task_retries=-1,
         **enc_remote,
