@@ -14,6 +14,7 @@ import pyarrow as pa
 
 from mmembed.decode import DecodeError, decode_image, decode_text
 from mmembed.features import FEATURE_FIELDS, pack
+from mmembed.media import default_decoders, prepare_for_st
 from mmembed.models import ModelSpec, load_model, modality_label, resolve_prompt
 from mmembed.records import MEDIA_MODALITIES
 from mmembed.storage import FetchError, Fetcher
@@ -59,7 +60,8 @@ class PreprocessStage:
         self.fetcher = Fetcher(storage_options, max_bytes=max_bytes, allow_http=allow_http)
         self.max_image_pixels = max_image_pixels
         self.transport_dtype = transport_dtype
-        self.decoders = decoders or {}
+        # torchcodec audio/video decoders bound to this model's processor; callers may override.
+        self.decoders = {**default_decoders(self.model), **(decoders or {})}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -128,7 +130,35 @@ class PreprocessStage:
         return decoder(data=data, row=row)
 
     def _messages(self, messages):
-        return messages
+        """Chat messages with their media parts fetched and decoded like cells of a record.
+
+        `messages` is a list of {role, content}; content is a string or a list of parts
+        {type, text | image | audio | video}, media given as a URI/path, bytes, or (audio) a struct.
+        """
+        if not isinstance(messages, list) or not messages:
+            raise RecordError("`messages` must be a non-empty list of {role, content}")
+        out = []
+        for message in messages:
+            if not isinstance(message, dict) or message.get("role") is None or message.get("content") is None:
+                raise RecordError("every message needs a role and a content")
+            content = message["content"]
+            if isinstance(content, list):
+                content = [self._message_part(part) for part in content]
+            out.append({"role": message["role"], "content": content})
+        return out
+
+    def _message_part(self, part: dict) -> dict:
+        kind = part.get("type")
+        if kind == "text":
+            return {"type": "text", "text": part.get("text") or ""}
+        if kind not in MEDIA_MODALITIES:
+            raise RecordError(f"unknown message part type {kind!r} (expected text, image, audio or video)")
+        value = part.get(kind)
+        if value is None:
+            raise RecordError(f"message part of type {kind!r} has no {kind!r} value")
+        # Reuse the record path: a part is a one-cell record of its modality.
+        cell = "_struct" if isinstance(value, dict) else ("_bytes" if isinstance(value, bytes) else "_uri")
+        return {"type": kind, kind: self._media({f"{kind}{cell}": value}, kind)}
 
     def _preprocess(self, st_input, label: str) -> dict:
         parts = tuple(sorted(label.split("+")))
@@ -139,6 +169,9 @@ class PreprocessStage:
                 f"(it supports: {', '.join(modality_label(m) for m in self.model.modalities)})"
             )
         kwargs = {"task": self.task} if self.task else {}
+        st_input, processing_kwargs = prepare_for_st(st_input)
+        if processing_kwargs:
+            kwargs["processing_kwargs"] = processing_kwargs
         return self.model.preprocess([st_input], prompt=self.prompt, **kwargs)
 
 
