@@ -93,13 +93,9 @@ def discover(uri: str, storage_options: dict | None = None) -> InputSpec:
     if not found:
         raise InputError(f"input has no files: {uri}")
     parquet = [p for p in found if p.endswith(".parquet")]
-    if parquet and len(parquet) == len(found):
-        return _manifest_spec(uri, fs, parquet, root)
     if parquet:
-        raise InputError(
-            f"input mixes Parquet files with other files: {uri}. Point --input at either a Parquet "
-            "manifest (file, directory or glob of .parquet) or a directory of media files."
-        )
+        # Media files next to a manifest are what its relative paths point at, not records.
+        return _manifest_spec(uri, fs, parquet, root)
     media = [p for p in found if modality_of_extension(p)]
     skipped = len(found) - len(media)
     spec = InputSpec(
@@ -139,6 +135,7 @@ def _manifest_spec(uri: str, fs, paths: list[str], root: str) -> InputSpec:
     columns: list[str] | None = None
     num_rows = 0
     non_null: set[str] = set()
+    types: dict[str, tuple[str, str]] = {}
     for p in paths:
         with fs.open(p, "rb") as f:
             meta = pq.ParquetFile(f).metadata
@@ -146,6 +143,17 @@ def _manifest_spec(uri: str, fs, paths: list[str], root: str) -> InputSpec:
         names = list(schema.names)
         if columns is None:
             columns = names
+        for col in MODALITY_COLUMNS:
+            if col in names and not pa.types.is_null(schema.field(col).type):
+                kind = "string" if pa.types.is_string(schema.field(col).type) or pa.types.is_large_string(
+                    schema.field(col).type) else str(schema.field(col).type)
+                first = types.setdefault(col, (kind, p))
+                if first[0] != kind:
+                    # Ray unifies a dataset's schema, so mixed cell kinds would be cast and misread.
+                    raise InputError(
+                        f"manifest column {col!r} is {first[0]} in {first[1]} but {kind} in {p}; keep one kind "
+                        "per column (URI/path strings or raw bytes), e.g. split the manifest in two runs"
+                    )
         num_rows += meta.num_rows
         for col in (*MODALITY_COLUMNS, MESSAGE_COLUMN):
             if col not in names or col in non_null:

@@ -1,0 +1,63 @@
+"""Small shared helpers for tests: generated media and reading job outputs."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def make_image(seed: int, size=(64, 48)):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(arr)
+
+
+def image_bytes(seed: int, fmt: str = "PNG", size=(64, 48)) -> bytes:
+    buf = io.BytesIO()
+    make_image(seed, size).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def decoded(data: bytes):
+    """What the preprocess stage hands ST for image bytes."""
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def read_output(out: Path | str) -> tuple[dict[str, np.ndarray], dict[str, dict], dict]:
+    """(embedding by id, error row by id, manifest) of a finished embed job."""
+    import pyarrow.parquet as pq
+
+    out = Path(out)
+    parts = sorted(out.glob("part-*.parquet"))
+    emb: dict[str, np.ndarray] = {}
+    ids_seen: list[str] = []
+    for p in parts:
+        t = pq.read_table(p)
+        vecs = np.asarray(t.column("embedding").combine_chunks().flatten()).reshape(t.num_rows, -1)
+        for i, rid in enumerate(t.column("id").to_pylist()):
+            ids_seen.append(rid)
+            emb[rid] = vecs[i]
+    assert len(ids_seen) == len(emb), "duplicate ids in output shards"
+    errors: dict[str, dict] = {}
+    err_ids: list[str] = []
+    for p in sorted((out / "_errors").glob("part-*.parquet")):
+        for row in pq.read_table(p).to_pylist():
+            err_ids.append(row["id"])
+            errors[row["id"]] = row
+    assert len(err_ids) == len(errors), "duplicate ids in error shards"
+    manifest = json.loads((out / "_manifest.json").read_text())
+    return emb, errors, manifest
+
+
+def max_abs_diff(ours: dict[str, np.ndarray], ids: list[str], reference: np.ndarray) -> float:
+    mine = np.stack([ours[i] for i in ids]).astype(np.float32)
+    return float(np.max(np.abs(mine - reference.astype(np.float32))))
