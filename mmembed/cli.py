@@ -9,6 +9,10 @@ import sys
 COMMANDS = {
     "embed": ("pipelines.embed", "embed a corpus into sharded Parquet (python -m pipelines.embed)"),
     "demo": ("mmembed.demo", "generate the offline demo corpus, embed it and show the top matches"),
+    "reembed": ("pipelines.reembed", "incremental or full re-embed into a versioned store (python -m pipelines.reembed)"),
+    "versions": ("mmembed.versions", "list an embedding store's versions, counts, dates and CURRENT"),
+    "activate": ("mmembed.activate", "point an embedding store's CURRENT at a committed version"),
+    "submit": ("mmembed.submit", "submit any mmembed command to a Ray cluster (Ray Job Submission API)"),
 }
 
 

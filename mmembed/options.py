@@ -131,6 +131,30 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_embedding_options(p: argparse.ArgumentParser):
+    """Options that decide the vectors (prompt, task, normalisation, dim, precision); returns the group."""
+    g = p.add_argument_group("embedding (as in SentenceTransformer.encode)")
+    g.add_argument(
+        "--task",
+        choices=["query", "document"],
+        default=None,
+        help="Encode as encode_query / encode_document would: the model's query/document prompt and task.",
+    )
+    g.add_argument("--prompt-name", default=None, help="A key of the model's `prompts`.")
+    g.add_argument("--prompt", default=None, help="A literal prompt (wins over --prompt-name).")
+    g.add_argument("--normalize", action="store_true", help="L2-normalise embeddings (normalize_embeddings=True).")
+    g.add_argument("--truncate-dim", type=int, default=None, help="Keep the first N dimensions (Matryoshka).")
+    g.add_argument("--precision", choices=["float32", "float16"], default="float32", help="Stored embedding dtype.")
+    g.add_argument(
+        "--on-unsupported",
+        choices=["fail", "error-row"],
+        default="fail",
+        help="A modality in the input that the model cannot embed: fail before Ray starts (default), or "
+        "write those records as error rows and embed the rest.",
+    )
+    return g
+
+
 def add_io_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("storage")
     g.add_argument(

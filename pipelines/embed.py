@@ -16,7 +16,13 @@ import time
 from mmembed import __version__
 from mmembed.manifest import MANIFEST_NAME, command_line, library_versions, now_iso, read_json, report, write_json
 from mmembed.models import ModelSpec, load_model, model_revision, modality_label, resolve_prompt
-from mmembed.options import UsageError, add_io_options, add_model_options, add_runtime_options
+from mmembed.options import (
+    UsageError,
+    add_embedding_options,
+    add_io_options,
+    add_model_options,
+    add_runtime_options,
+)
 from mmembed.records import InputError, InputSpec, check_unique_ids, discover
 from mmembed.storage import filesystem, join_uri
 
@@ -39,25 +45,7 @@ def build_parser(prog: str = "mmembed embed") -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="Manifest or media directory/glob: local path or fsspec URI.")
     p.add_argument("--output", required=True, help="Output directory: local path or fsspec URI (e.g. s3://b/p).")
     add_model_options(p)
-    g = p.add_argument_group("embedding (as in SentenceTransformer.encode)")
-    g.add_argument(
-        "--task",
-        choices=["query", "document"],
-        default=None,
-        help="Encode as encode_query / encode_document would: the model's query/document prompt and task.",
-    )
-    g.add_argument("--prompt-name", default=None, help="A key of the model's `prompts`.")
-    g.add_argument("--prompt", default=None, help="A literal prompt (wins over --prompt-name).")
-    g.add_argument("--normalize", action="store_true", help="L2-normalise embeddings (normalize_embeddings=True).")
-    g.add_argument("--truncate-dim", type=int, default=None, help="Keep the first N dimensions (Matryoshka).")
-    g.add_argument("--precision", choices=["float32", "float16"], default="float32", help="Stored embedding dtype.")
-    g.add_argument(
-        "--on-unsupported",
-        choices=["fail", "error-row"],
-        default="fail",
-        help="A modality in the input that the model cannot embed: fail before Ray starts (default), or "
-        "write those records as error rows and embed the rest.",
-    )
+    g = add_embedding_options(p)
     g.add_argument("--overwrite", action="store_true", help="Replace a finished output at --output.")
     add_runtime_options(p)
     add_io_options(p)

@@ -1,0 +1,57 @@
+"""`mmembed versions ROOT`: the versions of an embedding store, their counts, dates, and CURRENT."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from mmembed.options import UsageError, json_object
+from mmembed.store import Store
+
+
+def build_parser(prog: str = "mmembed versions") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="List the committed versions of an embedding store: records and errors in each version's "
+        "latest snapshot, when it was created and last updated, and which one CURRENT points at. Read-only.",
+        epilog="Exit codes: 0 ok, 2 not an mmembed store.",
+    )
+    p.add_argument("root", help="Embedding store root: local path or fsspec URI.")
+    p.add_argument("--json", action="store_true", help="Print the listing as JSON (one object per version).")
+    p.add_argument(
+        "--storage-options",
+        type=json_object,
+        default={},
+        help="fsspec storage options for object stores, e.g. '{\"endpoint_url\": \"http://127.0.0.1:9000\"}'.",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        store = Store(args.root, args.storage_options)
+        versions = store.versions()
+        current = store.current()
+    except UsageError as exc:
+        print(f"mmembed versions: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"root": store.root, "current": current, "versions": versions}, indent=2))
+        return 0
+    print(f"store {store.root}: {len(versions)} version(s); CURRENT -> {current['path'] if current else 'none'}")
+    if versions:
+        width = max(len(v["version"]) for v in versions)
+        print(f"  {'':1} {'version':<{width}}  {'records':>10}  {'errors':>7}  {'snapshots':>9}  {'updated':<25}  model")
+        for v in versions:
+            mark = "*" if v["current"] else " "
+            print(
+                f"  {mark} {v['version']:<{width}}  {v['records']:>10,}  {v['errors']:>7,}  {v['snapshots']:>9}  "
+                f"{v['updated_at'] or '':<25}  {v['model']} @ {v['revision']} dim={v['dim']}"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""Ray job entry point: keep a versioned embedding store current.
+
+    python -m pipelines.reembed --input URI --store ROOT --model NAME_OR_PATH [--revision R] [--activate]
+
+`mmembed reembed` runs this same code. The model and embedding settings name a version of the
+store (see mmembed/store.py). When that version already has a committed snapshot, the run is
+incremental: only records that are new or whose content hash changed are embedded, unchanged
+ones are carried over from the version's latest snapshot, and ids that left the input are
+dropped. Otherwise every record is embedded into a new version. Either way the run writes a new
+snapshot, commits it with its manifest, and only then moves CURRENT: automatically when the
+version is the current one (or the store has none yet), else only with --activate or a later
+`mmembed activate`.
+
+Two streaming passes, both on Ray Data:
+  1. changes: read -> content hash (CPU pool) -> compare with the base snapshot's hashes
+     -> `_changes/` (id, content_hash, status)
+  2. embed:   read -> keep new/changed -> preprocess -> encode (the embed pipeline's stages)
+     -> + content_hash, unioned with the base snapshot's rows of unchanged records -> shards
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+import pyarrow as pa
+
+from mmembed import __version__
+from mmembed.changes import CHANGED, NEW, UNCHANGED
+from mmembed.manifest import MANIFEST_NAME, command_line, library_versions, now_iso, report, write_json
+from mmembed.options import (
+    UsageError,
+    add_embedding_options,
+    add_io_options,
+    add_model_options,
+    add_runtime_options,
+)
+from mmembed.records import InputSpec
+from mmembed.store import Snapshot, Store, embedding_settings, model_slug, new_snapshot_id, version_id
+from pipelines import embed
+
+log = logging.getLogger("mmembed")
+
+EXIT_OK, EXIT_USAGE, EXIT_ERRORS, EXIT_FAILED = embed.EXIT_OK, embed.EXIT_USAGE, embed.EXIT_ERRORS, embed.EXIT_FAILED
+CHANGES_DIR = "_changes"
+
+
+def build_parser(prog: str = "mmembed reembed") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Re-embed a corpus into a versioned embedding store. With the model and settings of an "
+        "existing version, only new and changed records are embedded (judged by a content hash of their "
+        "text and media bytes), unchanged ones carry over and ids that left the input are dropped. A new "
+        "model or new settings embed everything into a new version; the current one keeps being served "
+        "until --activate or `mmembed activate` switches CURRENT.",
+        epilog="Store layout: ROOT/<model-slug>/<version>/<snapshot>/ holds part-*.parquet (id, embedding, "
+        "modality, content_hash), _errors/, _changes/ (id, content_hash, status) and _manifest.json; "
+        "ROOT/CURRENT names the snapshot readers should use. A run that fails or is killed leaves CURRENT and "
+        "every committed snapshot as they were. Exit codes: 0 ok, 2 bad usage (nothing modified), 3 more "
+        "errors than --max-error-fraction (snapshot kept, CURRENT not moved), 1 job failed.",
+    )
+    p.add_argument("--input", required=True, help="Manifest or media directory/glob: local path or fsspec URI.")
+    p.add_argument(
+        "--store",
+        required=True,
+        help="Embedding store root: local path or fsspec URI. A missing or empty directory becomes a new store.",
+    )
+    add_model_options(p)
+    add_embedding_options(p)
+    g = p.add_argument_group("versions")
+    g.add_argument(
+        "--activate",
+        action="store_true",
+        help="Point CURRENT at this run's snapshot once it commits, even when its version is not the current "
+        "one (a new model or new settings). Runs of the current version, and the first run in a store, "
+        "move CURRENT without it.",
+    )
+    g.add_argument(
+        "--full",
+        action="store_true",
+        help="Embed every record again, carrying nothing over from the version's latest snapshot.",
+    )
+    add_runtime_options(p)
+    add_io_options(p)
+    return p
+
+
+def _parquet_reader_fs(uri: str, storage_options: dict):
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    from mmembed.storage import filesystem
+
+    fs, _ = filesystem(uri, storage_options)
+    return fs, PyFileSystem(FSSpecHandler(fs))
+
+
+def _shard_paths(store: Store, snap: Snapshot, key: str = "files") -> list[str]:
+    return [store.uri(snap.slug, snap.version, snap.snapshot, f["name"]) for f in snap.manifest.get(key, [])]
+
+
+def changes_pass(args, p: dict, res: dict, base_paths: list[str] | None, base_errors: list[str], out: str) -> tuple:
+    """Pass 1: hash every record, classify it against the base, write `_changes/`.
+
+    Returns object refs of (records to embed, records to carry over) indexes and the counts.
+    """
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from mmembed.changes import IndexRef, build_change_sets, build_index, classify
+    from mmembed.stages.content_hash import ContentHashStage
+    from mmembed.stages.read import ReadStage
+    from mmembed.storage import join_uri, unstrip
+
+    so = args.storage_options
+    base = None
+    if base_paths is not None:
+        base = IndexRef(ray.remote(build_index).options(num_cpus=0.25).remote(base_paths, base_errors, so))
+    hash_remote = {"num_cpus": res["cpus_per_preprocessor"]}
+    if args.preprocessor_resources:
+        hash_remote["resources"] = args.preprocessor_resources
+    ds = ReadStage(p["input"], so).dataset()
+    ds = ds.map_batches(
+        ContentHashStage,
+        fn_constructor_kwargs={"storage_options": so, "max_bytes": args.max_bytes, "allow_http": args.allow_http},
+        batch_size=args.preprocess_batch_size,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=res["num_preprocessors"]),
+        **hash_remote,
+    )
+    ds = ds.map_batches(classify, fn_kwargs={"base": base}, batch_format="pyarrow", batch_size=None, num_cpus=0.25)
+    changes_uri = join_uri(out, CHANGES_DIR)
+    fs, pafs = _parquet_reader_fs(changes_uri, so)
+    ds.write_parquet(fs._strip_protocol(changes_uri), filesystem=pafs, ray_remote_args={"num_cpus": 0.25})
+    files = sorted(f for f in fs.find(fs._strip_protocol(changes_uri)) if f.endswith(".parquet"))
+    todo, keep, counts = (
+        ray.remote(build_change_sets)
+        .options(num_cpus=0.25, num_returns=3)
+        .remote([unstrip(fs, f) for f in files], so)
+    )
+    return todo, keep, ray.get(counts)
+
+
+def embed_pass(args, p: dict, res: dict, todo, keep, counts: dict, base_paths: list[str] | None, out: str) -> dict:
+    """Pass 2: embed new and changed records, carry unchanged ones over, write one snapshot."""
+    import ray.data
+
+    from mmembed.changes import InIndex, IndexRef, attach_hashes, carry_over
+    from mmembed.stages.encode import embedding_schema
+    from mmembed.stages.write import ShardWriter
+
+    base_schema = embedding_schema(p["dim"], args.precision)
+    schema = base_schema.append(pa.field("content_hash", pa.string()))
+    parts = []
+    if counts[NEW] + counts[CHANGED]:
+        # A full run embeds everything; an incremental one only the records pass 1 found new or changed.
+        p = {**p, "skip_filter": InIndex(IndexRef(todo)) if base_paths is not None else None}
+        ds = embed.compose(args, p, res)
+        ds = ds.map_batches(
+            attach_hashes,
+            fn_kwargs={"index": IndexRef(todo), "schema": schema},
+            batch_format="pyarrow",
+            batch_size=None,
+            num_cpus=0.25,
+        )
+        parts.append(ds)
+    if base_paths and counts[UNCHANGED]:
+        fs, pafs = _parquet_reader_fs(base_paths[0], args.storage_options)
+        carry = ray.data.read_parquet(
+            [fs._strip_protocol(u) for u in base_paths],
+            filesystem=pafs,
+            columns=["id", "modality", "embedding", "content_hash"],
+            num_cpus=0.25,
+        )
+        carry = carry.map_batches(
+            carry_over,
+            fn_kwargs={"keep": IndexRef(keep), "schema": schema},
+            batch_format="pyarrow",
+            batch_size=None,
+            num_cpus=0.25,
+        )
+        parts.append(carry)
+    sink = ShardWriter(
+        out,
+        result_columns=["id", "embedding", "modality", "content_hash"],
+        storage_options=args.storage_options,
+        shard_rows=args.shard_rows,
+    )
+    if parts:
+        ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
+    else:
+        sink.on_write_start()
+    return sink.result or {"files": [], "error_files": [], "written": 0, "errors": 0, "modalities": {}}
+
+
+def _embed_defaults(args, output: str) -> None:
+    """Give `args` every embed option reembed does not expose, at embed's default.
+
+    embed.plan and embed.compose read the embed job's options; `--output` is the store root for
+    plan's conflict check (a store root never holds a run manifest) and is replaced per snapshot.
+    Options such as --split-modalities stay off: a store keys its content hashes by record id.
+    """
+    defaults = embed.build_parser().parse_args(["--input", args.input, "--output", output, "--model", args.model])
+    for name, value in vars(defaults).items():
+        if not hasattr(args, name):
+            setattr(args, name, value)
+
+
+def run(args) -> int:
+    started = time.time()
+    started_iso = now_iso()
+    # Every check before anything is written: the store root, then the embed pipeline's own plan.
+    store = Store(args.store, args.storage_options, create=True)
+    _embed_defaults(args, store.root)
+    p = embed.plan(args)
+    settings = embedding_settings(args, p)
+    slug, version = model_slug(args.model), version_id(settings)
+    current = store.current_snapshot()
+    base = None if args.full else store.latest(slug, version)
+    base_paths = _shard_paths(store, base) if base else None
+    snapshot = new_snapshot_id()
+    out = store.uri(slug, version, snapshot)
+
+    import ray
+    from ray.data import DataContext
+
+    where = embed.init_ray(args.address)
+    cluster = ray.cluster_resources()
+    res = embed.plan_resources(cluster.get("CPU", 1), cluster.get("GPU", 0), args)
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = True
+    ctx.enable_operator_progress_bars = True
+
+    store.ensure_marker()
+    store.write_version_info(slug, version, settings)
+    base_errors = _shard_paths(store, base, "error_files") if base else []
+    todo, keep, counts = changes_pass(args, p, res, base_paths, base_errors, out)
+    base_rows = base.manifest["counts"]["written"] + base.manifest["counts"]["errors"] if base else 0
+    changes = {
+        NEW: counts[NEW],
+        CHANGED: counts[CHANGED],
+        UNCHANGED: counts[UNCHANGED],
+        "deleted": base_rows - counts[CHANGED] - counts[UNCHANGED],
+    }
+    totals = embed_pass(args, p, res, todo, keep, counts, base_paths, out)
+    changes["embedded"] = totals["written"] - counts[UNCHANGED]
+
+    spec: InputSpec = p["input"]
+    records = spec.num_records
+    unaccounted = records - totals["written"] - totals["errors"]
+    manifest = {
+        "status": "complete",
+        "job": "reembed",
+        "mmembed_version": __version__,
+        "store": {
+            "root": store.root,
+            "model_slug": slug,
+            "version": version,
+            "snapshot": snapshot,
+            "mode": "incremental" if base else "full",
+            "base_snapshot": base.snapshot if base else None,
+        },
+        "model": {"name": args.model, **settings, "similarity_fn_name": p["similarity_fn_name"]},
+        "input": {"uri": args.input, "kind": spec.kind, "fingerprint": spec.fingerprint, "records": records},
+        "output": {"uri": out, "shard_rows": args.shard_rows},
+        "changes": changes,
+        "counts": {
+            "records": records,
+            "written": totals["written"],
+            "errors": totals["errors"],
+            "unaccounted": unaccounted,
+            "by_modality": totals["modalities"],
+        },
+        "files": totals["files"],
+        "error_files": totals["error_files"],
+        "resources": {**res, "ray": where},
+        "versions": library_versions(),
+        "started_at": started_iso,
+        "finished_at": now_iso(),
+        "duration_s": round(time.time() - started, 3),
+        "command_line": command_line(),
+    }
+    # The commit: once this manifest exists the snapshot is complete; CURRENT moves after it.
+    write_json(store.uri(slug, version, snapshot, MANIFEST_NAME), manifest, args.storage_options)
+    snap = Snapshot(slug, version, snapshot, manifest)
+    print(report("mmembed reembed", manifest, out), flush=True)
+    print(
+        f"  changes  {changes[NEW]:,} new, {changes[CHANGED]:,} changed, {changes[UNCHANGED]:,} unchanged, "
+        f"{changes['deleted']:,} deleted; {changes['embedded']:,} embedded "
+        f"({manifest['store']['mode']}"
+        + (f", base snapshot {base.snapshot})" if base else ")"),
+        flush=True,
+    )
+    failed_fraction = (totals["errors"] + max(unaccounted, 0)) / max(records, 1)
+    if failed_fraction > args.max_error_fraction:
+        print(
+            f"mmembed reembed: {failed_fraction:.1%} of records failed, above --max-error-fraction "
+            f"{args.max_error_fraction:.1%}; snapshot {snap.path} is kept but CURRENT was not moved. "
+            f"See {out.rstrip('/')}/_errors",
+            file=sys.stderr,
+        )
+        return EXIT_ERRORS
+    is_current = current is not None and (current.slug, current.version) == (slug, version)
+    if args.activate or current is None or is_current:
+        store.set_current(snap)
+        print(f"  CURRENT  -> {snap.path}", flush=True)
+    else:
+        print(
+            f"  CURRENT  unchanged ({current.path}); serve this version with: "
+            f"mmembed activate {store.root} {slug}/{version}",
+            flush=True,
+        )
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return run(args)
+    except UsageError as exc:
+        print(f"mmembed reembed: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
