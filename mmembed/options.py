@@ -129,6 +129,35 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
         help="Send pixel tensors from the CPU pool to the encoders in this dtype (halves the bytes; "
         "default: the processor's own dtype, which is exact).",
     )
+    g.add_argument(
+        "--max-batch-tokens",
+        type=positive_int,
+        default=None,
+        help="Token budget per forward pass: a batch holds rows while rows x its longest sequence stays "
+        "within N (still at most --batch-size rows). Keeps VLM batches of mixed-size images even in cost "
+        "and padding low (default: no budget, batches of --batch-size rows).",
+    )
+    g.add_argument(
+        "--max-batch-patches",
+        type=positive_int,
+        default=None,
+        help="Vision-patch budget per forward pass for VLMs that pack image patches (Qwen-VL); "
+        "default: no budget.",
+    )
+    g.add_argument(
+        "--encode-window",
+        type=positive_int,
+        default=None,
+        help="Rows each encoder call receives and sorts by length before forming batches; a window of "
+        "several batches lets similar lengths share a batch (default: --batch-size).",
+    )
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model's towers in each encoder (slow first batches; pays off on long runs "
+        "on GPU). For flash attention pass --model-kwargs '{\"attn_implementation\": \"flash_attention_2\"}' "
+        "with the flash-attn package installed.",
+    )
 
 
 def add_embedding_options(p: argparse.ArgumentParser):

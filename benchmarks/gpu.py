@@ -1,0 +1,847 @@
+"""GPU throughput of mmembed against sentence-transformers, measured in one run.
+
+    source .device/activate.sh && python benchmarks/gpu.py --out $OUT/bench     # GPU node
+    python benchmarks/gpu.py --smoke --out /tmp/bench                           # CPU, tiny shapes
+
+For each workload, on the same files and the same model directory:
+  st       SentenceTransformer.encode(paths), the user's baseline (decode + preprocess + forward, serial);
+  forward  the encode stage's own forward (EncodeStage.embed) on batches already on the device:
+           the GPU ceiling;
+  pre      the preprocess stage (fetch + decode + processor + pack) in a process pool on every core:
+           the CPU ceiling;
+  e2e      `mmembed embed` (pipelines.embed.main) from files on local disk to Parquet on local disk.
+           `steady` is the rate while shards stream out (file modification times, the first 10% of
+           rows excluded), so actor start-up and model loading are left out; `wall` includes them.
+
+Models have random weights in the real shapes (compute does not depend on the weights); they are
+the tiny test models of mmembed.testing grown to full size, so ST loads them through its usual
+path. Parity is checked in the same run: the cosine between mmembed's and ST's embeddings of the
+same files must be >= --min-cosine (0.999) in the run's dtype.
+
+Writes results.json and throughput.png under --out, and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------
+# Workloads
+# ---------------------------------------------------------------------------------------------
+CLIP_SHAPES = {
+    # (vision tower, text tower, projection) as in openai/clip-vit-base-patch32 / -large-patch14
+    "b32": (
+        dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, patch_size=32),
+        dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8),
+        512,
+    ),
+    "l14": (
+        dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=14),
+        dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+        768,
+    ),
+}
+TINY_TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+
+# Qwen3-VL-2B (the backbone of Qwen3-VL-Embedding-2B).
+QWEN_TEXT = dict(
+    hidden_size=2048,
+    intermediate_size=6144,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=128,
+    vocab_size=151936,
+    max_position_embeddings=32768,
+    initializer_range=0.02,
+)
+QWEN_MROPE = [24, 20, 20]  # covers head_dim / 2 = 64 rotary pairs
+QWEN_VISION = dict(
+    depth=24,
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_heads=16,
+    out_hidden_size=2048,
+    deepstack_visual_indexes=[5, 11, 17],
+    num_position_embeddings=2304,
+    initializer_range=0.02,
+)
+QWEN_MAX_PIXELS = 360_000
+QWEN_MIN_PIXELS = 64 * 32 * 32
+
+MIXED_SIZES = [
+    (800, 600), (1024, 768), (1280, 800), (1366, 768), (1440, 900), (1600, 1000), (1920, 1080),
+    (1920, 1200), (2560, 1440), (2560, 1600), (1200, 1600), (900, 1600),
+]  # fmt: skip
+
+
+@dataclass
+class Workload:
+    name: str
+    model: str  # clip_b32 | clip_l14 | qwen3vl
+    corpus: str  # photos | shots | mixed
+    n_e2e: int  # files mmembed embeds end to end
+    n_st: int  # of those, files ST encodes (also the parity subset)
+    n_pre: int  # files the CPU pool preprocesses
+    n_fwd: int  # rows the forward-only ceiling cycles through
+    batch_size: int
+    st_batch_size: int
+    extra: list = field(default_factory=list)  # more `mmembed embed` options
+    max_batch_tokens: int | None = None
+    encode_window: int | None = None
+
+
+def workloads(smoke: bool, scale: float, cpus: int) -> dict[str, Workload]:
+    def n(full: int, tiny: int) -> int:
+        return tiny if smoke else max(8, int(full * scale))
+
+    # CLIP B/32 is bound by the CPUs: give preprocessing every core, slightly oversubscribed, and
+    # keep the two encoders light (their work is the host side of copies).
+    clip_cpu = [
+        "--num-preprocessors", str(cpus),
+        "--cpus-per-preprocessor", str(round(max(0.1, (cpus - 1.5 - 1.0) / cpus), 3)),
+        "--cpus-per-encoder", "0.5",
+    ]  # fmt: skip
+    two_per_gpu = ["--gpus-per-encoder", "0.5"]
+    return {
+        "clip_b32": Workload(
+            "clip_b32", "clip_b32", "photos", n(8192, 24), n(1024, 8), n(4096, 16), n(512, 8), 512 if not smoke else 8,
+            128 if not smoke else 8, extra=two_per_gpu + clip_cpu + ["--preprocess-batch-size", "64" if not smoke else "8"],
+        ),
+        "clip_l14": Workload(
+            "clip_l14", "clip_l14", "photos", n(8192, 16), n(768, 8), n(4096, 16), n(256, 8), 256 if not smoke else 8,
+            128 if not smoke else 8, extra=two_per_gpu + ["--preprocess-batch-size", "64" if not smoke else "8"],
+        ),
+        "qwen3vl_shots": Workload(
+            "qwen3vl_shots", "qwen3vl", "shots", n(1536, 8), n(96, 4), n(512, 8), n(64, 4), 32 if not smoke else 4,
+            32 if not smoke else 4, extra=two_per_gpu + ["--preprocess-batch-size", "8" if not smoke else "4"],
+            max_batch_tokens=32 * 360 if not smoke else 4 * 360, encode_window=128 if not smoke else 8,
+        ),
+        "qwen3vl_mixed": Workload(
+            "qwen3vl_mixed", "qwen3vl", "mixed", n(768, 8), n(64, 4), n(256, 8), n(128, 8), 32 if not smoke else 4,
+            32 if not smoke else 4, extra=two_per_gpu + ["--preprocess-batch-size", "8" if not smoke else "4"],
+            max_batch_tokens=32 * 360 if not smoke else 4 * 360, encode_window=128 if not smoke else 8,
+        ),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Corpora: synthetic photos (JPEG) and screenshots (PNG), written once into the work directory
+# ---------------------------------------------------------------------------------------------
+def make_photo(i: int, w: int = 640, h: int = 480) -> bytes:
+    """A photo-like JPEG: smooth colour fields, sensor noise and a few solid shapes."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(i)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    phase = rng.uniform(0, 6.28, 3)
+    rgb = [127 + 100 * np.sin(xx / (40 + 30 * k) + yy / (55 + 20 * k) + phase[k]) for k in range(3)]
+    arr = np.stack(rgb, -1) + rng.normal(0, 10, (h, w, 3))
+    img = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(10):
+        x, y = int(rng.integers(0, w - 40)), int(rng.integers(0, h - 40))
+        s = int(rng.integers(20, 160))
+        draw.rectangle([x, y, x + s, y + s // 2], fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def make_screenshot(i: int, w: int = 1280, h: int = 800) -> bytes:
+    """A UI-like PNG: a title bar, rows of words and a few coloured panels."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(100_000 + i)
+    img = Image.new("RGB", (w, h), (250, 250, 250))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([0, 0, w, 40], fill=(35, 55, 95))
+    for y in range(56, h - 16, 20):
+        x = 16 + int(rng.integers(0, 3)) * 24
+        while x < w - 120:
+            k = int(rng.integers(2, 11))
+            draw.text((x, y), "".join(chr(c) for c in rng.integers(97, 123, k)), fill=(30, 30, 30))
+            x += 7 * k + 9
+        if rng.random() < 0.04:
+            draw.rectangle([w // 3, y, w // 3 + 320, y + 90], fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _write_item(job) -> int:
+    path, kind, i = job
+    if kind == "photos":
+        data = make_photo(i)
+    elif kind == "shots":
+        data = make_screenshot(i)
+    else:
+        w, h = MIXED_SIZES[i % len(MIXED_SIZES)]
+        data = make_screenshot(i, w, h)
+    with open(path, "wb") as f:
+        f.write(data)
+    return len(data)
+
+
+def corpus(root: str, kind: str, count: int, pool) -> list[str]:
+    """`count` files of one kind under root/kind (made once, reused by later runs)."""
+    directory = os.path.join(root, "corpus", f"{kind}-{count}")
+    ext = ".jpg" if kind == "photos" else ".png"
+    paths = [os.path.join(directory, f"{kind[0]}{i:06d}{ext}") for i in range(count)]
+    if not os.path.exists(os.path.join(directory, ".done")):
+        os.makedirs(directory, exist_ok=True)
+        pool.map(_write_item, [(p, kind, i) for i, p in enumerate(paths)], chunksize=8)
+        open(os.path.join(directory, ".done"), "w").close()
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# Models: mmembed's tiny test models grown to the real shapes
+# ---------------------------------------------------------------------------------------------
+def _processor_config(path: str) -> tuple[str, dict, dict]:
+    """The saved image-processor settings, wherever this transformers version keeps them."""
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        file = os.path.join(path, name)
+        if os.path.exists(file):
+            with open(file) as f:
+                whole = json.load(f)
+            return file, whole, whole.get("image_processor", whole)
+    raise FileNotFoundError(f"no image processor config in {path}")
+
+
+def _replace_weights(path: str, model) -> None:
+    for name in os.listdir(path):
+        if name.startswith("model") and (name.endswith(".safetensors") or name.endswith(".json")):
+            os.remove(os.path.join(path, name))
+    model.save_pretrained(path)
+
+
+def build_model(root: str, name: str, smoke: bool, dtype: str, device: str) -> str:
+    """An ST model directory for `name` (clip_b32 | clip_l14 | qwen3vl), built once."""
+    import torch
+
+    from mmembed.testing import tiny_model
+
+    path = os.path.join(root, "models", f"{name}-{'smoke' if smoke else 'full'}-{dtype}")
+    if os.path.exists(os.path.join(path, ".full")):
+        return path
+    shutil.rmtree(path, ignore_errors=True)
+    tiny = tiny_model("clip" if name.startswith("clip") else "qwen3vl_embedder", os.path.join(root, "tiny"))
+    shutil.copytree(tiny, path)
+    torch_dtype = getattr(torch, dtype)
+    # Random init runs on the GPU when there is one: a 2B model initialises in seconds there.
+    init_device = "cuda" if device == "cuda" else "cpu"
+    if name.startswith("clip"):
+        from transformers import CLIPConfig, CLIPModel
+
+        vision, text, proj = CLIP_SHAPES[name.split("_")[1]]
+        if smoke:
+            vision, text, proj = {**TINY_TOWER, "patch_size": 32}, TINY_TOWER, 16
+        cfg = CLIPConfig.from_pretrained(path)
+        cfg.text_config.update({**text, "projection_dim": proj, "initializer_factor": 1.0})
+        cfg.vision_config.update({**vision, "image_size": 224, "projection_dim": proj, "initializer_factor": 1.0})
+        cfg.projection_dim, cfg.initializer_factor = proj, 1.0
+        with torch.device(init_device):
+            model = CLIPModel(cfg).to(torch_dtype)
+        _replace_weights(path, model)
+        file, whole, ip = _processor_config(path)
+        ip["size"] = {"shortest_edge": 224}
+        ip["crop_size"] = {"height": 224, "width": 224}
+    else:
+        from transformers import Qwen3VLConfig, Qwen3VLModel
+
+        cfg = Qwen3VLConfig.from_pretrained(path)
+        if not smoke:
+            cfg.text_config.update(QWEN_TEXT)
+            cfg.text_config.rope_parameters = {**cfg.text_config.rope_parameters, "mrope_section": QWEN_MROPE}
+            cfg.vision_config.update(QWEN_VISION)
+        else:
+            cfg.text_config.update(dict(initializer_range=0.02))
+            cfg.vision_config.update(dict(initializer_range=0.02, num_position_embeddings=2304))
+        with torch.device(init_device):
+            model = Qwen3VLModel(cfg).to(torch_dtype)
+        _replace_weights(path, model)
+        file, whole, ip = _processor_config(path)
+        ip["size"] = {"shortest_edge": QWEN_MIN_PIXELS, "longest_edge": QWEN_MAX_PIXELS}
+    with open(file, "w") as f:
+        json.dump(whole, f, indent=2)
+    del model
+    open(os.path.join(path, ".full"), "w").close()
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU pool: the preprocess stage in one process per core
+# ---------------------------------------------------------------------------------------------
+_STAGES: dict = {}
+
+
+def _pool_init(stage_args: list) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # one decode per core, as the preprocess actors run
+    from mmembed.models import ModelSpec
+    from mmembed.stages.preprocess import PreprocessStage
+
+    for model_dir, transport in stage_args:
+        _STAGES[(model_dir, transport)] = PreprocessStage(ModelSpec(model_dir), transport_dtype=transport)
+
+
+def records(paths: list[str], root: str):
+    import pyarrow as pa
+
+    from mmembed.records import RECORD_SCHEMA
+
+    columns = {f.name: pa.nulls(len(paths), f.type) for f in RECORD_SCHEMA}
+    columns["id"] = pa.array([os.path.relpath(p, root) for p in paths], pa.string())
+    columns["image_uri"] = pa.array(paths, pa.string())
+    return pa.table(columns, schema=RECORD_SCHEMA)
+
+
+def _preprocess(job):
+    """One preprocess call; returns counts and costs, or the table itself when asked."""
+    from mmembed.batching import row_cost
+
+    key, paths, root, keep = job
+    table = _STAGES[key](records(paths, root))
+    if keep:
+        return table
+    errors = table.column("error").null_count
+    rows = [r for r in table.select(["error", "feat_keys", "feat_shapes"]).to_pylist() if r["error"] is None]
+    return len(rows), table.num_rows - errors, [row_cost(r) for r in rows]
+
+
+def pool_preprocess(pool, key, paths: list[str], root: str, chunk: int) -> dict:
+    jobs = [(key, paths[i : i + chunk], root, False) for i in range(0, len(paths), chunk)]
+    pool.map(_preprocess, jobs[: pool._processes], chunksize=1)  # warm caches in every worker
+    start = time.perf_counter()
+    results = pool.map(_preprocess, jobs, chunksize=1)
+    seconds = time.perf_counter() - start
+    ok = sum(r[0] for r in results)
+    return {
+        "img_s": ok / seconds,
+        "files": len(paths),
+        "ok": ok,
+        "errors": sum(r[1] for r in results),
+        "costs": [c for r in results for c in r[2]],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU side, in this process
+# ---------------------------------------------------------------------------------------------
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def forward_only(stage, table, device: str, min_seconds: float) -> dict:
+    """EncodeStage.embed over the stage's own batches, inputs already on the device."""
+    from mmembed.batching import plan_batches, row_cost
+
+    rows = [r for r in table.to_pylist() if r["error"] is None]
+    costs = [row_cost(r) for r in rows]
+    batches = plan_batches(costs, stage.budget)
+    on_device = [stage.to_device(stage.collate([rows[i] for i in b])) for b in batches]
+    for features in on_device:
+        stage.embed(features)
+    _sync(device)
+    done, start = 0, time.perf_counter()
+    while True:
+        for features, batch in zip(on_device, batches):
+            stage.embed(features)
+            done += len(batch)
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds:
+            break
+    del on_device
+    # The stage's whole call on the same rows (Arrow in, Arrow out, copies included) but no Ray:
+    # the gap between this and `forward` is the host-side cost of one encoder actor.
+    stage(table)
+    _sync(device)
+    start = time.perf_counter()
+    stage(table)
+    _sync(device)
+    call = time.perf_counter() - start
+    return {
+        "img_s": done / elapsed,
+        "batches": len(batches),
+        "rows": len(rows),
+        "stage_call_img_s": len(rows) / call,
+    }
+
+
+def st_encode(model_dir: str, paths: list[str], batch_size: int, device: str, model_kwargs: dict) -> dict:
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(model_dir, device=device, model_kwargs=dict(model_kwargs))
+    model.encode(paths[: min(len(paths), batch_size)], batch_size=batch_size, show_progress_bar=False)
+    _sync(device)
+    start = time.perf_counter()
+    emb = model.encode(paths, batch_size=batch_size, show_progress_bar=False, convert_to_numpy=True)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    del model
+    return {"img_s": len(paths) / seconds, "embeddings": np.asarray(emb, dtype=np.float32)}
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end, on Ray
+# ---------------------------------------------------------------------------------------------
+def steady_rate(out_dir: str, files: list[dict], wall_s: float) -> float | None:
+    """Rows per second while shards stream out, from their modification times.
+
+    Shards are renamed into place as they complete; the first 10% of rows (pipeline fill) are
+    left out so the figure is the sustained rate a corpus-scale run sees. None when the shards
+    did not stream (a corpus small enough to come out in one burst says nothing about a rate).
+    """
+    stamps = sorted((os.stat(os.path.join(out_dir, f["name"])).st_mtime, f["rows"]) for f in files)
+    if len(stamps) < 4:
+        return None
+    total = sum(r for _, r in stamps)
+    cum, k = 0, 0
+    for k, (_, rows) in enumerate(stamps):
+        cum += rows
+        if cum >= 0.1 * total:
+            break
+    span = stamps[-1][0] - stamps[k][0]
+    if span < 0.2 * wall_s:
+        return None
+    return (total - cum) / span
+
+
+def e2e(w: Workload, model_dir: str, paths: list[str], root: str, out_dir: str, args, model_kwargs: dict) -> dict:
+    import pyarrow.parquet as pq
+
+    from pipelines import embed
+
+    input_dir = os.path.dirname(paths[0])
+    shutil.rmtree(out_dir, ignore_errors=True)
+    argv = [
+        "--input", input_dir, "--output", out_dir, "--model", model_dir,
+        "--batch-size", str(w.batch_size),
+        "--model-kwargs", json.dumps(model_kwargs),
+        "--shard-rows", str(max(4, w.n_e2e // 40)),
+        "--device", args.device,
+    ]  # fmt: skip
+    if args.transport_dtype:
+        argv += ["--transport-dtype", args.transport_dtype]
+    if w.max_batch_tokens:
+        argv += ["--max-batch-tokens", str(w.max_batch_tokens)]
+    if w.encode_window:
+        argv += ["--encode-window", str(w.encode_window)]
+    if args.compile:
+        argv += ["--compile"]
+    extra = list(w.extra)
+    if args.device != "cuda":
+        extra = _drop_gpu_only(extra)
+    argv += extra
+    start = time.perf_counter()
+    rc = embed.main(argv)
+    wall = time.perf_counter() - start
+    with open(os.path.join(out_dir, "_manifest.json")) as f:
+        manifest = json.load(f)
+    parts = [os.path.join(out_dir, f["name"]) for f in manifest["files"]]
+    table = pq.ParquetFile(parts[0]).read() if len(parts) == 1 else _read_parts(parts)
+    ids = table.column("id").to_pylist()
+    emb = np.asarray(table.column("embedding").to_pylist(), dtype=np.float32)
+    written = manifest["counts"]["written"]
+    return {
+        "rc": rc,
+        "argv": argv,
+        "written": written,
+        "errors": manifest["counts"]["errors"],
+        "wall_s": wall,
+        "wall_img_s": written / wall,
+        "steady_img_s": steady_rate(out_dir, manifest["files"], wall),
+        "resources": manifest.get("resources"),
+        "by_id": dict(zip(ids, emb)),
+    }
+
+
+def _read_parts(parts):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    return pa.concat_tables([pq.read_table(p) for p in parts])
+
+
+def _drop_gpu_only(extra: list[str]) -> list[str]:
+    """On a CPU run, resource options meant for a GPU node do not fit: leave them to plan_resources."""
+    out, skip = [], False
+    for item in extra:
+        if skip:
+            skip = False
+            continue
+        if item in ("--gpus-per-encoder", "--num-preprocessors", "--cpus-per-preprocessor", "--cpus-per-encoder"):
+            skip = True
+            continue
+        out.append(item)
+    return out
+
+
+def parity(st_emb: np.ndarray, ids: list[str], by_id: dict) -> dict:
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        return {"min_cosine": None, "max_abs_diff": None, "missing": len(missing)}
+    ours = np.stack([by_id[i] for i in ids]).astype(np.float64)
+    ref = st_emb.astype(np.float64)
+    cos = (ours * ref).sum(1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(ref, axis=1))
+    return {"min_cosine": float(cos.min()), "max_abs_diff": float(np.abs(ours - ref).max()), "missing": 0}
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+def summarise(r: dict) -> dict:
+    e2e_rate = r["e2e"]["steady_img_s"] or r["e2e"]["wall_img_s"]
+    ceiling = min(r["forward"]["img_s"], r["pre"]["img_s"])
+    return {
+        "e2e_img_s": e2e_rate,
+        "e2e_over_st": e2e_rate / r["st"]["img_s"],
+        "e2e_over_ceiling": e2e_rate / ceiling,
+        "node_limit": "GPU" if r["forward"]["img_s"] <= r["pre"]["img_s"] else "CPU",
+    }
+
+
+def table(results: dict, card: str) -> str:
+    head = (
+        f"{'workload':<15}{'ST':>9}{'forward':>10}{'CPU pre':>10}{'e2e':>9}{'e2e wall':>10}"
+        f"{'e2e/ST':>8}{'e2e/min':>9}{'limit':>7}{'min cos':>9}{'pad waste':>10}"
+    )
+    lines = [f"card: {card}  (img/s; e2e = steady rate, e2e/min = e2e / min(forward, CPU pre))", head, "-" * len(head)]
+    for name, r in results.items():
+        if "error" in r:
+            lines.append(f"{name:<15}FAILED: {r['error']}")
+            continue
+        s = r["summary"]
+        cos = r["parity"]["min_cosine"]
+        waste = r.get("padding", {}).get("token_budget")
+        lines.append(
+            f"{name:<15}{r['st']['img_s']:>9.1f}{r['forward']['img_s']:>10.1f}{r['pre']['img_s']:>10.1f}"
+            f"{s['e2e_img_s']:>9.1f}{r['e2e']['wall_img_s']:>10.1f}{s['e2e_over_st']:>8.2f}"
+            f"{s['e2e_over_ceiling']:>9.2f}{s['node_limit']:>7}"
+            f"{(f'{cos:.5f}' if cos is not None else 'n/a'):>9}{(f'{waste:.1%}' if waste is not None else '-'):>10}"
+        )
+    return "\n".join(lines)
+
+
+def chart(results: dict, card: str, path: str) -> None:
+    """Grouped bars per workload (each group on its own scale, values printed), drawn with Pillow."""
+    from PIL import Image, ImageDraw
+
+    series = [("ST encode", "st", (150, 150, 150)), ("mmembed e2e", "e2e", (30, 110, 200)),
+              ("forward-only", "forward", (230, 140, 30)), ("CPU preprocess", "pre", (60, 160, 80))]  # fmt: skip
+    ok = {k: v for k, v in results.items() if "error" not in v}
+    group_w, bar_w, top, height = 260, 50, 70, 260
+    img = Image.new("RGB", (max(1, len(ok)) * group_w + 40, top + height + 70), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((20, 10), f"images/s, same run - {card}", fill="black")
+    for j, (label, _, color) in enumerate(series):
+        draw.rectangle([20 + 150 * j, 35, 32 + 150 * j, 47], fill=color)
+        draw.text((38 + 150 * j, 35), label, fill="black")
+    base = top + height
+    for g, (name, r) in enumerate(ok.items()):
+        values = [r["summary"]["e2e_img_s"] if key == "e2e" else r[key]["img_s"] for _, key, _ in series]
+        peak = max(values) or 1.0
+        x0 = 30 + g * group_w
+        for j, ((_, _, color), v) in enumerate(zip(series, values)):
+            h = int(height * 0.85 * v / peak)
+            x = x0 + j * (bar_w + 8)
+            draw.rectangle([x, base - h, x + bar_w, base], fill=color)
+            draw.text((x, base - h - 14), f"{v:,.0f}" if v >= 10 else f"{v:.1f}", fill="black")
+        draw.text((x0, base + 8), name, fill="black")
+        draw.text((x0, base + 24), f"e2e/ST {r['summary']['e2e_over_st']:.1f}x", fill="black")
+        draw.text((x0, base + 40), f"e2e/limit {r['summary']['e2e_over_ceiling']:.2f}", fill="black")
+    img.save(path)
+
+
+def environment(device: str) -> dict:
+    import sentence_transformers
+    import torch
+    import transformers
+
+    card = torch.cuda.get_device_name(0) if device == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
+    try:
+        import ray
+
+        ray_version = ray.__version__
+    except ImportError:
+        ray_version = None
+    return {
+        "card": card,
+        "cpus": _cpus(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "transformers": transformers.__version__,
+        "sentence_transformers": sentence_transformers.__version__,
+        "ray": ray_version,
+    }
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+# ---------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.environ.get("OUT", "bench_out"), help="Where results.json and throughput.png go.")
+    p.add_argument(
+        "--workdir", default="/tmp/mmembed_gpu_bench", help="Models and corpora (reused by later runs)."
+    )
+    p.add_argument(
+        "--workloads",
+        default="clip_b32,clip_l14,qwen3vl_shots,qwen3vl_mixed",
+        help="Comma-separated subset of clip_b32, clip_l14, qwen3vl_shots, qwen3vl_mixed.",
+    )
+    p.add_argument("--smoke", action="store_true", help="Tiny shapes and corpora: a CPU check of the whole script.")
+    p.add_argument("--scale", type=float, default=1.0, help="Multiply the corpus sizes (not in --smoke).")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="Device for ST and encoders.")
+    p.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16", "float32"],
+        default=None,
+        help="Model weights dtype for ST and mmembed alike (default: bfloat16 on GPU, float32 on CPU).",
+    )
+    p.add_argument(
+        "--transport-dtype",
+        default="auto",
+        help="mmembed --transport-dtype for pixel tensors (default: the model dtype when it is 16-bit, which "
+        "is exact since the model casts its input to that dtype anyway; 'none' for the processor's fp32).",
+    )
+    p.add_argument(
+        "--attn",
+        default="sdpa",
+        choices=["sdpa", "eager", "flash_attention_2"],
+        help="attn_implementation for ST and mmembed (flash_attention_2 needs the flash-attn package).",
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile in the forward-only ceiling and e2e.")
+    p.add_argument("--cpus", type=int, default=None, help="CPU pool size (default: every CPU of this machine).")
+    p.add_argument("--min-cosine", type=float, default=0.999, help="Parity threshold against ST (default 0.999).")
+    p.add_argument("--fwd-seconds", type=float, default=None, help="Time spent timing each forward-only ceiling.")
+    p.add_argument(
+        "--ray-num-cpus", type=int, default=None, help="num_cpus for the Ray runtime this script starts (default: all)."
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import torch
+
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.dtype is None:
+        args.dtype = "bfloat16" if args.device == "cuda" else "float32"
+    if args.transport_dtype == "auto":
+        args.transport_dtype = args.dtype if args.dtype != "float32" else None
+    elif args.transport_dtype == "none":
+        args.transport_dtype = None
+    if args.attn == "flash_attention_2":
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is None:
+            print("benchmarks/gpu.py: --attn flash_attention_2 needs the flash-attn package; use --attn sdpa", file=sys.stderr)
+            return 2
+    cpus = args.cpus or _cpus()
+    fwd_seconds = args.fwd_seconds or (0.3 if args.smoke else 3.0)
+    all_workloads = workloads(args.smoke, args.scale, cpus)
+    chosen = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    unknown = [w for w in chosen if w not in all_workloads]
+    if unknown:
+        print(f"benchmarks/gpu.py: unknown workloads {unknown}; choose from {list(all_workloads)}", file=sys.stderr)
+        return 2
+    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(args.workdir, exist_ok=True)
+    env = environment(args.device)
+    model_kwargs = {"dtype": args.dtype, "attn_implementation": args.attn}
+    print(f"benchmark on {env['card']}, {cpus} CPUs, {args.dtype}; work dir {args.workdir}", flush=True)
+    results: dict = {name: {} for name in chosen}
+    t0 = time.perf_counter()
+
+    def stamp(msg):
+        print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
+
+    # 1. Models and corpora
+    spawn = mp.get_context("spawn")
+    models, files = {}, {}
+    with spawn.Pool(cpus) as pool:
+        for name in chosen:
+            w = all_workloads[name]
+            if w.model not in models:
+                models[w.model] = build_model(args.workdir, w.model, args.smoke, args.dtype, args.device)
+            files[name] = corpus(args.workdir, w.corpus, max(w.n_e2e, w.n_pre, w.n_st, w.n_fwd), pool)
+    stamp(f"models and corpora ready: {sorted(models)}")
+
+    # 2. CPU pool preprocess rate (before Ray starts, so it has the machine to itself)
+    keys = sorted({(models[all_workloads[n].model], args.transport_dtype) for n in chosen})
+    samples = {}
+    with spawn.Pool(cpus, initializer=_pool_init, initargs=(keys,)) as pool:
+        for name in chosen:
+            w = all_workloads[name]
+            key = (models[w.model], args.transport_dtype)
+            root = os.path.dirname(files[name][0])
+            chunk = max(1, min(32, w.n_pre // (2 * cpus)))
+            pre = pool_preprocess(pool, key, files[name][: w.n_pre], root, chunk)
+            results[name]["pre"] = {k: v for k, v in pre.items() if k != "costs"}
+            # Padding waste of the whole preprocessed set: ST-style fixed-size chunks in arrival
+            # order, against the stage's token-budget batches over windows.
+            results[name]["padding"] = padding_report(pre["costs"], w)
+            parts = pool.map(
+                _preprocess,
+                [(key, files[name][i : i + 4], root, True) for i in range(0, w.n_fwd, 4)],
+                chunksize=1,
+            )
+            import pyarrow as pa
+
+            samples[name] = pa.concat_tables(parts)
+            stamp(f"{name}: CPU pool preprocess {pre['img_s']:.1f} img/s ({pre['ok']} ok, {pre['errors']} errors)")
+
+    # 3. Forward-only ceiling and ST encode, in this process
+    from mmembed.models import ModelSpec
+    from mmembed.stages.encode import EncodeStage
+
+    for name in chosen:
+        w = all_workloads[name]
+        spec = ModelSpec(models[w.model], model_kwargs=model_kwargs)
+        stage = EncodeStage(
+            spec,
+            device=args.device,
+            batch_size=w.batch_size,
+            max_batch_tokens=w.max_batch_tokens,
+            compile=args.compile,
+        )
+        results[name]["forward"] = forward_only(stage, samples[name], args.device, fwd_seconds)
+        del stage
+        _free(args.device)
+        stamp(f"{name}: forward-only {results[name]['forward']['img_s']:.1f} img/s")
+        st = st_encode(models[w.model], files[name][: w.n_st], w.st_batch_size, args.device, model_kwargs)
+        results[name]["st"] = {"img_s": st["img_s"], "files": w.n_st}
+        results[name]["_st_emb"] = st["embeddings"]
+        _free(args.device)
+        stamp(f"{name}: ST encode {st['img_s']:.1f} img/s")
+
+    # 4. End to end on Ray
+    import ray
+
+    started_ray = False
+    if not ray.is_initialized():
+        init = {"include_dashboard": False, "logging_level": "WARNING"}
+        init["runtime_env"] = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
+        if args.ray_num_cpus:
+            init["num_cpus"] = args.ray_num_cpus
+        if args.smoke:
+            init.update(num_cpus=args.ray_num_cpus or min(2, cpus), object_store_memory=1_000_000_000)
+        ray.init(**init)
+        started_ray = True
+    failures = 0
+    try:
+        for name in chosen:
+            w = all_workloads[name]
+            r = results[name]
+            try:
+                out = e2e(w, models[w.model], files[name][: w.n_e2e], args.workdir,
+                          os.path.join(args.workdir, "out", name), args, model_kwargs)  # fmt: skip
+            except Exception as exc:  # noqa: BLE001 - keep the other workloads' figures
+                r["error"] = f"{type(exc).__name__}: {exc}"
+                failures += 1
+                stamp(f"{name}: e2e FAILED {r['error']}")
+                continue
+            root = os.path.dirname(files[name][0])
+            ids = [os.path.relpath(p, root) for p in files[name][: w.n_st]]
+            r["parity"] = parity(r.pop("_st_emb"), ids, out.pop("by_id"))
+            r["e2e"] = out
+            r["summary"] = summarise(r)
+            r["config"] = asdict(w)
+            passed = (
+                out["rc"] == 0
+                and out["written"] == w.n_e2e
+                and r["parity"]["min_cosine"] is not None
+                and r["parity"]["min_cosine"] >= args.min_cosine
+            )
+            r["passed"] = passed
+            failures += not passed
+            stamp(f"{name}: e2e {r['summary']['e2e_img_s']:.1f} img/s steady, {out['wall_img_s']:.1f} wall; "
+                  f"min cosine {r['parity']['min_cosine']}")  # fmt: skip
+    finally:
+        if started_ray:
+            ray.shutdown()
+    for r in results.values():
+        r.pop("_st_emb", None)
+    report = {"env": env, "args": vars(args), "results": results, "seconds": time.perf_counter() - t0}
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    text = table(results, env["card"])
+    with open(os.path.join(args.out, "table.txt"), "w") as f:
+        f.write(text + "\n")
+    chart(results, env["card"], os.path.join(args.out, "throughput.png"))
+    print(text, flush=True)
+    print(f"versions: {json.dumps(env)}")
+    print(f"wrote {args.out}/results.json, table.txt, throughput.png in {report['seconds']:.0f}s", flush=True)
+    return 1 if failures else 0
+
+
+def padding_report(costs: list, w: Workload) -> dict:
+    """Padding waste over the preprocessed set: fixed row chunks in arrival order (no sorting, no
+    budget) against the encode stage's own batching over windows of --encode-window rows."""
+    from mmembed.batching import Budget, plan_batches
+
+    def waste(window: int, plan) -> float:
+        real = padded = 0
+        for start in range(0, len(costs), window):
+            lengths = [c[0] for c in costs[start : start + window]]
+            for batch in plan(costs[start : start + window]):
+                real += sum(lengths[i] for i in batch)
+                padded += len(batch) * max(lengths[i] for i in batch)
+        return 1.0 - real / padded if padded else 0.0
+
+    def chunks(part):
+        return [list(range(i, min(i + w.batch_size, len(part)))) for i in range(0, len(part), w.batch_size)]
+
+    window = w.encode_window or w.batch_size
+    budget = Budget(w.batch_size, w.max_batch_tokens)
+    return {
+        "unsorted_chunks": waste(w.batch_size, chunks),
+        "token_budget": waste(window, lambda part: plan_batches(part, budget)),
+        "window": window,
+        "max_batch_tokens": w.max_batch_tokens,
+    }
+
+
+def _free(device: str) -> None:
+    import gc
+
+    gc.collect()
+    if device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
