@@ -9,6 +9,9 @@ import sys
 COMMANDS = {
     "embed": ("pipelines.embed", "embed a corpus into sharded Parquet (python -m pipelines.embed)"),
     "demo": ("mmembed.demo", "generate the offline demo corpus, embed it and show the top matches"),
+    "rerank": ("pipelines.rerank", "score and rank candidate pairs with a CrossEncoder (python -m pipelines.rerank)"),
+    "search": ("pipelines.search", "exact top-k retrieval against corpus embeddings (python -m pipelines.search)"),
+    "retrieve-rerank": ("pipelines.retrieve_rerank", "embed + search + rerank in one job (python -m pipelines.retrieve_rerank)"),
     "reembed": ("pipelines.reembed", "incremental or full re-embed into a versioned store (python -m pipelines.reembed)"),
     "versions": ("mmembed.versions", "list an embedding store's versions, counts, dates and CURRENT"),
     "activate": ("mmembed.activate", "point an embedding store's CURRENT at a committed version"),
