@@ -47,6 +47,15 @@ def build_parser(prog: str = "mmembed embed") -> argparse.ArgumentParser:
     add_model_options(p)
     g = add_embedding_options(p)
     g.add_argument("--overwrite", action="store_true", help="Replace a finished output at --output.")
+    g.add_argument(
+        "--split-modalities",
+        action="store_true",
+        help="Embed each modality of a record on its own, as CLIP-style models need: a record with text "
+        "and an image gives two rows. Every output id becomes `<id>#<modality>` (modality: text, image, "
+        "audio, video or message; the source id is everything before the last `#`). Without it, a "
+        "record with several modality cells is one multimodal input, which needs a model that supports "
+        "`message` (e.g. a Qwen3-VL embedder).",
+    )
     add_runtime_options(p)
     add_io_options(p)
     return p
@@ -84,6 +93,22 @@ def plan(args) -> dict:
             f"{', '.join(unsupported)} (e.g. a CLIP or Qwen3-VL embedder for images), filter those records out, "
             "or pass --on-unsupported error-row to write them as error rows and embed the rest."
         )
+    if not args.split_modalities and args.on_unsupported == "fail":
+        from mmembed.stages.read import sample_record_modalities
+
+        combined = sorted(
+            label
+            for label in sample_record_modalities(spec, args.storage_options)
+            if "+" in label and not meta_model.supports(tuple(label.split("+")))
+        )
+        if combined:
+            raise UsageError(
+                f"the input has records combining {', '.join(combined)} (several modality cells in one row), "
+                f"but model {args.model} cannot embed modalities together: it does not support `message` "
+                "inputs. Pass --split-modalities to embed each modality separately (one row per id and "
+                "modality, ids `<id>#<modality>`), use a model that supports messages (e.g. a Qwen3-VL "
+                "embedder), or pass --on-unsupported error-row to write such records as error rows."
+            )
     try:
         prompt = resolve_prompt(meta_model, args.task, args.prompt_name, args.prompt)
     except ValueError as exc:
@@ -164,6 +189,10 @@ def compose(args, p: dict, res: dict):
     from mmembed.stages.read import ReadStage
 
     ds = ReadStage(p["input"], args.storage_options).dataset()
+    if args.split_modalities:
+        from mmembed.stages.read import split_modalities
+
+        ds = ds.map_batches(split_modalities, batch_format="pyarrow", batch_size=None, num_cpus=0.25)
     if p.get("skip_filter") is not None:
         ds = ds.filter(p["skip_filter"])
     pre_kwargs = {
@@ -268,6 +297,9 @@ def run(args) -> int:
     spec: InputSpec = p["input"]
     records = spec.num_records
     unaccounted = records - totals["written"] - totals["errors"]
+    if args.split_modalities:
+        # A record yields one row per modality, so rows no longer count records one to one.
+        unaccounted = None
     manifest = {
         "status": "complete",
         "job": "embed",
@@ -308,7 +340,10 @@ def run(args) -> int:
     }
     write_json(join_uri(args.output, MANIFEST_NAME), manifest, args.storage_options)
     print(report("mmembed embed", manifest, args.output), flush=True)
-    failed_fraction = (totals["errors"] + max(unaccounted, 0)) / max(records, 1)
+    if unaccounted is None:
+        failed_fraction = totals["errors"] / max(totals["written"] + totals["errors"], 1)
+    else:
+        failed_fraction = (totals["errors"] + max(unaccounted, 0)) / max(records, 1)
     if failed_fraction > args.max_error_fraction:
         print(
             f"mmembed embed: {failed_fraction:.1%} of records failed, above --max-error-fraction "

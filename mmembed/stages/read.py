@@ -133,3 +133,73 @@ def _relative_id(path: str, root: str) -> str:
 
 def count_non_null(table: pa.Table, column: str) -> int:
     return len(table) - pc.sum(pc.is_null(table.column(column))).as_py()
+
+
+# Columns that hold each modality of a record, as `split_modalities` separates them.
+_MODALITY_CELLS = {
+    "text": ("text", "text_uri"),
+    **{m: (f"{m}_uri", f"{m}_bytes", f"{m}_struct") for m in MEDIA_MODALITIES},
+    "message": ("messages",),
+}
+
+
+def split_modalities(table: pa.Table) -> pa.Table:
+    """One record per (id, modality): `--split-modalities`.
+
+    Every row with a modality cell becomes one row per modality, holding only that modality's
+    cells, with id `<id>#<modality>` (modality: text, image, audio, video or message); the part
+    before the last `#` is the source id. A record with no modality cell passes through unchanged
+    and becomes an error row downstream.
+    """
+    names = table.column_names
+    pieces, any_cell = [], None
+    for modality, cells in _MODALITY_CELLS.items():
+        present = [c for c in cells if c in names]
+        if not present:
+            continue
+        mask = pc.is_valid(table.column(present[0]))
+        for c in present[1:]:
+            mask = pc.or_(mask, pc.is_valid(table.column(c)))
+        any_cell = mask if any_cell is None else pc.or_(any_cell, mask)
+        part = table.filter(mask)
+        if not part.num_rows:
+            continue
+        others = {c for cs in _MODALITY_CELLS.values() for c in cs} - set(present)
+        cols = []
+        for name in names:
+            col = part.column(name)
+            if name == "id":
+                col = pc.binary_join_element_wise(col, pa.scalar(modality), "#")
+            elif name in others:
+                col = pa.nulls(part.num_rows, col.type)
+            cols.append(col)
+        pieces.append(pa.table(cols, schema=part.schema))
+    if any_cell is not None:
+        empty = table.filter(pc.invert(any_cell))
+        if empty.num_rows:
+            pieces.append(empty)
+    return pa.concat_tables(pieces) if pieces else table
+
+
+def sample_record_modalities(spec: InputSpec, storage_options: dict | None = None, rows: int = 1000) -> set[str]:
+    """Modality labels (e.g. `image+text`) of the first records of a manifest, read on the driver.
+
+    Parquet statistics say which columns hold values but not whether one row fills several, so a
+    bounded sample of the first file (one batch, only the modality columns) finds multimodal
+    records before Ray starts. Records past the sample are still checked per record downstream.
+    """
+    import pyarrow.parquet as pq
+
+    from mmembed.records import MESSAGE_COLUMN, MODALITY_COLUMNS, record_modality
+
+    if spec.kind != "manifest" or not spec.paths:
+        return set()
+    fs, _ = filesystem(spec.uri, storage_options)
+    wanted = [c for c in ("id", "text_uri", *MODALITY_COLUMNS, MESSAGE_COLUMN) if c in spec.columns]
+    with fs.open(fs._strip_protocol(spec.paths[0]), "rb") as f:
+        pf = pq.ParquetFile(f)
+        batch = next(pf.iter_batches(batch_size=rows, columns=wanted), None)
+    if batch is None:
+        return set()
+    table = normalize_manifest_table(pa.Table.from_batches([batch]), "")
+    return {record_modality(r) for r in table.drop_columns(["id"]).to_pylist()} - {""}

@@ -1,0 +1,285 @@
+"""Audio and video: torchcodec decoding in the CPU pool, parity with ST, bad input as error rows.
+
+Media are generated on the spot (ffmpeg CLI for videos, torchcodec's encoder for tones). The
+references are ST itself loading the same files: for video, ST hands the path to transformers'
+processor, which decodes and samples it; for audio, ST reads a torchcodec AudioDecoder at the
+model's rate. The pipeline must equal them to max |diff| <= 1e-5 in fp32 on CPU.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from tests.conftest import run_job
+from tests.helpers import max_abs_diff, read_output
+
+TOL = 1e-5
+
+
+# --------------------------------------------------------------------------------------------
+# Generated media
+# --------------------------------------------------------------------------------------------
+def make_video(path: Path, *, seconds: float, fps: int, size=(96, 64), codec="libx264", source="testsrc2", extra=()):
+    """A synthetic clip whose frames all differ (moving test pattern), written by the ffmpeg CLI."""
+    cmd = [
+        "ffmpeg", "-hide_banner", "-loglevel", "error", "-y",
+        "-f", "lavfi", "-i", f"{source}=size={size[0]}x{size[1]}:rate={fps}:duration={seconds}",
+        "-c:v", codec, *(["-pix_fmt", "yuv420p"] if codec == "libx264" else []), *extra, str(path),
+    ]  # fmt: skip
+    subprocess.run(cmd, check=True)
+    return path
+
+
+def make_tone(path: Path, *, seconds: float, rate: int, freq: float, channels: int = 1):
+    """A sine tone (channels at slightly different pitches, so a wrong downmix shows)."""
+    from torchcodec.encoders import AudioEncoder
+
+    t = torch.arange(int(seconds * rate), dtype=torch.float32) / rate
+    wave = torch.stack([0.4 * torch.sin(2 * torch.pi * (freq + 37 * c) * t) for c in range(channels)])
+    AudioEncoder(wave, sample_rate=rate).to_file(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_clap(models_root) -> str:
+    from mmembed.testing import tiny_model
+
+    return tiny_model("clap", models_root)
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("videos")
+    return {
+        "short": make_video(d / "short.mp4", seconds=1, fps=25),
+        "mid": make_video(d / "mid.mp4", seconds=3, fps=10, size=(80, 80)),
+        # Long enough that decoding every frame would be the dominant cost.
+        "long": make_video(d / "long.mp4", seconds=40, fps=30, size=(64, 48)),
+        "mkv": make_video(d / "odd.mkv", seconds=2.5, fps=12, size=(72, 56), codec="mpeg4"),
+    }
+
+
+def _embed(tmp_path: Path, table: pa.Table, model: str, *extra, expect_rc: int = 0):
+    src = tmp_path / "manifest.parquet"
+    pq.write_table(table, src)
+    out = tmp_path / "out"
+    rc = run_job(
+        "pipelines.embed",
+        ["--input", src, "--output", out, "--model", model, "--batch-size", 3, "--num-preprocessors", 1, *extra],
+    )
+    assert rc == expect_rc
+    return read_output(out)
+
+
+def _st(model: str, **kwargs):
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(model, device="cpu", **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Video
+# --------------------------------------------------------------------------------------------
+def test_decode_video_seeks_to_the_processor_frames(tiny_qwen3vl, videos, monkeypatch):
+    """Only the frames the processor samples are decoded, by seeking, and they are the right ones."""
+    import torchcodec.decoders
+    from transformers.video_utils import VideoMetadata
+
+    from mmembed.media import VideoSampler, decode_video
+
+    calls = []
+    original = torchcodec.decoders.VideoDecoder
+
+    class Spy(original):
+        def get_frames_at(self, indices):
+            calls.append(("get_frames_at", list(indices)))
+            return super().get_frames_at(indices)
+
+        def get_frames_in_range(self, *a, **k):
+            calls.append(("get_frames_in_range", a))
+            return super().get_frames_in_range(*a, **k)
+
+        def __getitem__(self, key):
+            calls.append(("getitem", key))
+            return super().__getitem__(key)
+
+    monkeypatch.setattr(torchcodec.decoders, "VideoDecoder", Spy)
+    st = _st(tiny_qwen3vl)
+    vp = st[0].processor.video_processor
+    data = videos["long"].read_bytes()
+    out = decode_video(data=data, sampler=VideoSampler.for_model(st))
+
+    full = original(data, seek_mode="exact")
+    md = full.metadata
+    meta = VideoMetadata(total_num_frames=md.num_frames, fps=md.average_fps)
+    expected = [int(i) for i in vp.sample_frames(metadata=meta, num_frames=vp.num_frames, fps=vp.fps)]
+    assert md.num_frames == 1200 and len(expected) == vp.max_frames == 4
+    assert calls == [("get_frames_at", expected)], calls
+    assert out["video_metadata"]["frames_indices"] == expected
+    assert out["video_metadata"]["total_num_frames"] == 1200 and out["video_metadata"]["fps"] == 30
+    assert out["array"].dtype == torch.uint8 and tuple(out["array"].shape) == (4, 3, 48, 64)
+    # The seeked frames are bit-identical to those of a full sequential decode.
+    for k, idx in enumerate(expected):
+        assert torch.equal(out["array"][k], full[idx])
+
+
+@pytest.mark.slow
+def test_video_parity_with_st(ray_session, tiny_qwen3vl, videos, tmp_path):
+    names = ["short", "mid", "long", "mkv"]
+    table = pa.table({"id": names, "video": [str(videos[n]) for n in names]})
+    emb, errors, manifest = _embed(tmp_path, table, tiny_qwen3vl)
+    assert not errors and set(emb) == set(names)
+    assert manifest["counts"]["by_modality"] == {"video": 4}
+    st = _st(tiny_qwen3vl)
+    # ST decodes and samples each path itself (transformers' processor, torchcodec backend).
+    reference = np.stack([st.encode([str(videos[n])])[0] for n in names])
+    assert max_abs_diff(emb, names, reference) <= TOL
+    # Different clips give clearly different vectors (the test can fail on mixed-up inputs).
+    assert np.abs(reference[0] - reference[2]).max() > 1e-2
+
+
+@pytest.mark.slow
+def test_processor_kwargs_control_frame_sampling(ray_session, tiny_qwen3vl, videos, tmp_path):
+    """--processor-kwargs reaches the sampler: fps=1 on a 3 s clip samples 3 frames, not 4."""
+    kwargs = {"fps": 1, "max_frames": 8}
+    names = ["mid", "long"]
+    table = pa.table({"id": names, "video": pa.array([videos[n].read_bytes() for n in names], pa.binary())})
+    emb, errors, _ = _embed(tmp_path, table, tiny_qwen3vl, "--processor-kwargs", '{"fps": 1, "max_frames": 8}')
+    assert not errors
+    st = _st(tiny_qwen3vl, processor_kwargs=kwargs)
+    reference = np.stack([st.encode([str(videos[n])])[0] for n in names])
+    assert max_abs_diff(emb, names, reference) <= TOL
+    default = _st(tiny_qwen3vl).encode([str(videos["mid"])])[0]
+    assert np.abs(default - emb["mid"]).max() > 1e-3  # the option changed the result
+
+
+# --------------------------------------------------------------------------------------------
+# Audio
+# --------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_audio_parity_with_st(ray_session, tiny_clap, tmp_path):
+    """Files at other rates and channel counts are resampled to 48 kHz and mixed to mono like ST."""
+    from torchcodec.decoders import AudioDecoder
+
+    d = tmp_path / "media"
+    d.mkdir()
+    files = {
+        "stereo44": make_tone(d / "a.wav", seconds=1.5, rate=44_100, freq=440, channels=2),
+        "mono22": make_tone(d / "b.flac", seconds=2.0, rate=22_050, freq=660),
+        "mono48": make_tone(d / "c.wav", seconds=0.7, rate=48_000, freq=250),
+        "mp3": make_tone(d / "d.mp3", seconds=1.2, rate=32_000, freq=520, channels=2),
+    }
+    ids = list(files)
+    table = pa.table({"id": ids + ["t0"], "audio": [files[i].read_bytes() for i in ids] + [None],
+                      "text": [None] * len(ids) + ["a sine tone"]})  # fmt: skip
+    emb, errors, manifest = _embed(tmp_path, table, tiny_clap)
+    assert not errors and set(emb) == set(ids) | {"t0"}
+    st = _st(tiny_clap)
+    reference = np.stack([st.encode([AudioDecoder(str(files[i]), sample_rate=48_000)])[0] for i in ids])
+    assert max_abs_diff(emb, ids, reference) <= TOL
+    assert max_abs_diff(emb, ["t0"], st.encode(["a sine tone"])) <= TOL
+    assert np.abs(reference[0] - reference[1]).max() > 1e-3
+
+
+@pytest.mark.slow
+def test_audio_struct_column(ray_session, tiny_clap, tmp_path):
+    """{"array", "sampling_rate"} struct cells: at the model rate as given, else resampled by FFmpeg."""
+    from torchcodec.decoders import AudioDecoder
+
+    flac16 = make_tone(tmp_path / "t16.flac", seconds=1.0, rate=16_000, freq=300)
+    at16 = AudioDecoder(str(flac16)).get_all_samples().data[0].numpy()
+    t = np.arange(72_000, dtype=np.float32) / 48_000
+    at48 = np.stack([0.3 * np.sin(2 * np.pi * 800 * t), 0.2 * np.sin(2 * np.pi * 500 * t)]).astype(np.float32)
+    # One Arrow type per column: [channels, samples], so the 16 kHz mono cell is [1, N].
+    cell = pa.struct([("array", pa.list_(pa.list_(pa.float32()))), ("sampling_rate", pa.int64())])
+    cells = [{"array": at48.tolist(), "sampling_rate": 48_000}, {"array": [at16.tolist()], "sampling_rate": 16_000}]
+    table = pa.table({"id": ["s48", "s16"], "audio": pa.array(cells, cell)})
+    emb, errors, _ = _embed(tmp_path, table, tiny_clap)
+    assert not errors
+    st = _st(tiny_clap)
+    ref48 = st.encode([{"array": at48.mean(axis=0), "sampling_rate": 48_000}])
+    ref16 = st.encode([AudioDecoder(str(flac16), sample_rate=48_000)])
+    assert max_abs_diff(emb, ["s48"], ref48) <= TOL
+    assert max_abs_diff(emb, ["s16"], ref16) <= TOL
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_bad_videos_become_error_rows(ray_session, tiny_qwen3vl, videos, tmp_path):
+    good = videos["mid"].read_bytes()
+    d = tmp_path / "bad"
+    d.mkdir()
+    faststart = make_video(d / "fs.mp4", seconds=3, fps=10, extra=("-movflags", "+faststart")).read_bytes()
+    no_frames = make_video(d / "nf.avi", seconds=3, fps=10, codec="mpeg4", extra=("-frames:v", "0")).read_bytes()
+    audio_only = d / "ao.mp4"
+    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "sine=duration=1",
+                    "-c:a", "aac", str(audio_only)], check=True)  # fmt: skip
+    stsd = good.find(b"stsd")
+    fourcc = good.find(b"avc1", stsd)
+    unknown_codec = good[:fourcc] + b"zzzz" + good[fourcc + 4 :]
+    rng = np.random.default_rng(0)
+    cells = {
+        "good": good,
+        "truncated": good[: len(good) // 3],  # index at the end: the container does not open
+        "truncated_data": faststart[:3000],  # index first: frames are missing
+        "garbage": rng.integers(0, 256, 5000, dtype=np.uint8).tobytes(),
+        "no_frames": no_frames,
+        "audio_only": audio_only.read_bytes(),
+        "unknown_codec": unknown_codec,
+    }
+    table = pa.table({"id": list(cells), "video": pa.array(list(cells.values()), pa.binary())})
+    emb, errors, manifest = _embed(tmp_path, table, tiny_qwen3vl)
+    assert set(emb) == {"good"}
+    assert set(errors) == set(cells) - {"good"}
+    assert all(e["stage"] == "preprocess" and e["error"].startswith("undecodable video") for e in errors.values())
+    assert "truncated" in errors["truncated"]["error"] and "truncated" in errors["truncated_data"]["error"]
+    assert "no frames" in errors["no_frames"]["error"]
+    assert "codec" in errors["unknown_codec"]["error"] and "codec" in errors["audio_only"]["error"]
+    assert manifest["counts"]["unaccounted"] == 0
+    st = _st(tiny_qwen3vl)
+    assert max_abs_diff(emb, ["good"], st.encode([str(videos["mid"])])) <= TOL
+
+
+@pytest.mark.slow
+def test_bad_audio_and_incompatible_records_become_error_rows(ray_session, tiny_clap, tmp_path):
+    d = tmp_path / "media"
+    d.mkdir()
+    good = make_tone(d / "ok.wav", seconds=1.0, rate=48_000, freq=440)
+    (d / "zero.wav").write_bytes(b"")
+    header_only = d / "empty.wav"  # a valid WAV header and no samples
+    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "sine=duration=1",
+                    "-t", "0", str(header_only)], check=True)  # fmt: skip
+    (d / "junk.mp3").write_bytes(b"ID3" + bytes(range(256)) * 8)
+    rows = [
+        ("ok", str(good), None),
+        ("zero_length_file", str(d / "zero.wav"), None),
+        ("no_samples", str(header_only), None),
+        ("corrupt", str(d / "junk.mp3"), None),
+        ("missing", str(d / "nope.wav"), None),
+        # CLAP embeds text and audio, but not both in one input (it has no `message` support).
+        ("audio_and_text", str(good), "a tone"),
+    ]
+    table = pa.table({"id": [r[0] for r in rows], "audio": [r[1] for r in rows], "text": [r[2] for r in rows]})
+    # The up-front check refuses the multimodal record before Ray starts ...
+    src = tmp_path / "m.parquet"
+    pq.write_table(table, src)
+    assert run_job("pipelines.embed", ["--input", src, "--output", tmp_path / "refused", "--model", tiny_clap]) == 2
+    assert not (tmp_path / "refused").exists()
+    # ... and with --on-unsupported error-row it becomes an error row while the rest goes on.
+    emb, errors, manifest = _embed(tmp_path, table, tiny_clap, "--on-unsupported", "error-row")
+    assert set(emb) == {"ok"}
+    assert set(errors) == {r[0] for r in rows} - {"ok"}
+    assert "zero-byte" in errors["zero_length_file"]["error"]
+    assert "zero-length" in errors["no_samples"]["error"]
+    assert "undecodable audio" in errors["corrupt"]["error"]
+    assert "does not support audio+text" in errors["audio_and_text"]["error"]
+    assert manifest["counts"]["unaccounted"] == 0
