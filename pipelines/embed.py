@@ -12,6 +12,7 @@ import argparse
 import logging
 import sys
 import time
+import uuid
 
 from mmembed import __version__
 from mmembed.manifest import MANIFEST_NAME, command_line, library_versions, now_iso, read_json, report, write_json
@@ -24,7 +25,19 @@ from mmembed.options import (
     add_runtime_options,
 )
 from mmembed.records import InputError, InputSpec, check_unique_ids, discover
-from mmembed.storage import filesystem, join_uri
+from mmembed.runstate import (
+    NotCommitted,
+    RunLock,
+    account,
+    begin_attempt,
+    clear_output,
+    committed_index,
+    committed_shards,
+    finish_attempt,
+    inspect_output,
+    run_identity,
+)
+from mmembed.storage import join_uri
 
 log = logging.getLogger("mmembed")
 
@@ -46,7 +59,21 @@ def build_parser(prog: str = "mmembed embed") -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="Output directory: local path or fsspec URI (e.g. s3://b/p).")
     add_model_options(p)
     g = add_embedding_options(p)
-    g.add_argument("--overwrite", action="store_true", help="Replace a finished output at --output.")
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Discard whatever --output holds (a finished run, or an unfinished one of another model, prompt "
+        "or input) and start afresh. Without it, rerunning the same command resumes an interrupted run "
+        "(committed shards are kept, only the rest is embedded) or does nothing if it finished.",
+    )
+    g.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=60.0,
+        help="Lease on --output (`_lock.json`) that keeps a second run from writing into it; the running job "
+        "renews it every quarter of this. A lease of a crashed run on another host is taken over once it "
+        "is this old; on the same host, as soon as its process is gone (default: 60).",
+    )
     g.add_argument(
         "--split-modalities",
         action="store_true",
@@ -116,13 +143,7 @@ def plan(args) -> dict:
     dim = meta_model.get_embedding_dimension()
     if args.truncate_dim:
         dim = min(dim, args.truncate_dim)
-    existing = read_json(join_uri(args.output, MANIFEST_NAME), args.storage_options)
-    if existing and not args.overwrite:
-        raise UsageError(
-            f"{args.output} already holds a finished run ({existing.get('model', {}).get('name')}, "
-            f"{existing.get('finished_at')}). Choose another --output, or pass --overwrite to replace it."
-        )
-    return {
+    out = {
         "input": spec,
         "model_spec": model_spec,
         "revision": model_revision(model_spec),
@@ -133,6 +154,10 @@ def plan(args) -> dict:
         "has_normalize_module": any(type(m).__name__ == "Normalize" for m in meta_model),
         "unsupported": unsupported,
     }
+    # A rerun into the same output resumes (or finds it complete); another model, prompt or input refuses.
+    out["identity"] = run_identity(args, out)
+    out["state"] = inspect_output(args.output, out["identity"], args.storage_options, overwrite=args.overwrite)
+    return out
 
 
 def plan_resources(cpus: float, gpus: float, args) -> dict:
@@ -267,6 +292,21 @@ def run(args) -> int:
     started = time.time()
     started_iso = now_iso()
     p = plan(args)
+    if p["state"] == "complete":
+        existing = read_json(join_uri(args.output, MANIFEST_NAME), args.storage_options)
+        print(report("mmembed embed", existing, args.output), flush=True)
+        print(f"mmembed embed: {args.output} already holds this run, complete; nothing to do "
+              "(--overwrite recomputes it).", flush=True)
+        return EXIT_OK
+    lock = RunLock(args.output, args.storage_options, ttl_s=args.lease_seconds).acquire()
+    try:
+        return execute(args, p, started, started_iso)
+    finally:
+        lock.release()
+
+
+def execute(args, p: dict, started: float, started_iso: str) -> int:
+    """The job proper, run while this process holds the output's lease."""
     import ray
     from ray.data import DataContext
 
@@ -280,9 +320,21 @@ def run(args) -> int:
     ctx.enable_operator_progress_bars = True
 
     if args.overwrite:
-        fs, path = filesystem(args.output, args.storage_options)
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
+        clear_output(args.output, args.storage_options)
+    token = uuid.uuid4().hex[:8]
+    run_state = begin_attempt(args.output, p["identity"], args.storage_options, token, p["state"] == "resume")
+    paths, error_paths = committed_shards(args.output, args.storage_options)
+    already = 0
+    if paths or error_paths:
+        from mmembed.changes import IndexRef
+
+        index, count = ray.remote(committed_index).options(num_cpus=0.25, num_returns=2).remote(
+            paths, error_paths, args.storage_options
+        )
+        already = ray.get(count)
+        p = {**p, "skip_filter": NotCommitted(IndexRef(index))}
+        log.info("resuming: %d record(s) already committed in %d shard(s) are skipped",
+                 already, len(paths) + len(error_paths))
 
     ds = compose(args, p, res)
     sink = ShardWriter(
@@ -290,9 +342,14 @@ def run(args) -> int:
         result_columns=["id", "embedding", "modality"],
         storage_options=args.storage_options,
         shard_rows=args.shard_rows,
+        run_token=token,
     )
     ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
-    totals = sink.result or {"files": [], "error_files": [], "written": 0, "errors": 0, "modalities": {}}
+    # Every committed shard counts, this attempt's and earlier ones'.
+    paths, error_paths = committed_shards(args.output, args.storage_options)
+    totals = ray.get(
+        ray.remote(account).options(num_cpus=0.25).remote(args.output, paths, error_paths, args.storage_options)
+    )
     finished = time.time()
     spec: InputSpec = p["input"]
     records = spec.num_records
@@ -328,7 +385,10 @@ def run(args) -> int:
             "errors": totals["errors"],
             "unaccounted": unaccounted,
             "by_modality": totals["modalities"],
+            "duplicate_ids": totals["duplicate_ids"],
+            "resumed_from_committed": already,
         },
+        "attempts": run_state["attempts"],
         "files": totals["files"],
         "error_files": totals["error_files"],
         "resources": {**res, "ray": where},
@@ -339,6 +399,7 @@ def run(args) -> int:
         "command_line": command_line(),
     }
     write_json(join_uri(args.output, MANIFEST_NAME), manifest, args.storage_options)
+    finish_attempt(args.output, run_state, args.storage_options)
     print(report("mmembed embed", manifest, args.output), flush=True)
     if unaccounted is None:
         failed_fraction = totals["errors"] / max(totals["written"] + totals["errors"], 1)

@@ -1,0 +1,344 @@
+"""Crash-safe runs: what an output directory says about the runs that wrote into it.
+
+The protocol, for an output URI on any fsspec filesystem:
+
+- `_lock.json` is a lease. A run creates it exclusively (O_EXCL locally, a conditional
+  `If-None-Match: *` PUT on S3) and refreshes its heartbeat while it runs. A second run finds
+  it live and refuses. A lease whose holder is gone (same host and its pid is dead, or no
+  heartbeat for its TTL) is taken over, so a rerun after a crash needs no manual step.
+- `_run.json` records the run's identity (model, revision, prompt, vector settings, input URI
+  and fingerprint) and every attempt. A rerun with another identity is refused: it would mix
+  two runs' vectors in one output.
+- The committed output is exactly the shards that carry their final name (`part-*.parquet`,
+  `_errors/part-*.parquet`); the writer renames a shard into place only once it is complete.
+  A rerun reads the ids of those shards, skips them, and writes only the rest, so each id ends
+  up in exactly one committed shard. Hidden `.tmp-*` leftovers of a killed writer are removed.
+- `_manifest.json` with status `complete` is written last and lists every shard of every attempt.
+
+Ray's `CheckpointConfig` is not used: it filters only file-based `Read` operators (not the
+media-listing input), gives at-least-once semantics with a non-file datasink, and keeps a
+separate id log; here the shards themselves are the checkpoint, committed atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+
+import pyarrow as pa
+
+from mmembed.manifest import MANIFEST_NAME, now_iso, read_json, redact_options, write_json
+from mmembed.options import UsageError
+from mmembed.storage import filesystem, join_uri, protocol_of, unstrip, with_retries
+
+RUN_NAME = "_run.json"
+LOCK_NAME = "_lock.json"
+ERRORS_DIR = "_errors"
+
+# What decides the vectors; a rerun that differs in any of these is a different run.
+IDENTITY_KEYS = (
+    "model", "revision", "prompt", "task", "prompt_name", "normalize", "truncate_dim", "precision",
+    "model_kwargs", "processor_kwargs", "split_modalities", "input_uri", "input_fingerprint",
+)
+
+
+def run_identity(args, p: dict) -> dict:
+    spec = p["input"]
+    return {
+        "model": args.model,
+        "revision": p["revision"],
+        "prompt": p["prompt"],
+        "task": args.task,
+        "prompt_name": args.prompt_name,
+        "normalize": bool(args.normalize),
+        "truncate_dim": args.truncate_dim,
+        "precision": args.precision,
+        "model_kwargs": args.model_kwargs,
+        "processor_kwargs": args.processor_kwargs,
+        "split_modalities": bool(getattr(args, "split_modalities", False)),
+        "input_uri": args.input,
+        "input_fingerprint": spec.fingerprint,
+    }
+
+
+def _differences(mine: dict, theirs: dict) -> list[str]:
+    out = []
+    for k in IDENTITY_KEYS:
+        if json.dumps(mine.get(k), sort_keys=True, default=str) != json.dumps(theirs.get(k), sort_keys=True, default=str):
+            out.append(f"{k}: {theirs.get(k)!r} there, {mine.get(k)!r} now")
+    return out
+
+
+def committed_shards(output: str, storage_options: dict | None) -> tuple[list[str], list[str]]:
+    """URIs of the result and error shards under their final names (never `.tmp-*` files)."""
+    fs, root = filesystem(output, storage_options)
+    root = root.rstrip("/")
+    # Other processes wrote here: a cached listing (s3fs keeps one per instance) would miss shards.
+    fs.invalidate_cache(root)
+    fs.invalidate_cache(f"{root}/{ERRORS_DIR}")
+
+    def ls(pattern):
+        return sorted(unstrip(fs, p) for p in with_retries(lambda: fs.glob(pattern)))
+
+    return ls(f"{root}/part-*.parquet"), ls(f"{root}/{ERRORS_DIR}/part-*.parquet")
+
+
+def inspect_output(output: str, identity: dict, storage_options: dict | None, *, overwrite: bool) -> str:
+    """'new', 'resume' or 'complete' for this run's identity; raises UsageError on a conflict."""
+    manifest = read_json(join_uri(output, MANIFEST_NAME), storage_options)
+    run = read_json(join_uri(output, RUN_NAME), storage_options)
+    if overwrite:
+        return "new"
+    recorded = (run or {}).get("identity")
+    if recorded is None and manifest is not None:
+        raise UsageError(
+            f"{output} already holds a finished run ({manifest.get('model', {}).get('name')}, "
+            f"{manifest.get('finished_at')}) with no run record to compare against. Choose another --output, "
+            "or pass --overwrite to replace it."
+        )
+    if recorded is not None:
+        diff = _differences(identity, recorded)
+        if diff:
+            what = "a finished run" if manifest else "an unfinished run"
+            raise UsageError(
+                f"{output} holds {what} with a different identity ({'; '.join(diff)}). Resuming would mix "
+                "two runs' vectors in one output. Choose another --output, or pass --overwrite to discard it."
+            )
+        return "complete" if manifest and manifest.get("status") == "complete" else "resume"
+    results, errors = committed_shards(output, storage_options)
+    if results or errors:
+        raise UsageError(
+            f"{output} holds {len(results) + len(errors)} shard(s) but no {RUN_NAME} saying which run wrote "
+            "them. Choose another --output, or pass --overwrite to discard them."
+        )
+    return "new"
+
+
+def clear_output(output: str, storage_options: dict | None) -> None:
+    """--overwrite: remove everything but our own lease."""
+    fs, root = filesystem(output, storage_options)
+    root = root.rstrip("/")
+    if not fs.exists(root):
+        return
+    for entry in fs.ls(root, detail=False):
+        if entry.rstrip("/").rsplit("/", 1)[-1] != LOCK_NAME:
+            fs.rm(entry, recursive=True)
+    fs.invalidate_cache(root)
+
+
+def begin_attempt(output: str, identity: dict, storage_options: dict | None, token: str, resumed: bool) -> dict:
+    """Record this attempt in `_run.json` and drop half-written shards of killed attempts."""
+    fs, root = filesystem(output, storage_options)
+    root = root.rstrip("/")
+    for sub in (root, f"{root}/{ERRORS_DIR}"):
+        fs.invalidate_cache(sub)
+        for leftover in with_retries(lambda sub=sub: fs.glob(f"{sub}/.tmp-*")):
+            try:
+                fs.rm(leftover)
+            except FileNotFoundError:
+                pass
+    run = (read_json(join_uri(output, RUN_NAME), storage_options) or {}) if resumed else {}
+    attempts = list(run.get("attempts", []))
+    attempts.append({"run_token": token, "started_at": now_iso(), "host": socket.gethostname(), "pid": os.getpid()})
+    run = {"status": "running", "identity": identity, "attempts": attempts,
+           "storage_options": redact_options(storage_options)}
+    write_json(join_uri(output, RUN_NAME), run, storage_options)
+    return run
+
+
+def finish_attempt(output: str, run: dict, storage_options: dict | None) -> None:
+    write_json(join_uri(output, RUN_NAME), {**run, "status": "complete", "finished_at": now_iso()}, storage_options)
+
+
+# -- The lease ------------------------------------------------------------------------------------
+class RunLock:
+    """An exclusive, heartbeated lease on an output, held by one driver process at a time."""
+
+    def __init__(self, output: str, storage_options: dict | None = None, *, ttl_s: float = 60.0):
+        self.uri = join_uri(output, LOCK_NAME)
+        self.storage_options = storage_options
+        self.ttl_s = ttl_s
+        self.token = uuid.uuid4().hex
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _payload(self) -> bytes:
+        return json.dumps(
+            {"owner": self.token, "host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time(),
+             "heartbeat_at": now_iso(), "ttl_s": self.ttl_s}
+        ).encode()
+
+    def _create(self) -> bool:
+        """Create the lock file only if it does not exist; False if it does."""
+        fs, path = filesystem(self.uri, self.storage_options)
+        data = self._payload()
+        if protocol_of(self.uri) == "file":
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return True
+        try:
+            # s3fs sends If-None-Match: *; filesystems without conditional writes check first.
+            with_retries(lambda: fs.pipe_file(path, data, mode="create"))
+        except FileExistsError:
+            return False
+        fs.invalidate_cache(path.rsplit("/", 1)[0])
+        return self._read().get("owner") == self.token
+
+    def _read(self) -> dict:
+        fs, path = filesystem(self.uri, self.storage_options)
+        fs.invalidate_cache(path.rsplit("/", 1)[0])
+        try:
+            return json.loads(with_retries(lambda: fs.cat_file(path)))
+        except FileNotFoundError:
+            return {}
+        except ValueError:
+            return {"corrupt": True}
+
+    def _stale(self, held: dict) -> str | None:
+        if not held or held.get("corrupt"):
+            return "unreadable lease"
+        if held.get("host") == socket.gethostname() and held.get("pid") and not _pid_alive(int(held["pid"])):
+            return f"its process {held['pid']} on this host is gone"
+        age = time.time() - float(held.get("heartbeat", 0))
+        if age > float(held.get("ttl_s", self.ttl_s)):
+            return f"no heartbeat for {age:.0f} s"
+        return None
+
+    def acquire(self) -> "RunLock":
+        fs, path = filesystem(self.uri, self.storage_options)
+        for _ in range(3):
+            if self._create():
+                self._start_heartbeat()
+                return self
+            held = self._read()
+            if not held:
+                continue  # released in between
+            reason = self._stale(held)
+            if reason is None:
+                expires = float(held.get("heartbeat", 0)) + float(held.get("ttl_s", self.ttl_s))
+                raise UsageError(
+                    f"another run is writing to this output: {self.uri} is held by pid {held.get('pid')} on "
+                    f"{held.get('host')} (last heartbeat {held.get('heartbeat_at')}). Wait for it to finish, or if "
+                    f"it is known to be dead, wait until its lease expires (in {max(0, expires - time.time()):.0f} s) "
+                    "and rerun; the rerun resumes its work."
+                )
+            try:
+                fs.rm(path)
+            except FileNotFoundError:
+                pass
+        raise UsageError(f"could not take the lease {self.uri}: other runs keep taking it; try again later")
+
+    def _start_heartbeat(self) -> None:
+        def beat():
+            fs, path = filesystem(self.uri, self.storage_options)
+            while not self._stop.wait(self.ttl_s / 4):
+                try:
+                    if self._read().get("owner") != self.token:
+                        return  # taken over after we stalled; the new holder owns the output now
+                    with_retries(lambda: fs.pipe_file(path, self._payload()))
+                except Exception:  # noqa: BLE001 - a missed beat is retried at the next tick
+                    pass
+
+        self._thread = threading.Thread(target=beat, name="mmembed-lease", daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self._read().get("owner") == self.token:
+            fs, path = filesystem(self.uri, self.storage_options)
+            try:
+                with_retries(lambda: fs.rm(path))
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# -- Ray tasks over committed shards ---------------------------------------------------------------
+def committed_index(paths: list[str], error_paths: list[str], storage_options: dict | None):
+    """A KeyIndex of every id in committed result and error shards (runs as a Ray task)."""
+    from mmembed.changes import KeyIndex, _read_columns
+
+    ids = [
+        c.combine_chunks().cast(pa.string())
+        for c in (_read_columns(paths, ["id"], storage_options).column("id"),
+                  _read_columns(error_paths, ["id"], storage_options).column("id"))
+        if len(c)
+    ]
+    if not ids:
+        return KeyIndex.empty()
+    ids = pa.concat_arrays(ids)
+    return KeyIndex.build(ids, pa.nulls(len(ids), pa.string()))
+
+
+def account(output: str, paths: list[str], error_paths: list[str], storage_options: dict | None) -> dict:
+    """Rows per shard, modality counts and duplicate ids over all committed shards (a Ray task)."""
+    import numpy as np
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from mmembed.changes import id_keys
+
+    totals = {"files": [], "error_files": [], "written": 0, "errors": 0, "modalities": {}, "duplicate_ids": 0}
+    his, los = [], []
+    for kind, group in (("files", paths), ("error_files", error_paths)):
+        for uri in group:
+            fs, path = filesystem(uri, storage_options)
+
+            def read(path=path, fs=fs):
+                with fs.open(path, "rb") as f:
+                    cols = ["id", "modality"] if kind == "files" else ["id"]
+                    return pq.read_table(f, columns=cols)
+
+            t = with_retries(read)
+            name = uri.rstrip("/").rsplit("/", 1)[-1]
+            totals[kind].append({"name": f"{ERRORS_DIR}/{name}" if kind == "error_files" else name, "rows": t.num_rows})
+            totals["written" if kind == "files" else "errors"] += t.num_rows
+            if kind == "files" and t.num_rows:
+                vc = pc.value_counts(t.column("modality"))
+                for m, n in zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist()):
+                    totals["modalities"][m] = totals["modalities"].get(m, 0) + n
+            hi, lo = id_keys(t.column("id"))
+            his.append(hi)
+            los.append(lo)
+    if his:
+        hi, lo = np.concatenate(his), np.concatenate(los)
+        order = np.lexsort((lo, hi))
+        hi, lo = hi[order], lo[order]
+        totals["duplicate_ids"] = int(np.sum((hi[1:] == hi[:-1]) & (lo[1:] == lo[:-1])))
+    return totals
+
+
+class NotCommitted:
+    """Row predicate for Ray Data `filter`: keep records whose id no committed shard holds."""
+
+    def __init__(self, index):
+        self.index = index  # a mmembed.changes.IndexRef
+
+    def __call__(self, row: dict) -> bool:
+        return not bool(self.index.get().lookup([row["id"]])[0][0])

@@ -1,0 +1,260 @@
+"""Crash-safe runs: SIGKILL and resume, a killed encoder actor, conflicting and concurrent runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import run_job
+from tests.helpers import read_output
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def text_manifest(path: Path, n: int, prefix: str = "t") -> list[str]:
+    ids = [f"{prefix}{i:05d}" for i in range(n)]
+    texts = [f"record {i}: " + " ".join(["word"] * (i % 7 + 1)) for i in range(n)]
+    pq.write_table(pa.table({"id": ids, "text": texts}), path)
+    return ids
+
+
+def assert_same_embeddings(a: dict, b: dict) -> None:
+    assert set(a) == set(b)
+    ids = sorted(a)
+    diff = np.max(np.abs(np.stack([a[i] for i in ids]) - np.stack([b[i] for i in ids])))
+    assert diff <= 1e-5, diff
+
+
+# -- the lease --------------------------------------------------------------------------------------
+def test_lease_is_exclusive_under_a_race(tmp_path):
+    from mmembed.options import UsageError
+    from mmembed.runstate import RunLock
+
+    out = str(tmp_path / "out")
+    winners, refused = [], []
+    start = threading.Barrier(6)
+
+    def contend():
+        lock = RunLock(out, ttl_s=30)
+        start.wait()
+        try:
+            lock.acquire()
+            winners.append(lock)
+        except UsageError as exc:
+            refused.append(str(exc))
+
+    threads = [threading.Thread(target=contend) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(winners) == 1 and len(refused) == 5
+    assert "another run is writing to this output" in refused[0]
+    winners[0].release()
+    assert not (Path(out) / "_lock.json").exists()
+    RunLock(out).acquire().release()  # free again once released
+
+
+def test_stale_leases_are_taken_over_live_ones_are_not(tmp_path):
+    import socket
+
+    from mmembed.options import UsageError
+    from mmembed.runstate import RunLock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    lock_file = out / "_lock.json"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    # A crashed driver on this host: its pid is gone, so the lease is free at once.
+    lock_file.write_text(json.dumps({"owner": "x", "host": socket.gethostname(), "pid": dead.pid,
+                                     "heartbeat": time.time(), "ttl_s": 600}))
+    RunLock(str(out)).acquire().release()
+    # A live holder on another host with a fresh heartbeat keeps it.
+    lock_file.write_text(json.dumps({"owner": "y", "host": "elsewhere", "pid": 1, "heartbeat": time.time(),
+                                     "ttl_s": 600}))
+    with pytest.raises(UsageError, match="held by pid 1 on elsewhere"):
+        RunLock(str(out)).acquire()
+    # ... until its heartbeat is older than its TTL.
+    lock_file.write_text(json.dumps({"owner": "y", "host": "elsewhere", "pid": 1, "heartbeat": time.time() - 700,
+                                     "ttl_s": 600}))
+    RunLock(str(out)).acquire().release()
+
+
+# -- SIGKILL the driver, rerun, compare --------------------------------------------------------------
+def _kill_tree(proc: subprocess.Popen, children) -> None:
+    """SIGKILL the driver, then the embedded Ray it started (raylet, GCS, workers) by pid."""
+    import psutil
+
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for child in children:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(children, timeout=30)
+
+
+@pytest.mark.slow
+def test_sigkill_driver_mid_run_then_resume_equals_uninterrupted_run(ray_session, tiny_clip, tmp_path):
+    import psutil
+
+    m = tmp_path / "m.parquet"
+    ids = text_manifest(m, 1200)
+    out, ref = tmp_path / "out", tmp_path / "ref"
+    argv = ["--input", m, "--output", out, "--model", tiny_clip, "--shard-rows", 40,
+            "--batch-size", 8, "--preprocess-batch-size", 8]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    log = open(tmp_path / "driver.log", "wb")
+    # Its own process group and its own embedded Ray, not the test session's runtime.
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.embed", *map(str, argv)], cwd=REPO, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    children = []
+    try:
+        deadline = time.time() + 420
+        while not (out / "_lock.json").exists():
+            assert proc.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+            assert time.time() < deadline, "the driver never took the lease"
+            time.sleep(0.2)
+        # A second run into the same output while the first holds it: refused before Ray starts.
+        assert run_job("pipelines.embed", argv) == 2
+        while not list(out.glob("part-*.parquet")):
+            assert proc.poll() is None, "finished before it could be killed: " + (tmp_path / "driver.log").read_text()[-3000:]
+            assert time.time() < deadline, "no shard appeared in time"
+            time.sleep(0.05)
+        children = psutil.Process(proc.pid).children(recursive=True)
+    finally:
+        _kill_tree(proc, children)
+        log.close()
+    assert not (out / "_manifest.json").exists(), "the driver was not killed mid-run"
+    first = {p.name for p in out.glob("part-*.parquet")} | {p.name for p in (out / "_errors").glob("part-*.parquet")}
+    committed_before = sum(pq.read_metadata(p).num_rows for p in out.glob("part-*.parquet"))
+    assert 0 < committed_before < len(ids)
+
+    assert run_job("pipelines.embed", argv) == 0  # the same command resumes
+    assert run_job("pipelines.embed", [*argv[:3], ref, *argv[4:]]) == 0  # an uninterrupted run
+
+    emb, errors, manifest = read_output(out)  # read_output asserts no duplicate ids
+    ref_emb, ref_errors, _ = read_output(ref)
+    assert not errors and not ref_errors
+    assert sorted(emb) == sorted(ids)
+    assert_same_embeddings(emb, ref_emb)
+    # Finished shards of the killed attempt were kept, not recomputed; the manifest lists every shard.
+    names = {f["name"] for f in manifest["files"]} | {f["name"] for f in manifest["error_files"]}
+    assert first <= names
+    assert names == {p.name for p in out.glob("part-*.parquet")}
+    assert manifest["counts"]["resumed_from_committed"] == committed_before
+    assert manifest["counts"]["written"] == len(ids) and manifest["counts"]["unaccounted"] == 0
+    assert manifest["counts"]["duplicate_ids"] == 0
+    assert len(manifest["attempts"]) == 2
+    assert not list(out.glob(".tmp-*")) and not (out / "_lock.json").exists()
+
+
+# -- a killed encoder actor -------------------------------------------------------------------------
+def _alive_actors(ray):
+    """(actor id, repr name) of live actors. The state API needs a dashboard, which the test
+    runtime does not start; the GCS actor table has the same facts."""
+    from ray.core.generated import gcs_pb2
+
+    try:
+        from ray.util.state import list_actors
+
+        rows = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")],
+                           raise_on_missing_output=False)
+        return [(a.actor_id, a.repr_name or "") for a in rows]
+    except Exception:  # noqa: BLE001 - no dashboard: read the GCS table
+        accessor = ray._private.state.state._connect_and_get_accessor()
+        out = []
+        for raw in accessor.get_actor_table(None, "ALIVE"):
+            a = gcs_pb2.ActorTableData.FromString(raw)
+            out.append((a.actor_id.hex(), a.repr_name))
+        return out
+
+
+@pytest.mark.slow
+def test_killed_encoder_actor_is_restarted_and_every_record_lands(ray_session, tiny_clip, tmp_path):
+    ray = ray_session
+    m = tmp_path / "m.parquet"
+    ids = text_manifest(m, 600)
+    out = tmp_path / "out"
+    killed = []
+
+    def killer():
+        deadline = time.time() + 600
+        while time.time() < deadline and not killed:
+            # Mid-run: the first shard is committed, the rest still flows through the encoder.
+            if list(out.glob("part-*.parquet")):
+                for actor_id, name in _alive_actors(ray):
+                    if "EncodeStage" in name:
+                        ray.kill(_handle(ray, actor_id), no_restart=False)
+                        killed.append((actor_id, name))
+                        return
+            time.sleep(0.05)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    rc = run_job("pipelines.embed", ["--input", m, "--output", out, "--model", tiny_clip, "--shard-rows", 30,
+                                     "--batch-size", 4, "--preprocess-batch-size", 8])
+    t.join(timeout=5)
+    assert rc == 0
+    assert killed, "the encoder actor was not found alive mid-run"
+    emb, errors, manifest = read_output(out)
+    assert not errors
+    assert sorted(emb) == sorted(ids)
+    assert manifest["counts"]["duplicate_ids"] == 0 and manifest["counts"]["unaccounted"] == 0
+
+
+def _handle(ray, actor_id_hex: str):
+    """A handle on an actor this driver did not create (Ray Data's pool), as runtime_context builds one."""
+    return ray._private.worker.global_worker.core_worker.get_actor_handle(ray.ActorID.from_hex(actor_id_hex))
+
+
+# -- reruns: same command, conflicting identity ------------------------------------------------------
+def test_rerun_is_a_no_op_and_a_conflicting_rerun_refuses(ray_session, tiny_clip, tmp_path, capsys):
+    m = tmp_path / "m.parquet"
+    ids = text_manifest(m, 12)
+    out = tmp_path / "out"
+    argv = ["--input", m, "--output", out, "--model", tiny_clip]
+    assert run_job("pipelines.embed", argv) == 0
+    before = (out / "_manifest.json").read_text()
+    shards = sorted(p.name for p in out.glob("part-*.parquet"))
+    capsys.readouterr()
+
+    assert run_job("pipelines.embed", argv) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert (out / "_manifest.json").read_text() == before
+    assert sorted(p.name for p in out.glob("part-*.parquet")) == shards
+
+    assert run_job("pipelines.embed", [*argv, "--prompt", "query: "]) == 2
+    err = capsys.readouterr().err
+    assert "different identity" in err and "prompt" in err and "--overwrite" in err
+
+    text_manifest(m, 13)  # the input changed: another fingerprint
+    assert run_job("pipelines.embed", argv) == 2
+    assert "input_fingerprint" in capsys.readouterr().err
+
+    # An interrupted run of another identity is refused the same way.
+    (out / "_manifest.json").unlink()
+    assert run_job("pipelines.embed", [*argv, "--normalize"]) == 2
+    assert "unfinished run" in capsys.readouterr().err
+
+    assert run_job("pipelines.embed", [*argv, "--overwrite"]) == 0
+    emb, _, manifest = read_output(out)
+    assert len(emb) == 13 and manifest["counts"]["records"] == 13 and len(manifest["attempts"]) == 1
+    assert set(ids) < set(emb)
