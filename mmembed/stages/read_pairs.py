@@ -190,7 +190,7 @@ def read_parquet(paths: list[str], uri: str, storage_options: dict | None = None
     return ray.data.read_parquet(
         [fs._strip_protocol(p) for p in paths],
         filesystem=PyFileSystem(FSSpecHandler(fs)),
-        ray_remote_args={"num_cpus": num_cpus},
+        num_cpus=num_cpus,
     )
 
 

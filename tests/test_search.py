@@ -1,0 +1,159 @@
+"""`mmembed search`: exact streaming top-k equals brute force over a corpus of several shards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import run_job
+
+
+def write_embeddings(out: Path, ids: list[str], vectors: np.ndarray, shards: int, similarity: str) -> Path:
+    """An embed-job output (part shards + _manifest.json) holding the given vectors."""
+    out.mkdir(parents=True)
+    dim = vectors.shape[1]
+    files = []
+    for i, idx in enumerate(np.array_split(np.arange(len(ids)), shards)):
+        flat = pa.array(vectors[idx].reshape(-1), pa.float32())
+        table = pa.table(
+            {
+                "id": [ids[j] for j in idx],
+                "embedding": pa.FixedSizeListArray.from_arrays(flat, dim),
+                "modality": ["text"] * len(idx),
+            }
+        )
+        name = f"part-test-{i:04d}.parquet"
+        pq.write_table(table, out / name)
+        files.append({"name": name, "rows": len(idx)})
+    manifest = {
+        "status": "complete",
+        "job": "embed",
+        "model": {"name": "synthetic", "revision": "r1", "dim": dim, "normalize": False, "normalize_flag": False,
+                  "similarity_fn_name": similarity, "truncate_dim": None},
+        "counts": {"records": len(ids), "written": len(ids), "errors": 0},
+        "files": files,
+        "error_files": [],
+    }
+    (out / "_manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def read_search(out: Path) -> tuple[dict, dict, dict]:
+    """({query_id: [(doc_id, score, rank), ...] by rank}, {query_id: error row}, manifest)."""
+    results: dict = {}
+    for p in sorted(out.glob("part-*.parquet")):
+        for r in pq.read_table(p).to_pylist():
+            results.setdefault(r["query_id"], []).append((r["doc_id"], r["score"], r["rank"]))
+    errors = {}
+    for p in sorted((out / "_errors").glob("part-*.parquet")):
+        for r in pq.read_table(p).to_pylist():
+            errors[r["id"]] = r
+    return {q: sorted(v, key=lambda x: x[2]) for q, v in results.items()}, errors, json.loads(
+        (out / "_manifest.json").read_text()
+    )
+
+
+def brute_force(queries: np.ndarray, corpus: np.ndarray, similarity: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+    q, c = queries.astype(np.float64), corpus.astype(np.float64)
+    if similarity == "cosine":
+        q = q / np.linalg.norm(q, axis=1, keepdims=True)
+        c = c / np.linalg.norm(c, axis=1, keepdims=True)
+    scores = q @ c.T
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return order, np.take_along_axis(scores, order, axis=1)
+
+
+def assert_matches_brute_force(results, qids, doc_ids, order, scores):
+    for i, qid in enumerate(qids):
+        got = results[qid]
+        assert [d for d, _, _ in got] == [doc_ids[j] for j in order[i]], qid
+        assert [r for _, _, r in got] == list(range(1, len(got) + 1))
+        np.testing.assert_allclose([s for _, s, _ in got], scores[i], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("similarity", ["cosine", "dot"])
+def test_search_equals_brute_force_over_shards(ray_session, tmp_path, similarity):
+    rng = np.random.default_rng(7)
+    corpus = rng.normal(size=(230, 24)).astype(np.float32)
+    queries = rng.normal(size=(9, 24)).astype(np.float32)
+    doc_ids = [f"doc-{i:04d}" for i in range(len(corpus))]
+    qids = [f"q{i}" for i in range(len(queries))]
+    cdir = write_embeddings(tmp_path / "corpus", doc_ids, corpus, shards=5, similarity=similarity)
+    qdir = write_embeddings(tmp_path / "queries", qids, queries, shards=2, similarity=similarity)
+    out = tmp_path / "out"
+    k = 12
+    rc = run_job(
+        "pipelines.search",
+        # Blocks of 37 rows never align with the 46-row shards; queries come 4 at a time.
+        ["--queries", qdir, "--corpus-embeddings", cdir, "--output", out, "--top-k", k,
+         "--corpus-block-rows", 37, "--query-batch-size", 4],
+    )
+    assert rc == 0
+    results, errors, manifest = read_search(out)
+    assert not errors and set(results) == set(qids)
+    order, scores = brute_force(queries, corpus, similarity, k)
+    assert_matches_brute_force(results, qids, doc_ids, order, scores)
+    assert manifest["model"]["similarity_fn_name"] == similarity
+    assert manifest["counts"]["written"] == len(qids) * k and manifest["counts"]["unaccounted"] == 0
+
+
+@pytest.mark.slow
+def test_search_embeds_raw_queries_with_minilm(ray_session, minilm_path, tmp_path):
+    """Raw query records are embedded as encode_query would, then searched; bad queries are error rows."""
+    from sentence_transformers import SentenceTransformer
+
+    from mmembed.demo import make_corpus
+
+    corpus = make_corpus(tmp_path / "demo", photos=0, screenshots=0)
+    cdir = tmp_path / "corpus-emb"
+    assert run_job(
+        "pipelines.embed",
+        ["--input", corpus["texts"], "--output", cdir, "--model", minilm_path, "--task", "document",
+         "--shard-rows", 5],
+    ) == 0
+    assert len(list(cdir.glob("part-*.parquet"))) >= 3
+    qtexts = ["how do I keep my sourdough starter alive?", "best time to see the milky way", "fix my bike chain"]
+    qpath = tmp_path / "queries.parquet"
+    pq.write_table(pa.table({"id": ["sour", "stars", "bike", "blank"], "text": qtexts + ["   "]}), qpath)
+    out = tmp_path / "out"
+    k = 4
+    assert run_job(
+        "pipelines.search",
+        ["--queries", qpath, "--corpus-embeddings", cdir, "--output", out, "--top-k", k, "--model", minilm_path,
+         "--corpus-block-rows", 4],
+    ) == 0
+    results, errors, manifest = read_search(out)
+    assert set(errors) == {"blank"} and "empty text" in errors["blank"]["error"]
+    texts = pq.read_table(corpus["texts"]).to_pydict()
+    model = SentenceTransformer(minilm_path, device="cpu")
+    order, scores = brute_force(
+        model.encode_query(qtexts), model.encode_document(texts["text"]), model.similarity_fn_name, k
+    )
+    assert_matches_brute_force(results, ["sour", "stars", "bike"], texts["id"], order, scores)
+    assert all(d.startswith("sourdough-") for d, _, _ in results["sour"])
+    assert results["stars"][0][0].startswith("astronomy-") and results["bike"][0][0].startswith("cycling-")
+    assert manifest["counts"]["records"] == 4 and manifest["counts"]["unaccounted"] == 0
+
+
+def test_search_refuses_mismatched_inputs_before_ray(tmp_path, capsys, monkeypatch):
+    import pipelines.search as search_job
+
+    def no_ray(*_a, **_k):
+        raise AssertionError("Ray must not start for refused inputs")
+
+    monkeypatch.setattr(search_job, "start_cluster", no_ray)
+    rng = np.random.default_rng(0)
+    cdir = write_embeddings(tmp_path / "corpus", ["a", "b"], rng.normal(size=(2, 4)), 1, "cosine")
+    raw = tmp_path / "q.parquet"
+    pq.write_table(pa.table({"id": ["q"], "text": ["hello"]}), raw)
+    rc = search_job.main(["--queries", str(raw), "--corpus-embeddings", str(cdir), "--output", str(tmp_path / "o"),
+                          "--top-k", "1"])
+    assert rc == 2 and "pass --model synthetic" in capsys.readouterr().err
+    rc = search_job.main(["--queries", str(raw), "--corpus-embeddings", str(tmp_path / "nope"), "--output",
+                          str(tmp_path / "o"), "--top-k", "1"])
+    assert rc == 2 and "not a finished `mmembed embed` output" in capsys.readouterr().err
