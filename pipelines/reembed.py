@@ -57,7 +57,9 @@ def build_parser(prog: str = "mmembed reembed") -> argparse.ArgumentParser:
         "until --activate or `mmembed activate` switches CURRENT.",
         epilog="Store layout: ROOT/<model-slug>/<version>/<snapshot>/ holds part-*.parquet (id, embedding, "
         "modality, content_hash), _errors/, _changes/ (id, content_hash, status) and _manifest.json; "
-        "ROOT/CURRENT names the snapshot readers should use. A run that fails or is killed leaves CURRENT and "
+        "ROOT/CURRENT names the snapshot readers should use. The report counts records as new (id not in the base "
+        "snapshot), changed (content hash differs, or the base has an error row for it), unchanged (carried over) "
+        "and deleted (in the base, not in the input). A run that fails or is killed leaves CURRENT and "
         "every committed snapshot as they were. Exit codes: 0 ok, 2 bad usage (nothing modified), 3 more "
         "errors than --max-error-fraction (snapshot kept, CURRENT not moved), 1 job failed.",
     )

@@ -1,0 +1,249 @@
+"""`mmembed reembed`: incremental runs equal a full recompute, crashes leave CURRENT serving,
+new settings go to a new version until activated, and bad input modifies nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import run_job
+
+pytestmark = pytest.mark.slow
+
+SMALL = ["--num-preprocessors", "1", "--num-encoders", "1", "--batch-size", "8"]
+
+
+def corpus_v1() -> dict[str, str]:
+    texts = {f"r{i:02d}": f"document {i} is about topic {i % 3} and item {i * 7}" for i in range(12)}
+    texts["r05"] = ""  # an empty text: an error row on every run, retried each time
+    return texts
+
+
+def corpus_v2() -> dict[str, str]:
+    texts = corpus_v1()
+    for rid in ("r01", "r04", "r07"):
+        texts[rid] = texts[rid] + " (edited)"
+    del texts["r10"], texts["r11"]
+    texts.update({"n1": "a brand new record", "n2": "another new one", "n3": "a third addition"})
+    return texts
+
+
+def write_manifest(path: Path, texts: dict[str, str]) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"id": list(texts), "text": list(texts.values())}), path)
+    return str(path)
+
+
+def reembed(input_: str, store: Path, model: str, *extra: str) -> int:
+    return run_job("pipelines.reembed", ["--input", input_, "--store", store, "--model", model, *SMALL, *extra])
+
+
+def current_dir(store: Path) -> Path:
+    return store / json.loads((store / "CURRENT").read_text())["path"]
+
+
+def read_snapshot(d: Path) -> tuple[dict[str, np.ndarray], dict[str, str], set[str], dict]:
+    """(embedding by id, content hash by id, error ids, manifest) of a committed snapshot."""
+    manifest = json.loads((d / "_manifest.json").read_text())
+    emb, hashes = {}, {}
+    for f in manifest["files"]:
+        t = pq.read_table(d / f["name"])
+        vecs = np.asarray(t.column("embedding").combine_chunks().flatten()).reshape(t.num_rows, -1)
+        for i, (rid, h) in enumerate(zip(t.column("id").to_pylist(), t.column("content_hash").to_pylist())):
+            assert rid not in emb, f"duplicate id {rid}"
+            emb[rid], hashes[rid] = vecs[i], h
+    errors = set()
+    for f in manifest["error_files"]:
+        errors |= set(pq.read_table(d / f["name"]).column("id").to_pylist())
+    return emb, hashes, errors, manifest
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def v1_store(ray_session, minilm_path, tmp_path_factory) -> Path:
+    """A store whose current version holds corpus v1, embedded by a first (full) run."""
+    root = tmp_path_factory.mktemp("reembed")
+    store = root / "store"
+    assert reembed(write_manifest(root / "v1" / "m.parquet", corpus_v1()), store, minilm_path) == 0
+    return store
+
+
+@pytest.fixture(scope="module")
+def v2_full(ray_session, minilm_path, tmp_path_factory) -> Path:
+    """Corpus v2 embedded from scratch, in a store of its own: the reference for incremental runs."""
+    root = tmp_path_factory.mktemp("reembed_full")
+    store = root / "store"
+    assert reembed(write_manifest(root / "v2" / "m.parquet", corpus_v2()), store, minilm_path, "--full") == 0
+    return current_dir(store)
+
+
+def copy_store(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_first_run_is_a_full_run_that_becomes_current(v1_store, minilm_path):
+    from sentence_transformers import SentenceTransformer
+
+    emb, hashes, errors, manifest = read_snapshot(current_dir(v1_store))
+    texts = corpus_v1()
+    assert manifest["store"]["mode"] == "full" and manifest["store"]["base_snapshot"] is None
+    assert manifest["changes"] == {"new": 12, "changed": 0, "unchanged": 0, "deleted": 0, "embedded": 11}
+    assert errors == {"r05"} and set(emb) == set(texts) - {"r05"}
+    assert all(h and len(h) == 32 for h in hashes.values())
+    ids = sorted(emb)
+    ref = SentenceTransformer(minilm_path, device="cpu").encode([texts[i] for i in ids], convert_to_numpy=True)
+    assert float(np.max(np.abs(np.stack([emb[i] for i in ids]) - ref))) <= 1e-5
+
+
+def test_incremental_run_equals_full_recompute(v1_store, v2_full, minilm_path, tmp_path):
+    store = copy_store(v1_store, tmp_path / "store")
+    before_dir = current_dir(store)
+    before = tree_digest(before_dir)
+    old_emb, old_hashes, _, _ = read_snapshot(before_dir)
+
+    assert reembed(write_manifest(tmp_path / "v2" / "m.parquet", corpus_v2()), store, minilm_path) == 0
+
+    new_dir = current_dir(store)
+    assert new_dir != before_dir and new_dir.parent == before_dir.parent, "same version, new snapshot"
+    emb, hashes, errors, manifest = read_snapshot(new_dir)
+    # 3 new; r01/r04/r07 edited + r05 (an error last time) changed; r10/r11 deleted; the rest carried.
+    assert manifest["store"]["mode"] == "incremental"
+    assert manifest["store"]["base_snapshot"] == before_dir.name
+    assert manifest["changes"] == {"new": 3, "changed": 4, "unchanged": 6, "deleted": 2, "embedded": 6}
+    assert manifest["counts"]["unaccounted"] == 0
+
+    ref_emb, ref_hashes, ref_errors, _ = read_snapshot(v2_full)
+    assert set(emb) == set(ref_emb) and errors == ref_errors == {"r05"}
+    assert hashes == ref_hashes
+    ids = sorted(ref_emb)
+    diff = float(np.max(np.abs(np.stack([emb[i] for i in ids]) - np.stack([ref_emb[i] for i in ids]))))
+    assert diff <= 1e-5, diff
+    # Unchanged records were carried over, not recomputed: bit-identical to the base snapshot.
+    for rid in ("r00", "r02", "r03", "r06", "r08", "r09"):
+        assert np.array_equal(emb[rid], old_emb[rid]) and hashes[rid] == old_hashes[rid]
+    assert hashes["r01"] != old_hashes["r01"]
+    assert tree_digest(before_dir) == before, "the base snapshot must not be touched"
+
+    # Nothing changed since: the next run embeds nothing and carries everything.
+    assert reembed(str(tmp_path / "v2" / "m.parquet"), store, minilm_path) == 0
+    again, _, _, manifest = read_snapshot(current_dir(store))
+    assert manifest["changes"] == {"new": 0, "changed": 1, "unchanged": 12, "deleted": 0, "embedded": 0}
+    assert all(np.array_equal(again[i], emb[i]) for i in emb)
+
+
+def test_crash_mid_run_leaves_current_intact(v1_store, v2_full, minilm_path, tmp_path, ray_session):
+    store = copy_store(v1_store, tmp_path / "store")
+    pointer = (store / "CURRENT").read_bytes()
+    serving = current_dir(store)
+    served = tree_digest(serving)
+    v2 = write_manifest(tmp_path / "v2" / "m.parquet", corpus_v2())
+    address = ray_session.get_runtime_context().gcs_address
+    log = open(tmp_path / "driver.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.reembed", "--input", v2, "--store", str(store), "--model", minilm_path,
+         "--address", address, *SMALL],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    try:
+        # Kill the driver once the change pass has written its output: mid-run, before any commit.
+        deadline = time.time() + 400
+        while time.time() < deadline and proc.poll() is None:
+            if [p for p in serving.parent.glob("*/_changes/*.parquet") if p.parent.parent != serving]:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed: " + (tmp_path / "driver.log").read_text()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    assert proc.returncode == -signal.SIGKILL
+
+    # Readers still get the old snapshot, whole; the half-built one is invisible.
+    assert (store / "CURRENT").read_bytes() == pointer
+    assert tree_digest(serving) == served
+    half = [d for d in serving.parent.iterdir() if d.is_dir() and d != serving]
+    assert len(half) == 1 and not (half[0] / "_manifest.json").exists()
+    from mmembed.store import Store, open_current
+
+    assert open_current(str(store)) == str(serving)
+    assert [v["snapshots"] for v in Store(str(store)).versions()] == [1]
+    emb, _, errors, _ = read_snapshot(serving)
+    assert set(emb) | errors == set(corpus_v1())
+
+    # A rerun after the crash builds on the same committed base and matches a full recompute.
+    assert reembed(v2, store, minilm_path) == 0
+    emb, hashes, errors, manifest = read_snapshot(current_dir(store))
+    assert manifest["store"]["base_snapshot"] == serving.name
+    ref_emb, ref_hashes, ref_errors, _ = read_snapshot(v2_full)
+    assert set(emb) == set(ref_emb) and errors == ref_errors and hashes == ref_hashes
+    assert max(float(np.max(np.abs(emb[i] - ref_emb[i]))) for i in ref_emb) <= 1e-5
+
+
+def test_new_settings_build_a_new_version_that_waits_for_activate(v1_store, minilm_path, tmp_path):
+    store = copy_store(v1_store, tmp_path / "store")
+    pointer = (store / "CURRENT").read_bytes()
+    serving = current_dir(store)
+    v1 = write_manifest(tmp_path / "v1" / "m.parquet", corpus_v1())
+
+    assert reembed(v1, store, minilm_path, "--truncate-dim", "32") == 0
+    assert (store / "CURRENT").read_bytes() == pointer, "a new version must not replace the current one by itself"
+    listing = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "mmembed.cli", "versions", str(store), "--json"],
+            capture_output=True, text=True, check=True,
+        ).stdout
+    )  # fmt: skip
+    by_id = {v["version"]: v for v in listing["versions"]}
+    assert len(by_id) == 2
+    (new_version,) = [k for k, v in by_id.items() if not v["current"]]
+    assert by_id[new_version]["dim"] == 32 and by_id[new_version]["records"] == 11
+    emb, _, _, manifest = read_snapshot(store / new_version / by_id[new_version]["latest_snapshot"])
+    assert manifest["store"]["mode"] == "full" and manifest["changes"]["embedded"] == 11
+    assert next(iter(emb.values())).shape == (32,)
+    full, _, _, _ = read_snapshot(serving)
+    # As in ST's truncate_dim: the first 32 dims of MiniLM's (normalised) output, not renormalised.
+    assert max(float(np.max(np.abs(emb[i] - full[i][:32]))) for i in full) <= 1e-5
+
+    r = subprocess.run(
+        [sys.executable, "-m", "mmembed.cli", "activate", str(store), new_version],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert current_dir(store).parent == store / new_version
+
+
+def test_bad_store_root_is_refused_before_anything_runs(minilm_path, tmp_path, ray_session):
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "notes.txt").write_text("not a store")
+    before = tree_digest(plain)
+    v1 = write_manifest(tmp_path / "in" / "m.parquet", corpus_v1())
+    assert reembed(v1, plain, minilm_path) == 2
+    assert tree_digest(plain) == before
+    # A bad input against a real store: refused in the plan step, the store untouched.
+    store = tmp_path / "store"
+    store.mkdir()
+    assert reembed(str(tmp_path / "missing.parquet"), store, minilm_path) == 2
+    assert list(store.iterdir()) == []
