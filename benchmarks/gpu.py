@@ -132,12 +132,12 @@ def workloads(smoke: bool, scale: float, cpus: int) -> dict[str, Workload]:
         "qwen3vl_shots": Workload(
             "qwen3vl_shots", "qwen3vl", "shots", n(1536, 8), n(96, 4), n(512, 8), n(64, 4), 32 if not smoke else 4,
             32 if not smoke else 4, extra=two_per_gpu + ["--preprocess-batch-size", "8" if not smoke else "4"],
-            max_batch_tokens=32 * 360 if not smoke else 4 * 360, encode_window=128 if not smoke else 8,
+            max_batch_tokens=32 * 384 if not smoke else 4 * 384, encode_window=128 if not smoke else 8,
         ),
         "qwen3vl_mixed": Workload(
             "qwen3vl_mixed", "qwen3vl", "mixed", n(768, 8), n(64, 4), n(256, 8), n(128, 8), 32 if not smoke else 4,
             32 if not smoke else 4, extra=two_per_gpu + ["--preprocess-batch-size", "8" if not smoke else "4"],
-            max_batch_tokens=32 * 360 if not smoke else 4 * 360, encode_window=128 if not smoke else 8,
+            max_batch_tokens=32 * 384 if not smoke else 4 * 384, encode_window=128 if not smoke else 8,
         ),
     }
 
