@@ -50,7 +50,9 @@ def build_parser(prog: str = "mmembed embed") -> argparse.ArgumentParser:
         description="Embed a corpus of texts, images, audio, video or multimodal records with a "
         "sentence-transformers model, on Ray. Results equal SentenceTransformer.encode on the same inputs.",
         epilog="Input: a Parquet manifest (file, directory or glob) with a string `id` column and one or more of "
-        "text, image, audio, video (media cells are URIs/paths or raw bytes), or a directory/glob of media files "
+        "text, image, audio, video (media cells are URIs/paths or raw bytes; audio may also be an "
+        "{array, sampling_rate} struct), or a `messages` column of chat-message lists ({role, content}, content "
+        "a string or a list of {type, text|image|audio|video} parts), or a directory/glob of media files "
         "(id = path relative to the root, modality from the extension). Output: part-*.parquet "
         "(id, embedding, modality), _errors/*.parquet (id, stage, error) and _manifest.json. "
         "Exit codes: 0 ok, 2 bad usage (nothing ran), 3 more errors than --max-error-fraction, 1 job failed.",
