@@ -58,7 +58,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         "--processor-kwargs",
         type=json_object,
         default={},
-        help='JSON passed to the processor, e.g. \'{"min_pixels": 3136, "max_pixels": 360000}\'.',
+        help='JSON passed to the processor, e.g. \'{"min_pixels": 3136, "max_pixels": 360000}\'. Video frame '
+        "sampling follows the video processor's settings, so '{\"fps\": 1, \"max_frames\": 32}' (or "
+        "'{\"num_frames\": 8, \"fps\": null}') changes which frames are decoded.",
     )
     g.add_argument(
         "--trust-remote-code",
