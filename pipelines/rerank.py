@@ -86,6 +86,15 @@ def resolve_manifest(uri: str, flag: str, storage_options: dict):
     return spec
 
 
+def refuse_finished_output(args) -> None:
+    existing = read_json(join_uri(args.output, MANIFEST_NAME), args.storage_options)
+    if existing and not args.overwrite:
+        raise UsageError(
+            f"{args.output} already holds a finished run ({existing.get('job')}, {existing.get('finished_at')}). "
+            "Choose another --output, or pass --overwrite to replace it."
+        )
+
+
 def load_reranker(args) -> tuple[ModelSpec, object]:
     spec = ModelSpec(
         args.model,
@@ -140,12 +149,7 @@ def plan(args) -> dict:
         prompt = resolve_prompt(model, None, args.prompt_name, args.prompt)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    existing = read_json(join_uri(args.output, MANIFEST_NAME), args.storage_options)
-    if existing and not args.overwrite:
-        raise UsageError(
-            f"{args.output} already holds a finished run ({existing.get('job')}, {existing.get('finished_at')}). "
-            "Choose another --output, or pass --overwrite to replace it."
-        )
+    refuse_finished_output(args)
     return {
         "candidates": candidates,
         "manifests": manifests,
@@ -264,6 +268,31 @@ def start_cluster(args) -> tuple[str, dict, int]:
     return where, res, partitions
 
 
+def run_record(totals: dict, resources: dict, started: float, started_iso: str) -> dict:
+    """The manifest entries every job records about its run: shards, resources, versions, timing."""
+    return {
+        "files": totals["files"],
+        "error_files": totals["error_files"],
+        "resources": resources,
+        "versions": library_versions(),
+        "started_at": started_iso,
+        "finished_at": now_iso(),
+        "duration_s": round(time.time() - started, 3),
+        "command_line": command_line(),
+    }
+
+
+def job_main(name: str, parser: argparse.ArgumentParser, run, argv: list[str] | None) -> int:
+    """Parse, run, and turn a UsageError into its message and exit code 2."""
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return run(args)
+    except UsageError as exc:
+        print(f"mmembed {name}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
 def finish(job: str, args, manifest: dict, records: int, totals: dict) -> int:
     """Write _manifest.json, print the report and turn the counts into an exit code."""
     write_json(join_uri(args.output, MANIFEST_NAME), manifest, args.storage_options)
@@ -319,26 +348,13 @@ def run(args) -> int:
             "below_top_k": rest if args.top_k else 0,
             "unaccounted": None if args.top_k else rest,
         },
-        "files": totals["files"],
-        "error_files": totals["error_files"],
-        "resources": {**res, "shuffle_partitions": partitions, "ray": where},
-        "versions": library_versions(),
-        "started_at": started_iso,
-        "finished_at": now_iso(),
-        "duration_s": round(time.time() - started, 3),
-        "command_line": command_line(),
+        **run_record(totals, {**res, "shuffle_partitions": partitions, "ray": where}, started, started_iso),
     }
     return finish("rerank", args, manifest, records, totals)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        return run(args)
-    except UsageError as exc:
-        print(f"mmembed rerank: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    return job_main("rerank", build_parser(), run, argv)
 
 
 if __name__ == "__main__":

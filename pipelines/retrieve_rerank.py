@@ -23,10 +23,10 @@ import time
 
 from mmembed import __version__
 from mmembed.manifest import MANIFEST_NAME, command_line, now_iso, read_json, write_json
-from mmembed.options import UsageError, add_io_options, add_runtime_options, positive_int
+from mmembed.options import add_io_options, add_runtime_options, positive_int
 from mmembed.storage import join_uri
 from pipelines import embed, rerank, search
-from pipelines.embed import EXIT_OK, EXIT_USAGE
+from pipelines.embed import EXIT_OK
 
 log = logging.getLogger("mmembed")
 
@@ -68,12 +68,7 @@ def build_parser(prog: str = "mmembed retrieve-rerank") -> argparse.ArgumentPars
 def plan(args) -> dict:
     """The three steps' options, checked as far as possible before anything runs."""
     out = {step: join_uri(args.output, step) for step in STEPS}
-    existing = read_json(join_uri(args.output, MANIFEST_NAME), args.storage_options)
-    if existing and not args.overwrite:
-        raise UsageError(
-            f"{args.output} already holds a finished run ({existing.get('finished_at')}). Choose another --output, "
-            "or pass --overwrite to replace it."
-        )
+    rerank.refuse_finished_output(args)
     trust = ["--trust-remote-code"] if args.trust_remote_code else []
     steps = {}
     corpus_embeddings = args.corpus_embeddings or out["corpus_embeddings"]
@@ -137,13 +132,7 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        return run(args)
-    except UsageError as exc:
-        print(f"mmembed retrieve-rerank: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    return rerank.job_main("retrieve-rerank", build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -17,11 +17,20 @@ import sys
 import time
 
 from mmembed import __version__
-from mmembed.manifest import MANIFEST_NAME, command_line, library_versions, now_iso, read_json
+from mmembed.manifest import MANIFEST_NAME, now_iso, read_json
 from mmembed.options import UsageError, add_io_options, add_model_options, add_runtime_options, positive_int
 from mmembed.storage import join_uri
-from pipelines.embed import EXIT_USAGE
-from pipelines.rerank import derive_args, finish, pool_remote_args, prepare_output, start_cluster, write
+from pipelines.rerank import (
+    derive_args,
+    finish,
+    job_main,
+    pool_remote_args,
+    prepare_output,
+    refuse_finished_output,
+    run_record,
+    start_cluster,
+    write,
+)
 
 log = logging.getLogger("mmembed")
 
@@ -151,12 +160,7 @@ def plan(args) -> dict:
         qmodel = cmodel
     if qmodel.get("dim") != cmodel.get("dim"):
         raise UsageError(f"query dim {qmodel.get('dim')} != corpus dim {cmodel.get('dim')}.")
-    existing = read_json(join_uri(args.output, MANIFEST_NAME), args.storage_options)
-    if existing and not args.overwrite:
-        raise UsageError(
-            f"{args.output} already holds a finished run ({existing.get('job')}, {existing.get('finished_at')}). "
-            "Choose another --output, or pass --overwrite to replace it."
-        )
+    refuse_finished_output(args)
     return {
         "corpus": corpus,
         "corpus_files": files,
@@ -242,26 +246,13 @@ def run(args) -> int:
             "errors": totals["errors"],
             "unaccounted": records - totals["errors"] - totals["written"] // max(per_query, 1),
         },
-        "files": totals["files"],
-        "error_files": totals["error_files"],
-        "resources": {**res, "ray": where},
-        "versions": library_versions(),
-        "started_at": started_iso,
-        "finished_at": now_iso(),
-        "duration_s": round(time.time() - started, 3),
-        "command_line": command_line(),
+        **run_record(totals, {**res, "ray": where}, started, started_iso),
     }
     return finish("search", args, manifest, records, totals)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        return run(args)
-    except UsageError as exc:
-        print(f"mmembed search: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    return job_main("search", build_parser(), run, argv)
 
 
 if __name__ == "__main__":
