@@ -227,13 +227,25 @@ def model_sampling_rate(model) -> int | None:
 # Wiring into the preprocess stage
 # --------------------------------------------------------------------------------------------
 def default_decoders(model) -> dict:
-    """The stage's `decoders` hook for a loaded (weightless) ST model."""
+    """The stage's `decoders` hook for a loaded (weightless) ST model.
+
+    A modality the model cannot take is refused before any decoding (its records are error rows
+    only under --on-unsupported error-row), instead of decoding media nobody will use.
+    """
     decoders = {}
+    for modality in ("audio", "video"):
+        if not model.supports(modality):
+            decoders[modality] = partial(_refuse, modality=modality, model=model)
     if model.supports("video"):
         decoders["video"] = partial(decode_video, sampler=VideoSampler.for_model(model))
     if model.supports("audio"):
         decoders["audio"] = partial(decode_audio, sampling_rate=model_sampling_rate(model))
     return decoders
+
+
+def _refuse(data=None, *, struct=None, row=None, modality: str, model) -> None:
+    supported = ", ".join(str(m) for m in model.modalities)
+    raise DecodeError(f"the model does not take {modality} input (it supports: {supported})")
 
 
 def _is_decoded_video(value) -> bool:
