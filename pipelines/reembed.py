@@ -197,6 +197,24 @@ def embed_pass(args, p: dict, res: dict, todo, keep, counts: dict, base_paths: l
     return sink.result or {"files": [], "error_files": [], "written": 0, "errors": 0, "modalities": {}}
 
 
+def check_ray_address(address: str | None) -> None:
+    """Refuse a cluster address nothing listens on; `ray.init` would wait on it for minutes."""
+    import socket
+
+    if not address or address in ("auto", "local"):
+        return
+    host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    if not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as exc:
+        raise UsageError(
+            f"cannot reach the Ray cluster at {address} ({exc}). Check --address / $RAY_ADDRESS; "
+            "nothing was run or modified."
+        ) from None
+
+
 def _embed_defaults(args, output: str) -> None:
     """Give `args` every embed option reembed does not expose, at embed's default.
 
@@ -215,6 +233,7 @@ def run(args) -> int:
     started_iso = now_iso()
     # Every check before anything is written: the store root, then the embed pipeline's own plan.
     store = Store(args.store, args.storage_options, create=True)
+    check_ray_address(args.address)
     _embed_defaults(args, store.root)
     p = embed.plan(args)
     settings = embedding_settings(args, p)

@@ -125,6 +125,10 @@ def check_fit(args, groups: list[Group]) -> dict:
         for k, v in args.preprocessor_resources.items():
             assert g.custom[k] >= per_node * v
         pre_slots += per_node * g.replicas
+    # Ray Data's file listing runs as a task that needs one whole CPU beside the actors.
+    spare = [g.cpus - math.floor(g.gpus / args.gpus_per_encoder + 1e-9) * (args.cpus_per_encoder or 1.0) for g in enc]
+    spare += [g.cpus % args.cpus_per_preprocessor for g in pre]
+    assert max(spare) >= 1, "no node keeps a whole CPU free for Ray Data's listing and read tasks"
     # Sized as the pipeline sizes itself against the cluster it finds at start (initial replicas).
     res = embed.plan_resources(sum(g.cpus * g.replicas for g in groups), sum(g.gpus * g.replicas for g in groups), args)
     assert res["device"] == "cuda"

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -234,7 +235,7 @@ def test_new_settings_build_a_new_version_that_waits_for_activate(v1_store, mini
     assert current_dir(store).parent == store / new_version
 
 
-def test_bad_store_root_is_refused_before_anything_runs(minilm_path, tmp_path, ray_session):
+def test_bad_store_root_is_refused_before_anything_runs(minilm_path, tmp_path):
     plain = tmp_path / "plain"
     plain.mkdir()
     (plain / "notes.txt").write_text("not a store")
@@ -247,3 +248,10 @@ def test_bad_store_root_is_refused_before_anything_runs(minilm_path, tmp_path, r
     store.mkdir()
     assert reembed(str(tmp_path / "missing.parquet"), store, minilm_path) == 2
     assert list(store.iterdir()) == []
+    # An unreachable cluster: refused at once instead of waiting on ray.init.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    started = time.time()
+    assert reembed(v1, store, minilm_path, "--address", dead) == 2
+    assert time.time() - started < 60 and list(store.iterdir()) == []
