@@ -159,7 +159,9 @@ class Store:
             return None
         snap = self.snapshot(cur["model_slug"], cur["version"], cur["snapshot"])
         if snap is None:
-            raise StoreError(f"{self.root}/{CURRENT_NAME} points at {cur.get('path')}, which is not a committed snapshot")
+            raise StoreError(
+                f"{self.root}/{CURRENT_NAME} points at {cur.get('path')}, which is not a committed snapshot"
+            )
         return snap
 
     def snapshot(self, slug: str, version: str, snapshot: str) -> Snapshot | None:

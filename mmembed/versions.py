@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"store {store.root}: {len(versions)} version(s); CURRENT -> {current['path'] if current else 'none'}")
     if versions:
         width = max(len(v["version"]) for v in versions)
-        print(f"  {'':1} {'version':<{width}}  {'records':>10}  {'errors':>7}  {'snapshots':>9}  {'updated':<25}  model")
+        header = f"{'version':<{width}}  {'records':>10}  {'errors':>7}  {'snapshots':>9}  {'updated':<25}  model"
+        print(f"    {header}")
         for v in versions:
             mark = "*" if v["current"] else " "
             print(

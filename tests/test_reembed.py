@@ -255,3 +255,36 @@ def test_bad_store_root_is_refused_before_anything_runs(minilm_path, tmp_path):
     started = time.time()
     assert reembed(v1, store, minilm_path, "--address", dead) == 2
     assert time.time() - started < 60 and list(store.iterdir()) == []
+
+
+def test_media_changes_are_judged_by_their_bytes(ray_session, tiny_clip, tmp_path):
+    """A media tree: rewritten-but-identical bytes carry over, new bytes are re-embedded."""
+    from tests.helpers import image_bytes
+
+    media = tmp_path / "media"
+    media.mkdir()
+    for name, seed in (("a.png", 1), ("b.png", 2), ("c.png", 3)):
+        (media / name).write_bytes(image_bytes(seed))
+    store = tmp_path / "store"
+    assert reembed(str(media), store, tiny_clip) == 0
+    first, first_hashes, _, _ = read_snapshot(current_dir(store))
+    assert sorted(first) == ["a.png", "b.png", "c.png"]
+
+    time.sleep(1.1)  # a later modification time for the rewritten file
+    (media / "a.png").write_bytes(image_bytes(1))  # same bytes, new mtime: unchanged
+    (media / "b.png").write_bytes(image_bytes(22))  # new bytes: changed
+    (media / "c.png").unlink()  # deleted
+    (media / "d.png").write_bytes(image_bytes(4))  # new
+    assert reembed(str(media), store, tiny_clip) == 0
+    emb, hashes, errors, manifest = read_snapshot(current_dir(store))
+    assert manifest["changes"] == {"new": 1, "changed": 1, "unchanged": 1, "deleted": 1, "embedded": 2}
+    assert sorted(emb) == ["a.png", "b.png", "d.png"] and not errors
+    assert np.array_equal(emb["a.png"], first["a.png"]) and hashes["a.png"] == first_hashes["a.png"]
+    assert hashes["b.png"] != first_hashes["b.png"]
+    assert float(np.max(np.abs(emb["b.png"] - first["b.png"]))) > 1e-3
+
+    full_store = tmp_path / "full"
+    assert reembed(str(media), full_store, tiny_clip) == 0
+    ref, ref_hashes, _, _ = read_snapshot(current_dir(full_store))
+    assert hashes == ref_hashes
+    assert max(float(np.max(np.abs(emb[i] - ref[i]))) for i in ref) <= 1e-5
