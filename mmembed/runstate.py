@@ -281,7 +281,7 @@ def _pid_alive(pid: int) -> bool:
 
 # -- Ray tasks over committed shards ---------------------------------------------------------------
 def committed_index(paths: list[str], error_paths: list[str], storage_options: dict | None):
-    """A KeyIndex of every id in committed result and error shards (runs as a Ray task)."""
+    """(KeyIndex of every id in committed result and error shards, how many); a Ray task with two returns."""
     from mmembed.changes import KeyIndex, _read_columns
 
     ids = [
@@ -291,9 +291,9 @@ def committed_index(paths: list[str], error_paths: list[str], storage_options: d
         if len(c)
     ]
     if not ids:
-        return KeyIndex.empty()
+        return KeyIndex.empty(), 0
     ids = pa.concat_arrays(ids)
-    return KeyIndex.build(ids, pa.nulls(len(ids), pa.string()))
+    return KeyIndex.build(ids, pa.nulls(len(ids), pa.string())), len(ids)
 
 
 def account(output: str, paths: list[str], error_paths: list[str], storage_options: dict | None) -> dict:

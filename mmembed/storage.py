@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import posixpath
 import random
 import time
@@ -56,6 +57,7 @@ def unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
 # Errors worth another try: object stores answer 5xx or drop connections under load.
 _TRANSIENT_NAMES = (
     "ConnectionError",
+    "ConnectionClosedError",
     "ConnectTimeoutError",
     "ReadTimeoutError",
     "EndpointConnectionError",
@@ -69,16 +71,36 @@ _TRANSIENT_NAMES = (
 )
 
 
-def is_transient(exc: BaseException) -> bool:
+def is_transient(exc: BaseException, _depth: int = 0) -> bool:
     if isinstance(exc, (FileNotFoundError, IsADirectoryError, PermissionError, FetchError)):
         return False
+    status = getattr(exc, "status", None)  # aiohttp's HTTP errors carry the response status
+    if isinstance(status, int) and 100 <= status < 600:
+        return status >= 500 or status == 429
     text = f"{type(exc).__name__}: {exc}"
     if any(name in text for name in _TRANSIENT_NAMES):
         return True
     for code in ("500", "502", "503", "504", "SlowDown", "InternalError", "ServiceUnavailable"):
         if code in text:
             return True
+    # s3fs turns a 503 SlowDown into OSError(EBUSY, "Service Unavailable") and a 500 into
+    # OSError(EREMOTEIO): judge by errno, and by the HTTP status of the ClientError behind it.
+    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
+        return True
+    cause = exc.__cause__
+    status = (getattr(cause, "response", None) or {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+    if isinstance(status, int) and (status >= 500 or status == 429):
+        return True
+    for inner in (cause, exc.__context__):
+        if inner is not None and inner is not exc and _depth < 4 and is_transient(inner, _depth + 1):
+            return True
     return isinstance(exc, (ConnectionError, TimeoutError))
+
+
+_TRANSIENT_ERRNOS = {
+    errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED, errno.ECONNREFUSED,
+    errno.EPIPE, getattr(errno, "EREMOTEIO", 121),
+}
 
 
 def with_retries(fn, *, attempts: int = 5, base_delay: float = 0.2, max_delay: float = 5.0):
@@ -134,14 +156,21 @@ class Fetcher:
         path = uri if protocol in HTTP_PROTOCOLS else fs._strip_protocol(uri)
 
         def read() -> bytes:
-            with fs.open(path, "rb") as f:
-                data = f.read(self.max_bytes + 1)
-            return data
+            try:
+                with fs.open(path, "rb") as f:
+                    return f.read(self.max_bytes + 1)
+            except FileNotFoundError as exc:
+                # fsspec's HTTP filesystem reports any failed probe (a timeout, a 503) as "not found".
+                if exc.__cause__ is not None and is_transient(exc.__cause__):
+                    raise exc.__cause__ from None
+                raise
 
         try:
             data = with_retries(read, attempts=self.attempts)
         except FileNotFoundError:
             raise FetchError(f"not found: {uri}") from None
+        except TimeoutError:
+            raise FetchError(f"timed out ({self.attempts} tries): {uri}") from None
         except IsADirectoryError:
             raise FetchError(f"is a directory, not a file: {uri}") from None
         except PermissionError as exc:

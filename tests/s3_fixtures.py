@@ -140,3 +140,30 @@ def s3fs_for(server: MotoServer, endpoint: str | None = None):
         key=opts["key"], secret=opts["secret"], endpoint_url=opts["endpoint_url"],
         client_kwargs=opts["client_kwargs"], skip_instance_cache=True,
     )
+
+
+def read_output_s3(fs, root: str):
+    """(embedding by id, error row by id, manifest) of a finished embed job on S3; asserts no duplicates."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    fs.invalidate_cache()
+    emb, errors, seen = {}, {}, 0
+    for p in sorted(fs.glob(f"{root}/part-*.parquet")):
+        with fs.open(p, "rb") as f:
+            t = pq.read_table(f)
+        vecs = np.asarray(t.column("embedding").combine_chunks().flatten()).reshape(t.num_rows, -1)
+        for i, rid in enumerate(t.column("id").to_pylist()):
+            emb[rid] = vecs[i]
+            seen += 1
+    assert seen == len(emb), "duplicate ids in output shards"
+    seen = 0
+    for p in sorted(fs.glob(f"{root}/_errors/part-*.parquet")):
+        with fs.open(p, "rb") as f:
+            for row in pq.read_table(f).to_pylist():
+                errors[row["id"]] = row
+                seen += 1
+    assert seen == len(errors), "duplicate ids in error shards"
+    assert not set(emb) & set(errors), "an id is both written and an error"
+    manifest = json.loads(fs.cat_file(f"{root}/_manifest.json"))
+    return emb, errors, manifest

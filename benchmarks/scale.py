@@ -1,0 +1,200 @@
+"""Scale and memory: does the embed job stay flat as the corpus grows?
+
+    python benchmarks/scale.py                          # 10k, 100k, 1M short texts + 20k small images
+    python benchmarks/scale.py --sizes 10000,100000 --images 20000 --json scale.json
+
+Each corpus is generated on local disk and embedded by `pipelines.embed` in a fresh driver process
+with its own Ray runtime (2 CPUs, 1.5 GB object store, as on the 2-core CI machine), with a tiny
+offline random-weight CLIP (text tower for texts, vision tower for images) so that the pipeline,
+not the model, is what is measured. Per run it records:
+
+- peak driver RSS (the driver process alone, `ru_maxrss`): nothing may collect the corpus there;
+- bytes spilled from the object store to disk (Ray's memory summary): blocks must stay small;
+- records/s over the whole job (plan, Ray start, read, preprocess, encode, write, manifest);
+- output shard count.
+
+Targets: driver RSS grows by at most 200 MB from 10k to 1M records, zero spill, and records/s
+that does not fall as the corpus grows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# -- corpora -------------------------------------------------------------------------------------------
+def make_texts(root: Path, n: int, files: int) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = root / f"texts-{n}"
+    out.mkdir(parents=True, exist_ok=True)
+    step = -(-n // files)
+    words = ["screenshot", "invoice", "login", "error", "dialog", "chart", "table", "menu", "settings", "map"]
+    for k in range(files):
+        lo, hi = k * step, min(n, (k + 1) * step)
+        if lo >= hi:
+            break
+        ids = [f"t{i:08d}" for i in range(lo, hi)]
+        texts = [f"{words[i % 10]} {words[(i // 10) % 10]} number {i}" for i in range(lo, hi)]
+        pq.write_table(pa.table({"id": ids, "text": texts}), out / f"part-{k:04d}.parquet")
+    return out
+
+
+def make_images(root: Path, n: int) -> Path:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    out = root / f"images-{n}"
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        d = out / f"{i // 1000:03d}"
+        if i % 1000 == 0:
+            d.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, format="PNG")
+        (d / f"img{i:06d}.png").write_bytes(buf.getvalue())
+    return out
+
+
+# -- one measured run (a fresh process) ----------------------------------------------------------------
+def worker(argv: list[str], object_store: int) -> dict:
+    import resource
+
+    import ray
+
+    ray.init(num_cpus=2, object_store_memory=object_store, include_dashboard=False, logging_level="WARNING")
+    from ray.data import DataContext
+
+    from pipelines import embed
+
+    DataContext.get_current().enable_progress_bars = False
+    started = time.time()
+    rc = embed.main(argv)
+    wall = time.time() - started
+    from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+    # What `ray memory --stats-only` reports as "Spilled N MiB", for this runtime alone.
+    reply = get_memory_info_reply(get_state_from_address(ray.get_runtime_context().gcs_address))
+    spilled = int(reply.store_stats.spilled_bytes_total)
+    manifest = json.loads(Path(argv[argv.index("--output") + 1], "_manifest.json").read_text())
+    ray.shutdown()
+    return {
+        "rc": rc,
+        "records": manifest["counts"]["records"],
+        "written": manifest["counts"]["written"],
+        "errors": manifest["counts"]["errors"],
+        "shards": len(manifest["files"]),
+        "wall_s": round(wall, 1),
+        "records_per_s": round(manifest["counts"]["records"] / wall, 1),
+        "peak_driver_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "spilled_mb": round(spilled / 2**20, 1),
+    }
+
+
+def measure(kind: str, n: int, inp: Path, model: str, work: Path, extra: list[str], object_store: int) -> dict:
+    out = work / f"out-{kind}-{n}"
+    shutil.rmtree(out, ignore_errors=True)
+    argv = ["--input", str(inp), "--output", str(out), "--model", model, "--device", "cpu", *extra]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(argv),
+           "--object-store", str(object_store)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("SCALE-RESULT ")]
+    if proc.returncode or not line:
+        raise RuntimeError(f"{kind} {n} failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    result = {"corpus": kind, "size": n, **json.loads(line[-1][len("SCALE-RESULT "):])}
+    shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
+def table(rows: list[dict]) -> str:
+    head = "| corpus | records | peak driver RSS (MB) | spilled (MB) | records/s | wall (s) | shards | errors |"
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(
+            f"| {r['corpus']} | {r['records']:,} | {r['peak_driver_rss_mb']:,.0f} | {r['spilled_mb']} | "
+            f"{r['records_per_s']:,.0f} | {r['wall_s']:,.0f} | {r['shards']} | {r['errors']} |"
+        )
+    return "\n".join(lines)
+
+
+def verdict(rows: list[dict]) -> list[str]:
+    texts = sorted((r for r in rows if r["corpus"] == "text"), key=lambda r: r["size"])
+    notes = []
+    if len(texts) >= 2:
+        growth = texts[-1]["peak_driver_rss_mb"] - texts[0]["peak_driver_rss_mb"]
+        notes.append(f"driver RSS growth {texts[0]['size']:,} -> {texts[-1]['size']:,}: {growth:+.0f} MB "
+                     f"({'ok' if growth <= 200 else 'OVER'} the 200 MB target)")
+        rates = [r["records_per_s"] for r in texts]
+        notes.append("records/s " + " -> ".join(f"{x:,.0f}" for x in rates)
+                     + (" (not falling)" if all(b >= 0.9 * a for a, b in zip(rates, rates[1:])) else " (FALLING)"))
+    spill = sum(r["spilled_mb"] for r in rows)
+    notes.append(f"spill: {spill} MB in all ({'ok' if spill == 0 else 'NOT zero'})")
+    return notes
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="10000,100000,1000000", help="Text corpus sizes, comma-separated.")
+    ap.add_argument("--images", type=int, default=20000, help="Small (32x32 PNG) images to embed; 0 skips them.")
+    ap.add_argument("--files", type=int, default=20, help="Manifest files per text corpus (read parallelism).")
+    ap.add_argument("--batch-size", type=int, default=256, help="Encoder batch size.")
+    ap.add_argument("--preprocess-batch-size", type=int, default=256, help="Records per preprocess call.")
+    ap.add_argument("--object-store", type=int, default=1_500_000_000, help="Object store bytes per run.")
+    ap.add_argument("--workdir", default=None, help="Where corpora and outputs go (default: a temp dir, removed).")
+    ap.add_argument("--json", default=None, help="Also write the results as JSON here.")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        print("SCALE-RESULT " + json.dumps(worker(json.loads(args.worker), args.object_store)), flush=True)
+        return 0
+
+    sys.path.insert(0, str(REPO))
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="mmembed-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    from mmembed.testing import tiny_model
+
+    model = tiny_model("clip", work / "models")
+    extra = ["--batch-size", str(args.batch_size), "--preprocess-batch-size", str(args.preprocess_batch_size)]
+    rows = []
+    try:
+        for n in [int(x) for x in args.sizes.split(",") if x]:
+            inp = make_texts(work, n, args.files)
+            rows.append(measure("text", n, inp, model, work, extra, args.object_store))
+            print(json.dumps(rows[-1]), flush=True)
+            shutil.rmtree(inp, ignore_errors=True)
+        if args.images:
+            inp = make_images(work, args.images)
+            rows.append(measure("image", args.images, inp, model, work, ["--batch-size", "64",
+                                "--preprocess-batch-size", "64"], args.object_store))
+            print(json.dumps(rows[-1]), flush=True)
+            shutil.rmtree(inp, ignore_errors=True)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    print()
+    print(table(rows))
+    for note in verdict(rows):
+        print("- " + note)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
