@@ -188,3 +188,34 @@ def test_http_media_needs_allow_http_and_obeys_timeout_and_size():
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_lease_on_s3_is_exclusive_under_a_race(s3):
+    from mmembed.options import UsageError
+    from mmembed.runstate import RunLock
+
+    server, bucket, _ = s3
+    opts = server.storage_options()
+    out = f"s3://{bucket}/out"
+    winners, refused = [], []
+    start = threading.Barrier(4)
+
+    def contend():
+        lock = RunLock(out, opts, ttl_s=30)
+        start.wait()
+        try:
+            winners.append(lock.acquire())
+        except UsageError as exc:
+            refused.append(str(exc))
+
+    threads = [threading.Thread(target=contend) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # A conditional PUT (If-None-Match: *) lets exactly one through.
+    assert len(winners) == 1 and len(refused) == 3, (winners, refused)
+    held = json.loads(s3fs_for(server).cat_file(f"{bucket}/out/_lock.json"))
+    assert held["owner"] == winners[0].token and SECRET_KEY not in json.dumps(held)
+    winners[0].release()
+    assert not s3fs_for(server).exists(f"{bucket}/out/_lock.json")
