@@ -63,6 +63,52 @@ def pack(features: dict[str, Any], transport_dtype: str | None = None) -> dict[s
     }
 
 
+def split_batch(features: dict[str, Any], n: int) -> list[dict[str, Any]] | None:
+    """Per-record features from one batched processor call, or None when they cannot be told apart.
+
+    Token-aligned tensors lose their padding (the attention mask says where it is); other tensors
+    must have one entry per record on their first axis. Processors that concatenate records
+    (VLM patch tensors) fail that test and are processed one record at a time instead.
+    """
+    import torch
+
+    mask = features.get("attention_mask")
+    rows: list[dict[str, Any]] = [{} for _ in range(n)]
+    for key, value in features.items():
+        if not isinstance(value, torch.Tensor):
+            for row in rows:
+                row[key] = value
+            continue
+        if value.ndim == 0 or value.shape[0] != n:
+            return None
+        token_aligned = isinstance(mask, torch.Tensor) and value.ndim == 2 and value.shape == mask.shape
+        for i, row in enumerate(rows):
+            row[key] = value[i][mask[i].bool()].unsqueeze(0) if token_aligned else value[i : i + 1]
+    return rows
+
+
+def same_features(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    import torch
+
+    if a.keys() != b.keys():
+        return False
+    for key, x in a.items():
+        y = b[key]
+        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
+            return False
+        if isinstance(x, torch.Tensor):
+            if x.shape != y.shape or x.dtype != y.dtype:
+                return False
+            if x.is_floating_point():
+                if not torch.allclose(x, y, rtol=0, atol=1e-6):
+                    return False
+            elif not torch.equal(x, y):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
 def _jsonable(value):
     if isinstance(value, tuple):
         return {"__tuple__": [_jsonable(v) for v in value]}

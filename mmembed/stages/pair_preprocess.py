@@ -41,6 +41,13 @@ class PairPreprocessStage(PreprocessStage):
             labels.append(label)
         return inputs, "|".join(labels)
 
-    def _preprocess(self, pair, label: str) -> dict:
-        # A list, like the pairs CrossEncoder.rank builds; prompt handling is ST's own.
-        return self.model.preprocess([pair], prompt=self.prompt)
+    def _check_supported(self, label: str) -> None:
+        # CrossEncoder.preprocess validates each side itself and its error becomes the reason.
+        pass
+
+    def _prepare(self, pair):
+        return pair, None
+
+    def _call(self, pairs: list, processing_kwargs: dict | None) -> dict:
+        # Lists, like the pairs CrossEncoder.rank builds; prompt handling is ST's own.
+        return self.model.preprocess(pairs, prompt=self.prompt)

@@ -9,11 +9,12 @@ the batch goes on.
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 
 import pyarrow as pa
 
 from mmembed.decode import DecodeError, decode_image, decode_text
-from mmembed.features import FEATURE_FIELDS, pack
+from mmembed.features import FEATURE_FIELDS, pack, same_features, split_batch
 from mmembed.media import default_decoders, prepare_for_st
 from mmembed.models import ModelSpec, load_model, modality_label, resolve_prompt
 from mmembed.records import MEDIA_MODALITIES
@@ -62,28 +63,63 @@ class PreprocessStage:
         self.transport_dtype = transport_dtype
         # torchcodec audio/video decoders bound to this model's processor; callers may override.
         self.decoders = {**default_decoders(self.model), **(decoders or {})}
+        # modality label -> whether one processor call may serve many records (see _preprocess_together)
+        self._batching: dict[str, bool] = {}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
-        out = {f.name: [] for f in PREPROCESSED_SCHEMA}
-        for row in rows:
-            rid = row.get("id")
+        results: list[tuple[dict | None, str | None]] = [(None, None)] * len(rows)
+        batchable: dict[str, list[tuple[int, object]]] = defaultdict(list)
+        for i, row in enumerate(rows):
             try:
                 st_input, label = self._build_input(row)
-                features = self._preprocess(st_input, label)
-                packed = pack(features, self.transport_dtype)
-                error = None
-            except (RecordError, FetchError, DecodeError) as exc:
-                packed, error = None, str(exc)
+                self._check_supported(label)
+                st_input, processing_kwargs = self._prepare(st_input)
+                if processing_kwargs is None and self._batching.get(label, True):
+                    batchable[label].append((i, st_input))
+                    continue
+                results[i] = (pack(self._call([st_input], processing_kwargs), self.transport_dtype), None)
             except Exception as exc:  # noqa: BLE001 - never let one record kill the job
-                packed, error = None, f"preprocess failed: {type(exc).__name__}: {exc}"
-            out["id"].append(rid)
+                results[i] = (None, _reason(exc))
+        for label, items in batchable.items():
+            self._preprocess_together(label, items, results)
+
+        out = {f.name: [] for f in PREPROCESSED_SCHEMA}
+        for row, (packed, error) in zip(rows, results):
+            out["id"].append(row.get("id"))
             out["modality"].append(_row_label(row))
             out["stage"].append(None if error is None else "preprocess")
             out["error"].append(error)
             for name, _ in FEATURE_FIELDS:
                 out[name].append(packed[name] if packed else ([] if name != "feat_meta" else None))
         return pa.table(out, schema=PREPROCESSED_SCHEMA)
+
+    def _preprocess_together(self, label: str, items: list, results: list) -> None:
+        """One processor call for records of one modality, split back into records.
+
+        Processors are far faster on a batch than record by record. The split is checked against
+        record-by-record processing the first time a modality is seen; a processor whose batch
+        output differs or cannot be split (VLMs concatenate patches) stays record by record.
+        """
+        per_record = None
+        if len(items) > 1 and self._batching.get(label, True):
+            try:
+                per_record = split_batch(self._call([x for _, x in items], None), len(items))
+            except Exception:  # noqa: BLE001 - retried one by one below, which names the bad record
+                per_record = None
+            if per_record is not None and label not in self._batching:
+                probe = [self._call([x], None) for _, x in items[:2]]
+                self._batching[label] = all(same_features(a, b) for a, b in zip(per_record, probe))
+                if not self._batching[label]:
+                    per_record = None
+            elif per_record is None and label not in self._batching:
+                self._batching[label] = False
+        for k, (i, st_input) in enumerate(items):
+            try:
+                features = per_record[k] if per_record is not None else self._call([st_input], None)
+                results[i] = (pack(features, self.transport_dtype), None)
+            except Exception as exc:  # noqa: BLE001
+                results[i] = (None, _reason(exc))
 
     # -- one record -----------------------------------------------------------------------
     def _build_input(self, row: dict):
@@ -160,7 +196,7 @@ class PreprocessStage:
         cell = "_struct" if isinstance(value, dict) else ("_bytes" if isinstance(value, bytes) else "_uri")
         return {"type": kind, kind: self._media({f"{kind}{cell}": value}, kind)}
 
-    def _preprocess(self, st_input, label: str) -> dict:
+    def _check_supported(self, label: str) -> None:
         parts = tuple(sorted(label.split("+")))
         modality = parts[0] if len(parts) == 1 else parts
         if not self.model.supports(modality):
@@ -168,11 +204,21 @@ class PreprocessStage:
                 f"model {self.spec.name_or_path} does not support {modality_label(modality)} records "
                 f"(it supports: {', '.join(modality_label(m) for m in self.model.modalities)})"
             )
+
+    def _prepare(self, st_input):
+        return prepare_for_st(st_input)
+
+    def _call(self, st_inputs: list, processing_kwargs: dict | None) -> dict:
         kwargs = {"task": self.task} if self.task else {}
-        st_input, processing_kwargs = prepare_for_st(st_input)
         if processing_kwargs:
             kwargs["processing_kwargs"] = processing_kwargs
-        return self.model.preprocess([st_input], prompt=self.prompt, **kwargs)
+        return self.model.preprocess(st_inputs, prompt=self.prompt, **kwargs)
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, (RecordError, FetchError, DecodeError)):
+        return str(exc)
+    return f"preprocess failed: {type(exc).__name__}: {exc}"
 
 
 def _row_label(row: dict) -> str:
