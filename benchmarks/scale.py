@@ -142,6 +142,10 @@ def verdict(rows: list[dict]) -> list[str]:
         rates = [r["records_per_s"] for r in texts]
         notes.append("records/s " + " -> ".join(f"{x:,.0f}" for x in rates)
                      + (" (not falling)" if all(b >= 0.9 * a for a, b in zip(rates, rates[1:])) else " (FALLING)"))
+        # Whole-job rates include a fixed start-up (Ray, actors, model loads); the marginal rate between
+        # two sizes is the streaming throughput itself.
+        marginal = [(b["size"] - a["size"]) / max(b["wall_s"] - a["wall_s"], 1e-9) for a, b in zip(texts, texts[1:])]
+        notes.append("marginal records/s between sizes " + " -> ".join(f"{x:,.0f}" for x in marginal))
     spill = sum(r["spilled_mb"] for r in rows)
     notes.append(f"spill: {spill} MB in all ({'ok' if spill == 0 else 'NOT zero'})")
     return notes

@@ -296,7 +296,7 @@ def committed_index(paths: list[str], error_paths: list[str], storage_options: d
     return KeyIndex.build(ids, pa.nulls(len(ids), pa.string())), len(ids)
 
 
-def account(output: str, paths: list[str], error_paths: list[str], storage_options: dict | None) -> dict:
+def account(paths: list[str], error_paths: list[str], storage_options: dict | None) -> dict:
     """Rows per shard, modality counts and duplicate ids over all committed shards (a Ray task)."""
     import numpy as np
     import pyarrow.compute as pc

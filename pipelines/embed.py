@@ -350,7 +350,7 @@ def execute(args, p: dict, started: float, started_iso: str) -> int:
     # Every committed shard counts, this attempt's and earlier ones'.
     paths, error_paths = committed_shards(args.output, args.storage_options)
     totals = ray.get(
-        ray.remote(account).options(num_cpus=0.25).remote(args.output, paths, error_paths, args.storage_options)
+        ray.remote(account).options(num_cpus=0.25).remote(paths, error_paths, args.storage_options)
     )
     finished = time.time()
     spec: InputSpec = p["input"]
