@@ -206,7 +206,7 @@ def check_unique_ids(spec: InputSpec, storage_options: dict | None = None, show:
         with fs.open(fs._strip_protocol(p), "rb") as f:
             pf = pq.ParquetFile(f)
             for rg in range(pf.num_row_groups):
-                col = pf.read_row_group(rg, columns=["id"]).column(0)
+                col = pf.read_row_group(rg, columns=["id"], use_threads=False).column(0)
                 if col.null_count:
                     raise InputError(f"manifest {p} has {col.null_count} null ids; every record needs an id")
                 hashes.append(pd.util.hash_array(col.to_numpy(zero_copy_only=False).astype(object)))
@@ -222,7 +222,7 @@ def check_unique_ids(spec: InputSpec, storage_options: dict | None = None, show:
     wanted = set(dup_hashes.tolist())
     for p in spec.paths:
         with fs.open(fs._strip_protocol(p), "rb") as f:
-            ids = pq.read_table(f, columns=["id"]).column(0).to_pylist()
+            ids = pq.read_table(f, columns=["id"], use_threads=False).column(0).to_pylist()
         for i, h in zip(ids, pd.util.hash_array(np.array(ids, dtype=object))):
             if int(h) in wanted:
                 dups[i] = dups.get(i, 0) + 1
