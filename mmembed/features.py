@@ -145,8 +145,6 @@ def signature(row: dict) -> tuple:
 
 def collate(rows: list[dict], *, pad_token_id: int = 0, padding_side: str = "right") -> dict[str, Any]:
     """Collate rows of one signature into the dict ST's forward expects."""
-    import torch
-
     meta = {k: _from_json(v) for k, v in json.loads(rows[0]["feat_meta"]).items()}
     keys = rows[0]["feat_keys"]
     per_key: dict[str, list] = {k: [] for k in keys}

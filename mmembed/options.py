@@ -15,6 +15,23 @@ class UsageError(ValueError):
     """A configuration mmembed refuses before Ray starts; the message says what to do."""
 
 
+EXIT_USAGE = 2
+
+
+def job_main(name: str, parser: argparse.ArgumentParser, run, argv: list[str] | None) -> int:
+    """Parse, run, and turn a UsageError into its message and exit code 2."""
+    import logging
+    import sys
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return run(args)
+    except UsageError as exc:
+        print(f"mmembed {name}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
 def json_object(text: str) -> dict:
     try:
         value = json.loads(text)

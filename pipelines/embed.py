@@ -23,6 +23,7 @@ from mmembed.options import (
     add_io_options,
     add_model_options,
     add_runtime_options,
+    job_main,
 )
 from mmembed.records import InputError, InputSpec, check_unique_ids, discover
 from mmembed.runstate import (
@@ -418,13 +419,7 @@ def execute(args, p: dict, started: float, started_iso: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        return run(args)
-    except UsageError as exc:
-        print(f"mmembed embed: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    return job_main("embed", build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from mmembed.options import (
     add_io_options,
     add_model_options,
     add_runtime_options,
+    job_main,
 )
 from mmembed.records import InputSpec
 from mmembed.store import Snapshot, Store, embedding_settings, model_slug, new_snapshot_id, version_id
@@ -337,13 +338,7 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        return run(args)
-    except UsageError as exc:
-        print(f"mmembed reembed: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    return job_main("reembed", build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -18,10 +18,17 @@ import time
 from mmembed import __version__
 from mmembed.manifest import MANIFEST_NAME, command_line, library_versions, now_iso, read_json, report, write_json
 from mmembed.models import ModelSpec, load_model, model_revision, resolve_prompt
-from mmembed.options import UsageError, add_io_options, add_model_options, add_runtime_options, positive_int
+from mmembed.options import (
+    UsageError,
+    add_io_options,
+    add_model_options,
+    add_runtime_options,
+    job_main,
+    positive_int,
+)
 from mmembed.records import InputError, check_unique_ids, discover
 from mmembed.storage import filesystem, join_uri
-from pipelines.embed import EXIT_ERRORS, EXIT_OK, EXIT_USAGE, init_ray, plan_resources
+from pipelines.embed import EXIT_ERRORS, EXIT_OK, init_ray, plan_resources
 
 log = logging.getLogger("mmembed")
 
@@ -280,17 +287,6 @@ def run_record(totals: dict, resources: dict, started: float, started_iso: str) 
         "duration_s": round(time.time() - started, 3),
         "command_line": command_line(),
     }
-
-
-def job_main(name: str, parser: argparse.ArgumentParser, run, argv: list[str] | None) -> int:
-    """Parse, run, and turn a UsageError into its message and exit code 2."""
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        return run(args)
-    except UsageError as exc:
-        print(f"mmembed {name}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
 
 
 def finish(job: str, args, manifest: dict, records: int, totals: dict) -> int:

@@ -16,19 +16,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmembed.models import resolve_device
+from mmembed.stages.rank import RANKED_SCHEMA
 from mmembed.storage import filesystem
 
-SEARCH_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("query_id", pa.string()),
-        ("doc_id", pa.string()),
-        ("score", pa.float32()),
-        ("rank", pa.int32()),
-        ("stage", pa.string()),
-        ("error", pa.string()),
-    ]
-)
+# Search writes what rerank writes, so `mmembed rerank` takes its output directly.
+SEARCH_SCHEMA = RANKED_SCHEMA
 
 QUERY_SCHEMA_NAMES = ["id", "embedding", "stage", "error"]
 
