@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mmembed.options import UsageError, json_object
+from mmembed.options import UsageError, add_storage_option
 from mmembed.store import Store, StoreError
 
 
@@ -28,12 +28,7 @@ def build_parser(prog: str = "mmembed activate") -> argparse.ArgumentParser:
         default=None,
         help="A committed snapshot of that version (default: its latest), e.g. to roll back a bad daily run.",
     )
-    p.add_argument(
-        "--storage-options",
-        type=json_object,
-        default={},
-        help="fsspec storage options for object stores, e.g. '{\"endpoint_url\": \"http://127.0.0.1:9000\"}'.",
-    )
+    add_storage_option(p)
     return p
 
 

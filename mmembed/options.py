@@ -203,15 +203,20 @@ def add_embedding_options(p: argparse.ArgumentParser):
     return g
 
 
-def add_io_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("storage")
-    g.add_argument(
+def add_storage_option(p) -> None:
+    """`--storage-options`, for every command that touches an fsspec URI."""
+    p.add_argument(
         "--storage-options",
         type=json_object,
         default={},
         help='fsspec storage options for object stores, e.g. \'{"endpoint_url": "http://127.0.0.1:9000", '
         '"anon": false}\'. Credentials come from the standard AWS chain and are never written out.',
     )
+
+
+def add_io_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("storage")
+    add_storage_option(g)
     g.add_argument("--allow-http", action="store_true", help="Fetch http(s):// media URLs (refused by default).")
     g.add_argument(
         "--max-bytes",

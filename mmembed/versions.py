@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from mmembed.options import UsageError, json_object
+from mmembed.options import UsageError, add_storage_option
 from mmembed.store import Store
 
 
@@ -19,12 +19,7 @@ def build_parser(prog: str = "mmembed versions") -> argparse.ArgumentParser:
     )
     p.add_argument("root", help="Embedding store root: local path or fsspec URI.")
     p.add_argument("--json", action="store_true", help="Print the listing as JSON (one object per version).")
-    p.add_argument(
-        "--storage-options",
-        type=json_object,
-        default={},
-        help="fsspec storage options for object stores, e.g. '{\"endpoint_url\": \"http://127.0.0.1:9000\"}'.",
-    )
+    add_storage_option(p)
     return p
 
 
