@@ -225,6 +225,13 @@ def add_io_options(p: argparse.ArgumentParser) -> None:
         help="Largest media object fetched, in bytes; larger ones become error rows (default: 256 MiB).",
     )
     g.add_argument(
+        "--fetch-threads",
+        type=positive_int,
+        default=8,
+        help="Threads per preprocess actor that fetch and decode the records of a batch: they hide "
+        "object-storage latency and decode in parallel (default: 8; 1 fetches one record at a time).",
+    )
+    g.add_argument(
         "--max-image-pixels",
         type=positive_int,
         default=89_478_485,

@@ -163,11 +163,18 @@ def plan(args) -> dict:
     return out
 
 
-def plan_resources(cpus: float, gpus: float, args) -> dict:
+# Records one preprocess actor should have to itself before another is worth starting: an actor
+# start costs seconds of imports and model load (about 6 s of CPU on a 2-core box), which a few
+# thousand images or tens of thousands of texts repay.
+RECORDS_PER_PREPROCESSOR = {"media": 2_000, "text": 20_000}
+
+
+def plan_resources(cpus: float, gpus: float, args, spec=None) -> dict:
     """Actor counts and per-actor resources for the cluster Ray reports.
 
     One CPU stays unclaimed by the actor pools: Ray Data's file listing takes a whole CPU and
     read/write tasks need a slice, and actors that hold every CPU would starve them forever.
+    With the input's InputSpec, a default-sized preprocess pool is no bigger than the input needs.
     """
     device = args.device
     if device == "auto":
@@ -186,6 +193,14 @@ def plan_resources(cpus: float, gpus: float, args) -> dict:
         preprocessors = args.num_preprocessors
     else:
         preprocessors = max(1, int(free // (pre_cpus or 1.0)))
+        if device == "cpu" and pre_cpus is None:
+            # Even on 2 CPUs two decoders outrun one (tiny CLIP, 2 cores: 300-400 vs 250 img/s): a
+            # small model's encoder idles most of the time, and a large model's encoder is the
+            # bottleneck whatever feeds it. The price is one more actor start (~6 s of imports).
+            preprocessors = max(preprocessors, min(2, int(cpus)))
+        if spec is not None and spec.num_records:
+            per_actor = RECORDS_PER_PREPROCESSOR["media" if set(spec.modalities) - {"text"} else "text"]
+            preprocessors = min(preprocessors, -(-spec.num_records // per_actor))
     if pre_cpus is None:
         # Fit the pool into what is left; decode is single-threaded, so a fraction still works.
         pre_cpus = 1.0 if preprocessors * 1.0 <= free else max(0.1, round(free / preprocessors, 3))
@@ -223,12 +238,19 @@ def compose(args, p: dict, res: dict):
         ds = ds.map_batches(split_modalities, batch_format="pyarrow", batch_size=None, num_cpus=0.25)
     if p.get("skip_filter") is not None:
         ds = ds.filter(p["skip_filter"])
+    # A preprocess actor works through one block at a time, so a corpus that arrives as a few
+    # big blocks (a small manifest file, a media listing) would keep the rest of the pool idle.
+    # A streaming repartition (no shuffle, no barrier) evens blocks out to a size that gives
+    # every preprocess actor several blocks.
+    ds = ds.repartition(target_num_rows_per_block=block_rows(p["input"], res["num_preprocessors"],
+                                                             args.preprocess_batch_size))
     pre_kwargs = {
         "task": args.task,
         "prompt_name": args.prompt_name,
         "prompt": args.prompt,
         "storage_options": args.storage_options,
         "max_bytes": args.max_bytes,
+        "fetch_threads": args.fetch_threads,
         "max_image_pixels": args.max_image_pixels,
         "allow_http": args.allow_http,
         "transport_dtype": args.transport_dtype,
@@ -276,6 +298,19 @@ def compose(args, p: dict, res: dict):
     return ds
 
 
+# Media records cost milliseconds each to decode and preprocess, text records microseconds:
+# media blocks stay small enough that the last ones do not leave the pool waiting on a straggler.
+MAX_BLOCK_ROWS = {"media": 256, "text": 2_000}
+
+
+def block_rows(spec, preprocessors: int, batch_size: int) -> int:
+    """Rows per block entering the preprocess pool: about four blocks per actor, within bounds."""
+    media = bool(set(spec.modalities) - {"text"})
+    cap = MAX_BLOCK_ROWS["media" if media else "text"]
+    want = -(-max(spec.num_records, 1) // (4 * max(preprocessors, 1)))
+    return max(batch_size, min(cap, want))
+
+
 def init_ray(address: str | None):
     import os
 
@@ -317,7 +352,7 @@ def execute(args, p: dict, started: float, started_iso: str) -> int:
 
     where = init_ray(args.address)
     cluster = ray.cluster_resources()
-    res = plan_resources(cluster.get("CPU", 1), cluster.get("GPU", 0), args)
+    res = plan_resources(cluster.get("CPU", 1), cluster.get("GPU", 0), args, p["input"])
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = True
     ctx.enable_operator_progress_bars = True

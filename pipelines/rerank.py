@@ -206,6 +206,7 @@ def compose(args, p: dict, res: dict, partitions: int):
             "prompt": args.prompt,
             "storage_options": args.storage_options,
             "max_bytes": args.max_bytes,
+            "fetch_threads": args.fetch_threads,
             "max_image_pixels": args.max_image_pixels,
             "allow_http": args.allow_http,
             "transport_dtype": args.transport_dtype,

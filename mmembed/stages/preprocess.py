@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 
@@ -53,6 +54,7 @@ class PreprocessStage:
         allow_http: bool = False,
         transport_dtype: str | None = None,
         decoders: dict | None = None,
+        fetch_threads: int = 8,
     ):
         self.spec = model
         self.model = load_model(model, weights=False)
@@ -65,19 +67,23 @@ class PreprocessStage:
         self.decoders = {**default_decoders(self.model), **(decoders or {})}
         # modality label -> whether one processor call may serve many records (see _preprocess_together)
         self._batching: dict[str, bool] = {}
+        # Fetching waits on storage and Pillow/torchcodec decode without the GIL, so the records
+        # of a batch are fetched and decoded by a thread pool; the processor call stays one per batch.
+        self._threads = ThreadPoolExecutor(fetch_threads, thread_name_prefix="fetch") if fetch_threads > 1 else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         results: list[tuple[dict | None, str | None]] = [(None, None)] * len(rows)
         batchable: dict[str, list[tuple[int, object]]] = defaultdict(list)
-        for i, row in enumerate(rows):
+        built = self._threads.map(self._input_of, rows) if self._threads and len(rows) > 1 else map(self._input_of, rows)
+        for i, (st_input, label, processing_kwargs, error) in enumerate(built):
+            if error is not None:
+                results[i] = (None, error)
+                continue
+            if processing_kwargs is None and self._batching.get(label, True):
+                batchable[label].append((i, st_input))
+                continue
             try:
-                st_input, label = self._build_input(row)
-                self._check_supported(label)
-                st_input, processing_kwargs = self._prepare(st_input)
-                if processing_kwargs is None and self._batching.get(label, True):
-                    batchable[label].append((i, st_input))
-                    continue
                 results[i] = (pack(self._call([st_input], processing_kwargs), self.transport_dtype), None)
             except Exception as exc:  # noqa: BLE001 - never let one record kill the job
                 results[i] = (None, _reason(exc))
@@ -122,6 +128,16 @@ class PreprocessStage:
                 results[i] = (None, _reason(exc))
 
     # -- one record -----------------------------------------------------------------------
+    def _input_of(self, row: dict):
+        """(ST input, modality label, processing kwargs, None), or (None, None, None, reason)."""
+        try:
+            st_input, label = self._build_input(row)
+            self._check_supported(label)
+            st_input, processing_kwargs = self._prepare(st_input)
+            return st_input, label, processing_kwargs, None
+        except Exception as exc:  # noqa: BLE001 - never let one record kill the job
+            return None, None, None, _reason(exc)
+
     def _build_input(self, row: dict):
         """The ST input for a record: a string, a PIL image, a dict of modalities or messages."""
         parts: dict = {}

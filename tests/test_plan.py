@@ -1,0 +1,58 @@
+"""How the embed job sizes its pools and blocks from the cluster and the input (no Ray needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from mmembed.records import InputSpec
+from pipelines import embed
+
+
+def _args(*extra: str):
+    return embed.build_parser().parse_args(["--input", "in", "--output", "out", "--model", "m", *extra])
+
+
+def _spec(records: int, modalities=("image",)) -> InputSpec:
+    return InputSpec(uri="in", kind="media", num_records=records, modalities=set(modalities))
+
+
+def test_two_cpus_get_two_preprocessors_for_a_corpus():
+    res = embed.plan_resources(2, 0, _args())
+    assert res["device"] == "cpu" and res["num_encoders"] == 1
+    assert res["num_preprocessors"] == 2
+    # Everything fits with room for the listing task (1 CPU) beside the pools.
+    assert res["num_preprocessors"] * res["cpus_per_preprocessor"] + res["cpus_per_encoder"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("records", "modalities", "cpus", "want"),
+    [
+        (16, ("image",), 2, 1),  # a small job does not wait on an actor it cannot use
+        (2_000, ("image",), 2, 1),
+        (2_001, ("image",), 2, 2),
+        (1_000_000, ("image",), 2, 2),
+        (30_000, ("text",), 2, 2),
+        (10_000, ("text",), 2, 1),
+        (10_000, ("image",), 64, 5),
+        (10_000_000, ("image",), 64, 62),
+    ],
+)
+def test_default_preprocess_pool_is_no_bigger_than_the_input_needs(records, modalities, cpus, want):
+    assert embed.plan_resources(cpus, 0, _args(), _spec(records, modalities))["num_preprocessors"] == want
+
+
+def test_an_explicit_pool_size_is_kept_whatever_the_input():
+    assert embed.plan_resources(8, 0, _args("--num-preprocessors", "4"), _spec(10))["num_preprocessors"] == 4
+
+
+@pytest.mark.parametrize(
+    ("records", "modalities", "preprocessors", "want"),
+    [
+        (2_000, ("image",), 2, 250),  # about four blocks per actor
+        (1_000_000, ("image",), 2, 256),  # media blocks stay small
+        (1_000_000, ("text",), 2, 2_000),
+        (10, ("text",), 4, 16),  # never below one preprocess batch
+    ],
+)
+def test_blocks_give_every_preprocess_actor_several(records, modalities, preprocessors, want):
+    assert embed.block_rows(_spec(records, modalities), preprocessors, 16) == want
