@@ -178,12 +178,18 @@ class RunLock:
         data = self._payload()
         if protocol_of(self.uri) == "file":
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            # The lease appears with its content or not at all: a hard link of a finished file
+            # fails if the name exists. (An O_EXCL create is visible empty for a moment, and a
+            # contender reading it then took it for a corrupt, stale lease and removed it.)
+            tmp = f"{path}.{self.token}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(data)
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                os.link(tmp, path)
             except FileExistsError:
                 return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
+            finally:
+                os.unlink(tmp)
             return True
         try:
             # s3fs sends If-None-Match: *; filesystems without conditional writes check first.
@@ -231,6 +237,8 @@ class RunLock:
                     f"it is known to be dead, wait until its lease expires (in {max(0, expires - time.time()):.0f} s) "
                     "and rerun; the rerun resumes its work."
                 )
+            if self._read() != held:
+                continue  # someone else took it over meanwhile; judge the new holder afresh
             try:
                 fs.rm(path)
             except FileNotFoundError:

@@ -231,19 +231,14 @@ def compose(args, p: dict, res: dict):
     from mmembed.stages.preprocess import PreprocessStage
     from mmembed.stages.read import ReadStage
 
-    ds = ReadStage(p["input"], args.storage_options).dataset()
+    rows = block_rows(p["input"], res["num_preprocessors"], args.preprocess_batch_size)
+    ds = ReadStage(p["input"], args.storage_options, block_rows=rows).dataset()
     if args.split_modalities:
         from mmembed.stages.read import split_modalities
 
         ds = ds.map_batches(split_modalities, batch_format="pyarrow", batch_size=None, num_cpus=0.25)
     if p.get("skip_filter") is not None:
         ds = ds.filter(p["skip_filter"])
-    # A preprocess actor works through one block at a time, so a corpus that arrives as a few
-    # big blocks (a small manifest file, a media listing) would keep the rest of the pool idle.
-    # A streaming repartition (no shuffle, no barrier) evens blocks out to a size that gives
-    # every preprocess actor several blocks.
-    ds = ds.repartition(target_num_rows_per_block=block_rows(p["input"], res["num_preprocessors"],
-                                                             args.preprocess_batch_size))
     pre_kwargs = {
         "task": args.task,
         "prompt_name": args.prompt_name,

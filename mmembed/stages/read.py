@@ -73,10 +73,21 @@ def _conform(table: pa.Table) -> pa.Table:
 class ReadStage:
     """Builds the record stream for an input. Runs on the driver; reads happen in Ray tasks."""
 
-    def __init__(self, spec: InputSpec, storage_options: dict | None = None, *, read_cpus: float = 0.25):
+    def __init__(
+        self,
+        spec: InputSpec,
+        storage_options: dict | None = None,
+        *,
+        read_cpus: float = 0.25,
+        block_rows: int | None = None,
+    ):
         self.spec = spec
         self.storage_options = storage_options or {}
         self.read_cpus = read_cpus
+        # A preprocess actor works through one block at a time, so a corpus that arrives as a
+        # few big blocks (a manifest file is one block up to 128 MiB) would keep the rest of the
+        # pool idle. Blocks of at most this many rows spread it over every actor.
+        self.block_rows = block_rows
 
     def dataset(self):
         import ray.data
@@ -97,7 +108,7 @@ class ReadStage:
             ray_remote_args={"num_cpus": self.read_cpus},
         )
         root = self.spec.root
-        return ds.map_batches(
+        ds = ds.map_batches(
             normalize_manifest_table,
             fn_kwargs={"root": root},
             batch_format="pyarrow",
@@ -105,12 +116,17 @@ class ReadStage:
             zero_copy_batch=True,
             num_cpus=self.read_cpus,
         )
+        if self.block_rows:
+            # Streaming: blocks are split (and small ones combined) as they pass, no barrier.
+            ds = ds.repartition(target_num_rows_per_block=self.block_rows)
+        return ds
 
     def _listing(self, data):
         root = self.spec.root.rstrip("/")
         tables = []
-        for start in range(0, len(self.spec.paths), LISTING_BLOCK_ROWS):
-            chunk = self.spec.paths[start : start + LISTING_BLOCK_ROWS]
+        step = min(self.block_rows or LISTING_BLOCK_ROWS, LISTING_BLOCK_ROWS)
+        for start in range(0, len(self.spec.paths), step):
+            chunk = self.spec.paths[start : start + step]
             cols = {f.name: pa.nulls(len(chunk), f.type) for f in RECORD_SCHEMA}
             ids = [_relative_id(p, root) for p in chunk]
             cols["id"] = pa.array(ids, pa.string())
