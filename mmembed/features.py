@@ -127,15 +127,44 @@ def _from_json(value):
     return value
 
 
-def unpack_tensor(dtype: str, shape: list[int], data: bytes):
+def feature_rows(table: pa.Table) -> list[dict]:
+    """The rows of a preprocessed table as dicts, each `feat_data` cell a list of zero-copy
+    uint8 views into the table's Arrow buffer.
+
+    `Table.to_pylist` would copy every tensor into a Python bytes object first; at GPU rates
+    (gigabytes of pixels a second) each copy on the encoder's host thread costs throughput.
+    """
+    rows = table.drop_columns(["feat_data"]).to_pylist()
+    r = 0
+    for chunk in table.column("feat_data").chunks:
+        offsets = chunk.offsets.to_numpy()
+        values = chunk.values
+        _, value_offsets, data = values.buffers()
+        ends = np.frombuffer(value_offsets, dtype=np.int64)[values.offset : values.offset + len(values) + 1]
+        flat = np.frombuffer(data, dtype=np.uint8) if data is not None else np.empty(0, np.uint8)
+        valid = chunk.is_valid().to_numpy(zero_copy_only=False)
+        for i in range(len(chunk)):
+            if valid[i]:
+                lo, hi = offsets[i], offsets[i + 1]
+                rows[r]["feat_data"] = [flat[ends[j] : ends[j + 1]] for j in range(lo, hi)]
+            else:
+                rows[r]["feat_data"] = []
+            r += 1
+    return rows
+
+
+def _view(dtype: str, shape: list[int], data) -> np.ndarray:
+    """A tensor's bytes as a numpy array, without a copy (bfloat16 as its int16 bit pattern)."""
+    np_dtype = np.int16 if dtype == "bfloat16" else np.dtype(dtype)
+    return np.frombuffer(data, dtype=np_dtype).reshape(shape)
+
+
+def _to_torch(arr: np.ndarray, dtype: str):
+    """A freshly built (writable) numpy array as a tensor, sharing its memory."""
     import torch
 
-    if dtype == "bfloat16":
-        arr = np.frombuffer(data, dtype=np.int16).reshape(shape)
-        return torch.from_numpy(arr.copy()).view(torch.bfloat16)
-    arr = np.frombuffer(data, dtype=np.dtype(dtype)).reshape(shape)
-    # frombuffer views are read-only; torch wants writable memory.
-    return torch.from_numpy(arr.copy())
+    t = torch.from_numpy(arr)
+    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
 
 
 def signature(row: dict) -> tuple:
@@ -144,60 +173,61 @@ def signature(row: dict) -> tuple:
 
 
 def collate(rows: list[dict], *, pad_token_id: int = 0, padding_side: str = "right") -> dict[str, Any]:
-    """Collate rows of one signature into the dict ST's forward expects."""
+    """Collate rows of one signature into the dict ST's forward expects.
+
+    Each tensor of the batch is built with one copy out of the rows' buffers: sequences are
+    padded into a preallocated array, everything else is concatenated on the first axis.
+    """
     meta = {k: _from_json(v) for k, v in json.loads(rows[0]["feat_meta"]).items()}
     keys = rows[0]["feat_keys"]
-    per_key: dict[str, list] = {k: [] for k in keys}
+    per_key: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+    dtypes: dict[str, str] = {}
     for row in rows:
         for k, dt, shp, buf in zip(row["feat_keys"], row["feat_dtypes"], row["feat_shapes"], row["feat_data"]):
-            per_key[k].append(unpack_tensor(dt, shp, buf))
+            per_key[k].append(_view(dt, shp, buf))
+            dtypes[k] = dt
 
     seq_len_key = "attention_mask" if "attention_mask" in per_key else ("input_ids" if "input_ids" in per_key else None)
     out: dict[str, Any] = {}
-    for k, tensors in per_key.items():
+    for k, arrays in per_key.items():
         is_seq = (
             seq_len_key is not None
-            and all(t.ndim == 2 and t.shape[0] == 1 for t in tensors)
-            and all(t.shape[1] == ref.shape[1] for t, ref in zip(tensors, per_key[seq_len_key]))
+            and all(a.ndim == 2 and a.shape[0] == 1 for a in arrays)
+            and all(a.shape[1] == ref.shape[1] for a, ref in zip(arrays, per_key[seq_len_key]))
         )
         if is_seq:
             pad_value = pad_token_id if k == "input_ids" else SEQUENCE_PAD_VALUES.get(k, 0)
-            out[k] = _pad_sequences(tensors, pad_value, padding_side)
+            out[k] = _to_torch(_pad_sequences(arrays, pad_value, padding_side), dtypes[k])
         else:
-            out[k] = _concat_first_axis(k, tensors)
+            out[k] = _to_torch(_concat_first_axis(arrays), dtypes[k])
     out.update(meta)
     return out
 
 
-def _pad_sequences(tensors, pad_value, side):
-    import torch
-
-    longest = max(t.shape[1] for t in tensors)
-    padded = []
-    for t in tensors:
-        missing = longest - t.shape[1]
-        if missing:
-            fill = torch.full((1, missing), pad_value, dtype=t.dtype)
-            t = torch.cat([fill, t], dim=1) if side == "left" else torch.cat([t, fill], dim=1)
-        padded.append(t)
-    return torch.cat(padded, dim=0)
+def _pad_sequences(arrays: list[np.ndarray], pad_value, side: str) -> np.ndarray:
+    longest = max(a.shape[1] for a in arrays)
+    out = np.full((len(arrays), longest), pad_value, dtype=arrays[0].dtype)
+    for i, a in enumerate(arrays):
+        n = a.shape[1]
+        if side == "left":
+            out[i, longest - n :] = a[0]
+        else:
+            out[i, :n] = a[0]
+    return out
 
 
-def _concat_first_axis(key, tensors):
-    import torch
-
-    if any(t.ndim == 0 for t in tensors):
-        return torch.stack(tensors)
-    trailing = {tuple(t.shape[1:]) for t in tensors}
-    if len(trailing) > 1:
-        # Processors pad variable-length tensors (audio features) to the batch's longest on the
-        # last axes; do the same with zeros, which is what feature extractors pad with.
-        target = [max(s[i] for s in trailing) for i in range(len(next(iter(trailing))))]
-        grown = []
-        for t in tensors:
-            pads = []
-            for i in reversed(range(len(target))):
-                pads += [0, target[i] - t.shape[i + 1]]
-            grown.append(torch.nn.functional.pad(t, pads))
-        tensors = grown
-    return torch.cat(tensors, dim=0)
+def _concat_first_axis(arrays: list[np.ndarray]) -> np.ndarray:
+    if any(a.ndim == 0 for a in arrays):
+        return np.stack(arrays)
+    trailing = {a.shape[1:] for a in arrays}
+    if len(trailing) == 1:
+        return np.concatenate(arrays, axis=0)
+    # Processors pad variable-length tensors (audio features) to the batch's longest on the
+    # last axes; do the same with zeros, which is what feature extractors pad with.
+    target = tuple(max(s[i] for s in trailing) for i in range(len(next(iter(trailing)))))
+    out = np.zeros((sum(a.shape[0] for a in arrays), *target), dtype=arrays[0].dtype)
+    row = 0
+    for a in arrays:
+        out[(slice(row, row + a.shape[0]), *(slice(0, n) for n in a.shape[1:]))] = a
+        row += a.shape[0]
+    return out

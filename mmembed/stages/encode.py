@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from mmembed.batching import Budget, plan_batches, row_cost
-from mmembed.features import collate, signature
+from mmembed.features import collate, feature_rows, signature
 from mmembed.models import ModelSpec, load_model, resolve_device
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class EncodeStage:
                         child.compile(dynamic=True)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
+        rows = feature_rows(batch)
         embeddings: dict[int, np.ndarray] = {}
         errors: dict[int, str] = {}
         groups: dict[tuple, list[int]] = defaultdict(list)
