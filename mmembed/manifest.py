@@ -99,10 +99,9 @@ def report(title: str, manifest: dict[str, Any], output: str) -> str:
         lines.append("  by modality: " + ", ".join(f"{k} {v:,}" for k, v in sorted(c["by_modality"].items())))
     m = manifest.get("model", {})
     if m:
-        lines.append(
-            f"  model    {m.get('name')} @ {m.get('revision')}  dim={m.get('dim')} normalize={m.get('normalize')}"
-            + (f" task={m.get('task')}" if m.get("task") else "")
-        )
+        # Embedding jobs have a dim and a normalize setting; rerank and search jobs have neither.
+        details = "".join(f" {k}={m[k]}" for k in ("dim", "normalize", "task") if m.get(k) is not None)
+        lines.append(f"  model    {m.get('name')} @ {m.get('revision')}" + (f" {details}" if details else ""))
     if c.get("unaccounted"):
         lines.append(f"  WARNING  {c['unaccounted']:,} input records are neither written nor error rows")
     return "\n".join(lines)

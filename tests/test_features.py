@@ -67,3 +67,11 @@ def test_collate_zero_pads_unequal_trailing_axes_as_feature_extractors_do():
     assert torch.equal(batch["input_features"][0, :, :6], short[0]) and not batch["input_features"][0, :, 6:].any()
     assert torch.equal(batch["input_features"][1], long[0])
     batch["input_features"] += 1  # writable memory of its own, not a view of the Arrow buffer
+
+
+def test_collate_benchmark_runs_and_agrees_with_its_baseline(monkeypatch, capsys):
+    import benchmarks.collate_cpu as bench
+
+    monkeypatch.setattr("sys.argv", ["collate_cpu.py", "--rows", "8", "--repeat", "1"])
+    assert bench.main() == 0  # it asserts equal tensors from both routes before timing them
+    assert capsys.readouterr().out.count("ratio mmembed / baseline") == 2
