@@ -188,6 +188,8 @@ class RunLock:
                 os.link(tmp, path)
             except FileExistsError:
                 return False
+            except OSError:
+                return self._create_exclusive(path, data)  # a filesystem without hard links
             finally:
                 os.unlink(tmp)
             return True
@@ -198,6 +200,16 @@ class RunLock:
             return False
         fs.invalidate_cache(path.rsplit("/", 1)[0])
         return self._read().get("owner") == self.token
+
+    @staticmethod
+    def _create_exclusive(path: str, data: bytes) -> bool:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
 
     def _read(self) -> dict:
         fs, path = filesystem(self.uri, self.storage_options)

@@ -75,6 +75,22 @@ def test_lease_is_exclusive_under_a_race(tmp_path):
     RunLock(out).acquire().release()  # free again once released
 
 
+def test_lease_works_where_the_filesystem_has_no_hard_links(tmp_path, monkeypatch):
+    from mmembed.options import UsageError
+    from mmembed.runstate import RunLock
+
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr("os.link", no_links)
+    out = str(tmp_path / "out")
+    held = RunLock(out, ttl_s=30).acquire()
+    with pytest.raises(UsageError, match="another run is writing to this output"):
+        RunLock(out, ttl_s=30).acquire()
+    held.release()
+    assert sorted(p.name for p in Path(out).iterdir()) == []  # no lock, no temporary file left
+
+
 def test_stale_leases_are_taken_over_live_ones_are_not(tmp_path):
     import socket
 
