@@ -15,10 +15,10 @@ import shlex
 import sys
 import time
 
-from mmembed.options import json_object
+from mmembed.options import EXIT_USAGE, json_object
 
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
-EXIT_OK, EXIT_USAGE, EXIT_FAILED = 0, 2, 1
+EXIT_OK, EXIT_FAILED = 0, 1
 
 
 def build_parser(prog: str = "mmembed submit") -> argparse.ArgumentParser:

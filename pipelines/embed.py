@@ -42,7 +42,7 @@ from mmembed.storage import join_uri
 
 log = logging.getLogger("mmembed")
 
-EXIT_OK, EXIT_USAGE, EXIT_ERRORS, EXIT_FAILED = 0, 2, 3, 1
+EXIT_OK, EXIT_ERRORS, EXIT_FAILED = 0, 3, 1
 
 
 def build_parser(prog: str = "mmembed embed") -> argparse.ArgumentParser:
@@ -169,6 +169,11 @@ def plan(args) -> dict:
 RECORDS_PER_PREPROCESSOR = {"media": 2_000, "text": 20_000}
 
 
+def workload(spec) -> str:
+    """"media" when any record needs fetching and decoding beyond text, else "text"."""
+    return "media" if set(spec.modalities) - {"text"} else "text"
+
+
 def plan_resources(cpus: float, gpus: float, args, spec=None) -> dict:
     """Actor counts and per-actor resources for the cluster Ray reports.
 
@@ -199,7 +204,7 @@ def plan_resources(cpus: float, gpus: float, args, spec=None) -> dict:
             # bottleneck whatever feeds it. The price is one more actor start (~6 s of imports).
             preprocessors = max(preprocessors, min(2, int(cpus)))
         if spec is not None and spec.num_records:
-            per_actor = RECORDS_PER_PREPROCESSOR["media" if set(spec.modalities) - {"text"} else "text"]
+            per_actor = RECORDS_PER_PREPROCESSOR[workload(spec)]
             preprocessors = min(preprocessors, -(-spec.num_records // per_actor))
     if pre_cpus is None:
         # Fit the pool into what is left; decode is single-threaded, so a fraction still works.
@@ -300,8 +305,7 @@ MAX_BLOCK_ROWS = {"media": 256, "text": 2_000}
 
 def block_rows(spec, preprocessors: int, batch_size: int) -> int:
     """Rows per block entering the preprocess pool: about four blocks per actor, within bounds."""
-    media = bool(set(spec.modalities) - {"text"})
-    cap = MAX_BLOCK_ROWS["media" if media else "text"]
+    cap = MAX_BLOCK_ROWS[workload(spec)]
     want = -(-max(spec.num_records, 1) // (4 * max(preprocessors, 1)))
     return max(batch_size, min(cap, want))
 

@@ -44,7 +44,7 @@ from pipelines import embed
 
 log = logging.getLogger("mmembed")
 
-EXIT_OK, EXIT_USAGE, EXIT_ERRORS, EXIT_FAILED = embed.EXIT_OK, embed.EXIT_USAGE, embed.EXIT_ERRORS, embed.EXIT_FAILED
+EXIT_OK, EXIT_ERRORS, EXIT_FAILED = embed.EXIT_OK, embed.EXIT_ERRORS, embed.EXIT_FAILED
 CHANGES_DIR = "_changes"
 
 
