@@ -77,17 +77,20 @@ def _is_glob(path: str) -> bool:
 def discover(uri: str, storage_options: dict | None = None) -> InputSpec:
     """Classify the input as a Parquet manifest or a media tree, and list its files."""
     fs, path = filesystem(uri, storage_options)
+    # Listings with details: sizes and ETags for the fingerprint come with the listing pages,
+    # not from a request per file.
     if _is_glob(path):
-        found = sorted(p for p in fs.glob(path) if not fs.isdir(p))
+        infos = {p: i for p, i in fs.glob(path, detail=True).items() if i.get("type") != "directory"}
         root = path.split("*", 1)[0].rsplit("/", 1)[0] if "/" in path else ""
     elif fs.isdir(path):
-        found = sorted(fs.find(path))
+        infos = fs.find(path, detail=True)
         root = path
     elif fs.exists(path):
-        found = [path]
+        infos = {path: fs.info(path)}
         root = path.rsplit("/", 1)[0] if "/" in path else ""
     else:
         raise InputError(f"input not found: {uri}")
+    found = sorted(infos)
     # Hidden and bookkeeping files (._SUCCESS, _metadata, .tmp shards) are never records.
     found = [p for p in found if not any(part.startswith((".", "_")) for part in p[len(root) :].split("/") if part)]
     if not found:
@@ -95,7 +98,7 @@ def discover(uri: str, storage_options: dict | None = None) -> InputSpec:
     parquet = [p for p in found if p.endswith(".parquet")]
     if parquet:
         # Media files next to a manifest are what its relative paths point at, not records.
-        return _manifest_spec(uri, fs, parquet, root)
+        return _manifest_spec(uri, fs, parquet, root, infos)
     media = [p for p in found if modality_of_extension(p)]
     skipped = len(found) - len(media)
     spec = InputSpec(
@@ -112,26 +115,28 @@ def discover(uri: str, storage_options: dict | None = None) -> InputSpec:
             + ", ".join(sorted(EXTENSION_MODALITY))
         )
     spec.skipped_files = skipped  # type: ignore[attr-defined]
-    spec.fingerprint = _fingerprint(fs, media)
+    spec.fingerprint = _fingerprint(fs, media, infos)
     return spec
 
 
-def _fingerprint(fs, paths: list[str]) -> str:
+def _fingerprint(fs, paths: list[str], infos: dict | None = None) -> str:
     """A cheap identity of the input: its file names, sizes and modification markers."""
     import hashlib
 
     h = hashlib.sha256()
     for p in paths:
-        try:
-            info = fs.info(p)
-        except FileNotFoundError:
-            info = {}
+        info = (infos or {}).get(p)
+        if info is None:
+            try:
+                info = fs.info(p)
+            except FileNotFoundError:
+                info = {}
         marker = info.get("ETag") or info.get("mtime") or info.get("LastModified") or ""
         h.update(f"{p}\0{info.get('size')}\0{marker}\n".encode())
     return h.hexdigest()[:16]
 
 
-def _manifest_spec(uri: str, fs, paths: list[str], root: str) -> InputSpec:
+def _manifest_spec(uri: str, fs, paths: list[str], root: str, infos: dict | None = None) -> InputSpec:
     columns: list[str] | None = None
     num_rows = 0
     non_null: set[str] = set()
@@ -185,7 +190,7 @@ def _manifest_spec(uri: str, fs, paths: list[str], root: str) -> InputSpec:
         modalities=modalities,
         columns=columns,
     )
-    spec.fingerprint = _fingerprint(fs, paths)
+    spec.fingerprint = _fingerprint(fs, paths, infos)
     return spec
 
 

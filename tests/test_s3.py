@@ -222,3 +222,37 @@ def test_lease_on_s3_is_exclusive_under_a_race(s3):
     assert held["owner"] == winners[0].token and SECRET_KEY not in json.dumps(held)
     winners[0].release()
     assert not s3fs_for(server).exists(f"{bucket}/out/_lock.json")
+
+
+def test_listing_media_on_s3_sends_no_request_per_file(s3, monkeypatch):
+    """Discovery fingerprints the input from the listing itself: a million-object prefix must not
+    cost a million HEAD requests on the driver before the job starts."""
+    import collections
+
+    import s3fs
+
+    from mmembed.records import discover
+
+    server, bucket, opts = s3
+    fs = s3fs_for(server)
+    for i in range(40):
+        fs.pipe_file(f"{bucket}/media/sub{i % 2}/img{i:02d}.png", image_bytes(i))
+    calls = collections.Counter()
+    original = s3fs.S3FileSystem._call_s3
+
+    async def counting(self, method, *args, **kwargs):
+        calls[method if isinstance(method, str) else method.__name__] += 1
+        return await original(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", counting)
+    options = {**json.loads(opts), "skip_instance_cache": True}  # no listing cached by an earlier test
+    spec = discover(f"s3://{bucket}/media", options)
+    assert spec.num_records == 40 and spec.kind == "media"
+    assert calls["head_object"] == 0, calls
+    assert sum(calls.values()) <= 4, calls
+    globbed = discover(f"s3://{bucket}/media/sub1/*.png", options)
+    assert globbed.num_records == 20 and calls["head_object"] == 0, calls
+
+    # The fingerprint still sees a changed object (its ETag), as a rerun's conflict check needs.
+    fs.pipe_file(f"{bucket}/media/sub0/img00.png", image_bytes(99))
+    assert discover(f"s3://{bucket}/media", options).fingerprint != spec.fingerprint
