@@ -150,6 +150,40 @@ def begin_attempt(output: str, identity: dict, storage_options: dict | None, tok
     return run
 
 
+def drop_error_shards(output: str, storage_options: dict | None) -> int:
+    """--retry-errors: remove committed error shards so their ids count as not yet embedded; rows removed.
+
+    The finished manifest goes first: an attempt killed in between leaves an unfinished run whose
+    remaining error shards still count as committed, so every id stays in exactly one shard or
+    is embedded by the next resume.
+    """
+    import pyarrow.parquet as pq
+
+    _, error_paths = committed_shards(output, storage_options)
+    if not error_paths:
+        return 0
+    fs, root = filesystem(output, storage_options)
+    try:
+        with_retries(lambda: fs.rm(f"{root.rstrip('/')}/{MANIFEST_NAME}"))
+    except FileNotFoundError:
+        pass
+    rows = 0
+    for uri in error_paths:
+        efs, path = filesystem(uri, storage_options)
+
+        def count(path=path, efs=efs):
+            with efs.open(path, "rb") as f:
+                return pq.ParquetFile(f).metadata.num_rows
+
+        rows += with_retries(count)
+        try:
+            with_retries(lambda path=path, efs=efs: efs.rm(path))
+        except FileNotFoundError:
+            pass
+    fs.invalidate_cache(f"{root.rstrip('/')}/{ERRORS_DIR}")
+    return rows
+
+
 def finish_attempt(output: str, run: dict, storage_options: dict | None) -> None:
     write_json(join_uri(output, RUN_NAME), {**run, "status": "complete", "finished_at": now_iso()}, storage_options)
 

@@ -34,6 +34,7 @@ from mmembed.runstate import (
     clear_output,
     committed_index,
     committed_shards,
+    drop_error_shards,
     finish_attempt,
     inspect_output,
     run_identity,
@@ -68,6 +69,14 @@ def build_parser(prog: str = "mmembed embed") -> argparse.ArgumentParser:
         help="Discard whatever --output holds (a finished run, or an unfinished one of another model, prompt "
         "or input) and start afresh. Without it, rerunning the same command resumes an interrupted run "
         "(committed shards are kept, only the rest is embedded) or does nothing if it finished.",
+    )
+    g.add_argument(
+        "--retry-errors",
+        action="store_true",
+        help="Embed again the records that earlier attempts at this output wrote as error rows (a fetch "
+        "that timed out, a file uploaded since), finished run or not; their old error rows are dropped "
+        "first, and whatever fails again becomes a new error row. Without it, a rerun keeps error rows "
+        "as they are.",
     )
     g.add_argument(
         "--lease-seconds",
@@ -331,10 +340,13 @@ def run(args) -> int:
     p = plan(args)
     if p["state"] == "complete":
         existing = read_json(join_uri(args.output, MANIFEST_NAME), args.storage_options)
-        print(report("mmembed embed", existing, args.output), flush=True)
-        print(f"mmembed embed: {args.output} already holds this run, complete; nothing to do "
-              "(--overwrite recomputes it).", flush=True)
-        return EXIT_OK
+        errors = existing.get("counts", {}).get("errors", 0)
+        if not (args.retry_errors and errors):
+            print(report("mmembed embed", existing, args.output), flush=True)
+            hint = f"; --retry-errors embeds its {errors:,} error row(s) again" if errors else ""
+            print(f"mmembed embed: {args.output} already holds this run, complete; nothing to do "
+                  f"(--overwrite recomputes it{hint}).", flush=True)
+            return EXIT_OK
     lock = RunLock(args.output, args.storage_options, ttl_s=args.lease_seconds).acquire()
     try:
         return execute(args, p, started, started_iso)
@@ -359,7 +371,12 @@ def execute(args, p: dict, started: float, started_iso: str) -> int:
     if args.overwrite:
         clear_output(args.output, args.storage_options)
     token = uuid.uuid4().hex[:8]
-    run_state = begin_attempt(args.output, p["identity"], args.storage_options, token, p["state"] == "resume")
+    run_state = begin_attempt(args.output, p["identity"], args.storage_options, token, p["state"] != "new")
+    retried = 0
+    if args.retry_errors and p["state"] != "new":
+        retried = drop_error_shards(args.output, args.storage_options)
+        if retried:
+            log.info("--retry-errors: %d error row(s) of earlier attempts are embedded again", retried)
     paths, error_paths = committed_shards(args.output, args.storage_options)
     already = 0
     if paths or error_paths:
@@ -424,6 +441,7 @@ def execute(args, p: dict, started: float, started_iso: str) -> int:
             "by_modality": totals["modalities"],
             "duplicate_ids": totals["duplicate_ids"],
             "resumed_from_committed": already,
+            "retried_errors": retried,
         },
         "attempts": run_state["attempts"],
         "files": totals["files"],

@@ -297,3 +297,56 @@ def test_rerun_is_a_no_op_and_a_conflicting_rerun_refuses(ray_session, tiny_clip
     emb, _, manifest = read_output(out)
     assert len(emb) == 13 and manifest["counts"]["records"] == 13 and len(manifest["attempts"]) == 1
     assert set(ids) < set(emb)
+
+
+def test_retry_errors_embeds_failed_records_again_and_keeps_the_rest(ray_session, tiny_clip, tmp_path, capsys):
+    from tests.helpers import image_bytes
+
+    media = tmp_path / "media"
+    media.mkdir()
+    for i in range(3):
+        (media / f"img{i}.png").write_bytes(image_bytes(i))
+    m = tmp_path / "m.parquet"
+    pq.write_table(pa.table({
+        "id": ["img0", "img1", "img2", "late", "txt"],
+        "image": ["media/img0.png", "media/img1.png", "media/img2.png", "media/late.png", None],
+        "text": [None, None, None, None, "a caption"],
+    }), m)
+    out = tmp_path / "out"
+    argv = ["--input", m, "--output", out, "--model", tiny_clip]
+    assert run_job("pipelines.embed", argv) == 0
+    emb, errors, manifest = read_output(out)
+    assert set(errors) == {"late"} and "not found" in errors["late"]["error"]
+    kept = {p.name: p.read_bytes() for p in out.glob("part-*.parquet")}
+    capsys.readouterr()
+
+    # A plain rerun keeps the error row, and says how to retry it.
+    assert run_job("pipelines.embed", argv) == 0
+    assert "--retry-errors" in capsys.readouterr().out
+    (media / "late.png").write_bytes(image_bytes(7))  # the missing upload arrives
+
+    assert run_job("pipelines.embed", [*argv, "--retry-errors"]) == 0
+    emb2, errors2, manifest2 = read_output(out)
+    assert errors2 == {} and set(emb2) == {"img0", "img1", "img2", "late", "txt"}
+    assert manifest2["counts"]["errors"] == 0 and manifest2["counts"]["unaccounted"] == 0
+    assert manifest2["counts"]["retried_errors"] == 1 and manifest2["counts"]["resumed_from_committed"] == 4
+    assert len(manifest2["attempts"]) == 2
+    # Records embedded before are not embedded again: their shards are the same files.
+    assert {p.name: p.read_bytes() for p in out.glob("part-*.parquet") if p.name in kept} == kept
+    alone, _, _ = read_output(run_and_read(tmp_path, tiny_clip, media / "late.png"))
+    np.testing.assert_allclose(emb2["late"], alone["late.png"], rtol=1e-5, atol=1e-5)
+
+    # Nothing failed this time: a further --retry-errors has nothing to do.
+    capsys.readouterr()
+    assert run_job("pipelines.embed", [*argv, "--retry-errors"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+
+
+def run_and_read(tmp_path: Path, model: str, image: Path) -> Path:
+    """Embed one image file alone (a media-directory job); the output directory."""
+    src = tmp_path / "alone"
+    src.mkdir()
+    (src / image.name).write_bytes(image.read_bytes())
+    out = tmp_path / "alone-out"
+    assert run_job("pipelines.embed", ["--input", src, "--output", out, "--model", model]) == 0
+    return out
