@@ -456,6 +456,9 @@ def execute(args, p: dict, started: float, started_iso: str) -> int:
     write_json(join_uri(args.output, MANIFEST_NAME), manifest, args.storage_options)
     finish_attempt(args.output, run_state, args.storage_options)
     print(report("mmembed embed", manifest, args.output), flush=True)
+    if totals["errors"]:
+        print(f"  retry    once their cause is fixed (see _errors), rerun this command with --retry-errors to "
+              f"embed the {totals['errors']:,} error record(s) again", flush=True)
     if unaccounted is None:
         failed_fraction = totals["errors"] / max(totals["written"] + totals["errors"], 1)
     else:

@@ -318,7 +318,7 @@ def test_retry_errors_embeds_failed_records_again_and_keeps_the_rest(ray_session
     emb, errors, manifest = read_output(out)
     assert set(errors) == {"late"} and "not found" in errors["late"]["error"]
     kept = {p.name: p.read_bytes() for p in out.glob("part-*.parquet")}
-    capsys.readouterr()
+    assert "--retry-errors to embed the 1 error record(s) again" in capsys.readouterr().out
 
     # A plain rerun keeps the error row, and says how to retry it.
     assert run_job("pipelines.embed", argv) == 0
