@@ -115,28 +115,23 @@ def discover(uri: str, storage_options: dict | None = None) -> InputSpec:
             + ", ".join(sorted(EXTENSION_MODALITY))
         )
     spec.skipped_files = skipped  # type: ignore[attr-defined]
-    spec.fingerprint = _fingerprint(fs, media, infos)
+    spec.fingerprint = _fingerprint(media, infos)
     return spec
 
 
-def _fingerprint(fs, paths: list[str], infos: dict | None = None) -> str:
-    """A cheap identity of the input: its file names, sizes and modification markers."""
+def _fingerprint(paths: list[str], infos: dict[str, dict]) -> str:
+    """A cheap identity of the input: its file names, sizes and modification markers (from the listing)."""
     import hashlib
 
     h = hashlib.sha256()
     for p in paths:
-        info = (infos or {}).get(p)
-        if info is None:
-            try:
-                info = fs.info(p)
-            except FileNotFoundError:
-                info = {}
+        info = infos[p]
         marker = info.get("ETag") or info.get("mtime") or info.get("LastModified") or ""
         h.update(f"{p}\0{info.get('size')}\0{marker}\n".encode())
     return h.hexdigest()[:16]
 
 
-def _manifest_spec(uri: str, fs, paths: list[str], root: str, infos: dict | None = None) -> InputSpec:
+def _manifest_spec(uri: str, fs, paths: list[str], root: str, infos: dict[str, dict]) -> InputSpec:
     columns: list[str] | None = None
     num_rows = 0
     non_null: set[str] = set()
@@ -190,7 +185,7 @@ def _manifest_spec(uri: str, fs, paths: list[str], root: str, infos: dict | None
         modalities=modalities,
         columns=columns,
     )
-    spec.fingerprint = _fingerprint(fs, paths, infos)
+    spec.fingerprint = _fingerprint(paths, infos)
     return spec
 
 
