@@ -96,6 +96,19 @@ def build_parser(prog: str = "mmembed embed") -> argparse.ArgumentParser:
         "`message` (e.g. a Qwen3-VL embedder).",
     )
     add_runtime_options(p)
+    compute = next(g for g in p._action_groups if g.title == "compute")
+    compute.add_argument(
+        "--executor",
+        choices=["auto", "ray", "local"],
+        default="auto",
+        help="Where the stages run. ray: a Ray Data pipeline with CPU and GPU actor pools (on --address, "
+        "or an in-process Ray). local: in this process, without Ray: for small inputs, which a Ray job "
+        "would spend most of its time starting (Ray itself, then one process per actor importing torch "
+        "and sentence-transformers). auto (default): local when no cluster is given (no --address, no "
+        "$RAY_ADDRESS, Ray not already started in this process), no pool size is set, and the input is "
+        f"no bigger than one preprocess actor's share ({RECORDS_PER_PREPROCESSOR['media']:,} media or "
+        f"{RECORDS_PER_PREPROCESSOR['text']:,} text records); ray otherwise. Outputs are the same either way.",
+    )
     add_io_options(p)
     return p
 
@@ -166,6 +179,7 @@ def plan(args) -> dict:
         "has_normalize_module": any(type(m).__name__ == "Normalize" for m in meta_model),
         "unsupported": unsupported,
     }
+    out["executor"] = choose_executor(args, spec)
     # A rerun into the same output resumes (or finds it complete); another model, prompt or input refuses.
     out["identity"] = run_identity(args, out)
     out["state"] = inspect_output(args.output, out["identity"], args.storage_options, overwrite=args.overwrite)
@@ -176,6 +190,27 @@ def plan(args) -> dict:
 # start costs seconds of imports and model load (about 6 s of CPU on a 2-core box), which a few
 # thousand images or tens of thousands of texts repay.
 RECORDS_PER_PREPROCESSOR = {"media": 2_000, "text": 20_000}
+
+
+def choose_executor(args, spec) -> str:
+    """"ray" or "local" for --executor (see its help); refuses a local run on a cluster."""
+    import os
+
+    wanted = getattr(args, "executor", "ray")
+    on_cluster = bool(args.address or os.environ.get("RAY_ADDRESS"))
+    if wanted == "local":
+        if on_cluster:
+            raise UsageError("--executor local runs in this process, without Ray, but a cluster address is set "
+                             "(--address or $RAY_ADDRESS); drop one of them.")
+        return "local"
+    if wanted == "ray":
+        return "ray"
+    ray = sys.modules.get("ray")
+    if on_cluster or (ray is not None and ray.is_initialized()):
+        return "ray"
+    if args.num_preprocessors or args.num_encoders or getattr(args, "encoder_stage", None):
+        return "ray"
+    return "local" if spec.num_records <= RECORDS_PER_PREPROCESSOR[workload(spec)] else "ray"
 
 
 def workload(spec) -> str:
@@ -237,8 +272,40 @@ def plan_resources(cpus: float, gpus: float, args, spec=None) -> dict:
 # --------------------------------------------------------------------------------------------
 # The job
 # --------------------------------------------------------------------------------------------
+def preprocess_kwargs(args) -> dict:
+    return {
+        "task": args.task,
+        "prompt_name": args.prompt_name,
+        "prompt": args.prompt,
+        "storage_options": args.storage_options,
+        "max_bytes": args.max_bytes,
+        "fetch_threads": args.fetch_threads,
+        "max_image_pixels": args.max_image_pixels,
+        "allow_http": args.allow_http,
+        "transport_dtype": args.transport_dtype,
+    }
+
+
+def encoder_kwargs(args) -> dict:
+    return {
+        "batch_size": args.batch_size,
+        "task": args.task,
+        "normalize": args.normalize,
+        "truncate_dim": args.truncate_dim,
+        "precision": args.precision,
+        "max_batch_tokens": args.max_batch_tokens,
+        "max_batch_patches": args.max_batch_patches,
+        "compile": args.compile,
+    }
+
+
 def compose(args, p: dict, res: dict):
-    """read -> preprocess -> encode, as a lazy Ray dataset."""
+    """read -> preprocess -> encode, as a lazy Ray dataset.
+
+    `args.encoder_stage` (not a command-line option) swaps the encoder class, with
+    `args.encoder_stage_kwargs` added to its arguments: benchmarks/feed.py puts the stand-ins of
+    mmembed/testing/standin.py in the real pipeline this way.
+    """
     from ray.data import ActorPoolStrategy
 
     from mmembed.stages.encode import EncodeStage
@@ -253,17 +320,7 @@ def compose(args, p: dict, res: dict):
         ds = ds.map_batches(split_modalities, batch_format="pyarrow", batch_size=None, num_cpus=0.25)
     if p.get("skip_filter") is not None:
         ds = ds.filter(p["skip_filter"])
-    pre_kwargs = {
-        "task": args.task,
-        "prompt_name": args.prompt_name,
-        "prompt": args.prompt,
-        "storage_options": args.storage_options,
-        "max_bytes": args.max_bytes,
-        "fetch_threads": args.fetch_threads,
-        "max_image_pixels": args.max_image_pixels,
-        "allow_http": args.allow_http,
-        "transport_dtype": args.transport_dtype,
-    }
+    pre_kwargs = preprocess_kwargs(args)
     pre_remote = {"num_cpus": res["cpus_per_preprocessor"]}
     if args.memory_per_preprocessor:
         pre_remote["memory"] = args.memory_per_preprocessor
@@ -284,18 +341,12 @@ def compose(args, p: dict, res: dict):
     if args.encoder_resources:
         enc_remote["resources"] = args.encoder_resources
     ds = ds.map_batches(
-        EncodeStage,
+        getattr(args, "encoder_stage", None) or EncodeStage,
         fn_constructor_args=(p["model_spec"],),
         fn_constructor_kwargs={
+            **getattr(args, "encoder_stage_kwargs", {}),
             "device": res["device"],
-            "batch_size": args.batch_size,
-            "task": args.task,
-            "normalize": args.normalize,
-            "truncate_dim": args.truncate_dim,
-            "precision": args.precision,
-            "max_batch_tokens": args.max_batch_tokens,
-            "max_batch_patches": args.max_batch_patches,
-            "compile": args.compile,
+            **encoder_kwargs(args),
         },
         batch_size=args.encode_window or args.batch_size,
         batch_format="pyarrow",
@@ -305,6 +356,43 @@ def compose(args, p: dict, res: dict):
         **enc_remote,
     )
     return ds
+
+
+def local_resources(args) -> dict:
+    from mmembed.models import resolve_device
+
+    return {
+        "device": resolve_device(args.device),
+        "num_encoders": 1,
+        "cpus_per_encoder": None,
+        "gpus_per_encoder": 0,
+        "num_preprocessors": 1,
+        "cpus_per_preprocessor": None,
+        "executor": "local",
+    }
+
+
+def run_local(args, p: dict, res: dict, sink) -> None:
+    """compose()'s stages in this process (mmembed/local.py): the --executor local path."""
+    import pyarrow as pa
+
+    from mmembed.local import LocalExecutor
+    from mmembed.stages.encode import EncodeStage
+    from mmembed.stages.preprocess import PreprocessStage
+    from mmembed.stages.read import ReadStage, split_modalities
+
+    cpu_stages = []
+    if args.split_modalities:
+        cpu_stages.append(split_modalities)
+    index = p.get("skip_index")
+    if index is not None:
+        cpu_stages.append(lambda t: t.filter(pa.array(~index.lookup(t.column("id"))[0])))
+    cpu_stages.append(PreprocessStage(p["model_spec"], **preprocess_kwargs(args)))
+    encoder = EncodeStage(p["model_spec"], device=res["device"], **encoder_kwargs(args))
+    # Blocks of a few encoder batches: the producer preprocesses the next while this one encodes.
+    rows = max(args.preprocess_batch_size, args.encode_window or 4 * args.batch_size)
+    blocks = ReadStage(p["input"], args.storage_options, block_rows=rows).tables()
+    LocalExecutor(cpu_stages, encoder).write(blocks, sink)
 
 
 # Media records cost milliseconds each to decode and preprocess, text records microseconds:
@@ -356,17 +444,22 @@ def run(args) -> int:
 
 def execute(args, p: dict, started: float, started_iso: str) -> int:
     """The job proper, run while this process holds the output's lease."""
-    import ray
-    from ray.data import DataContext
-
     from mmembed.stages.write import ShardWriter
 
-    where = init_ray(args.address)
-    cluster = ray.cluster_resources()
-    res = plan_resources(cluster.get("CPU", 1), cluster.get("GPU", 0), args, p["input"])
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = True
-    ctx.enable_operator_progress_bars = True
+    local = p["executor"] == "local"
+    if local:
+        where = "local"
+        res = local_resources(args)
+    else:
+        import ray
+        from ray.data import DataContext
+
+        where = init_ray(args.address)
+        cluster = ray.cluster_resources()
+        res = {**plan_resources(cluster.get("CPU", 1), cluster.get("GPU", 0), args, p["input"]), "executor": "ray"}
+        ctx = DataContext.get_current()
+        ctx.enable_progress_bars = True
+        ctx.enable_operator_progress_bars = True
 
     if args.overwrite:
         clear_output(args.output, args.storage_options)
@@ -380,17 +473,20 @@ def execute(args, p: dict, started: float, started_iso: str) -> int:
     paths, error_paths = committed_shards(args.output, args.storage_options)
     already = 0
     if paths or error_paths:
-        from mmembed.changes import IndexRef
+        if local:
+            index, already = committed_index(paths, error_paths, args.storage_options)
+            p = {**p, "skip_index": index}
+        else:
+            from mmembed.changes import IndexRef
 
-        index, count = ray.remote(committed_index).options(num_cpus=0.25, num_returns=2).remote(
-            paths, error_paths, args.storage_options
-        )
-        already = ray.get(count)
-        p = {**p, "skip_filter": NotCommitted(IndexRef(index))}
+            index, count = ray.remote(committed_index).options(num_cpus=0.25, num_returns=2).remote(
+                paths, error_paths, args.storage_options
+            )
+            already = ray.get(count)
+            p = {**p, "skip_filter": NotCommitted(IndexRef(index))}
         log.info("resuming: %d record(s) already committed in %d shard(s) are skipped",
                  already, len(paths) + len(error_paths))
 
-    ds = compose(args, p, res)
     sink = ShardWriter(
         args.output,
         result_columns=["id", "embedding", "modality"],
@@ -398,12 +494,18 @@ def execute(args, p: dict, started: float, started_iso: str) -> int:
         shard_rows=args.shard_rows,
         run_token=token,
     )
-    ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
+    if local:
+        run_local(args, p, res, sink)
+    else:
+        compose(args, p, res).write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
     # Every committed shard counts, this attempt's and earlier ones'.
     paths, error_paths = committed_shards(args.output, args.storage_options)
-    totals = ray.get(
-        ray.remote(account).options(num_cpus=0.25).remote(paths, error_paths, args.storage_options)
-    )
+    if local:
+        totals = account(paths, error_paths, args.storage_options)
+    else:
+        totals = ray.get(
+            ray.remote(account).options(num_cpus=0.25).remote(paths, error_paths, args.storage_options)
+        )
     finished = time.time()
     spec: InputSpec = p["input"]
     records = spec.num_records
