@@ -56,6 +56,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be a positive number")
+    return value
+
+
 def add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (as in sentence-transformers)")
     g.add_argument(
@@ -218,6 +225,13 @@ def add_io_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("storage")
     add_storage_option(g)
     g.add_argument("--allow-http", action="store_true", help="Fetch http(s):// media URLs (refused by default).")
+    g.add_argument(
+        "--http-timeout",
+        type=positive_float,
+        default=30.0,
+        help="Seconds an http(s):// media fetch may take, per try (5 tries); a fetch that runs out becomes "
+        "an error row saying it timed out (default: 30).",
+    )
     g.add_argument(
         "--max-bytes",
         type=positive_int,

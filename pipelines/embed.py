@@ -93,7 +93,8 @@ def build_parser(prog: str = "mmembed embed") -> argparse.ArgumentParser:
         "and an image gives two rows. Every output id becomes `<id>#<modality>` (modality: text, image, "
         "audio, video or message; the source id is everything before the last `#`). Without it, a "
         "record with several modality cells is one multimodal input, which needs a model that supports "
-        "`message` (e.g. a Qwen3-VL embedder).",
+        "`message` (e.g. a Qwen3-VL embedder). Such records in the first 1,000 rows of a manifest fail the job "
+        "before Ray starts; later ones become error rows that say so.",
     )
     add_runtime_options(p)
     add_io_options(p)
@@ -262,6 +263,7 @@ def compose(args, p: dict, res: dict):
         "fetch_threads": args.fetch_threads,
         "max_image_pixels": args.max_image_pixels,
         "allow_http": args.allow_http,
+        "http_timeout_s": args.http_timeout,
         "transport_dtype": args.transport_dtype,
     }
     pre_remote = {"num_cpus": res["cpus_per_preprocessor"]}

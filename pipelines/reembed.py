@@ -126,7 +126,8 @@ def changes_pass(args, p: dict, res: dict, base_paths: list[str] | None, base_er
     ds = ReadStage(p["input"], so).dataset()
     ds = ds.map_batches(
         ContentHashStage,
-        fn_constructor_kwargs={"storage_options": so, "max_bytes": args.max_bytes, "allow_http": args.allow_http},
+        fn_constructor_kwargs={"storage_options": so, "max_bytes": args.max_bytes, "allow_http": args.allow_http,
+                               "http_timeout_s": args.http_timeout},
         batch_size=args.preprocess_batch_size,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(size=res["num_preprocessors"]),
