@@ -234,6 +234,11 @@ def run(args) -> int:
     started = time.time()
     started_iso = now_iso()
     # Every check before anything is written: the store root, then the embed pipeline's own plan.
+    from mmembed.stages.encode import QUANTIZED
+
+    if args.precision in QUANTIZED:
+        # Carried-over vectors would need the base snapshot's calibration ranges; not supported yet.
+        raise UsageError(f"reembed stores float32 or float16 vectors; --precision {args.precision} is for `mmembed embed`.")
     store = Store(args.store, args.storage_options, create=True)
     check_ray_address(args.address)
     _embed_defaults(args, store.root)
