@@ -17,6 +17,7 @@ import pytest
 from sentence_transformers.util.quantization import quantize_embeddings
 
 from tests.conftest import run_job
+from tests.test_search import assert_matches_brute_force, brute_force, read_search
 
 CALIBRATION = 7
 QUERIES = ["how do I keep my sourdough starter alive?", "best time to see the milky way", "fix my bike chain"]
@@ -85,6 +86,53 @@ def test_binary_vectors_are_st_quantize_embeddings_with_float_kept(corpus):
     floats, kind = stored(out, q["float_column"])
     assert kind == pa.list_(pa.float32(), 384)
     assert np.abs(np.stack([floats[i] for i in ids]) - st_float).max() <= 1e-5
+
+
+@pytest.mark.slow
+def test_search_binary_with_rescoring_finds_the_float_top_hits(corpus):
+    root, ids, k = corpus["root"], corpus["ids"], 3
+    out = root / "search-binary"
+    assert run_job(
+        "pipelines.search",
+        ["--queries", qfile(root), "--corpus-embeddings", corpus["outs"]["binary"], "--output", out, "--top-k", k,
+         "--model", corpus["path"], "--rescore-multiplier", 2, "--corpus-block-rows", 4],
+    ) == 0
+    results, errors, manifest = read_search(out)
+    assert not errors and manifest["model"]["rescored"]
+    order, scores = brute_force(corpus["queries"], corpus["float"], corpus["model"].similarity_fn_name, k)
+    assert_matches_brute_force(results, ["sour", "stars", "bike"], ids, order, scores)
+
+
+@pytest.mark.slow
+def test_search_int8_ranks_equal_numpy_on_stored_vectors(corpus):
+    root, k = corpus["root"], 5
+    cdir = corpus["outs"]["int8"]
+    out = root / "search-int8"
+    assert run_job(
+        "pipelines.search",
+        ["--queries", qfile(root), "--corpus-embeddings", cdir, "--output", out, "--top-k", k,
+         "--model", corpus["path"], "--corpus-block-rows", 4],
+    ) == 0
+    results, errors, _ = read_search(out)
+    assert not errors
+    ranges = np.asarray(json.loads((cdir / "_manifest.json").read_text())["model"]["quantization"]["ranges"])
+    qvec, _ = stored(out / "_query_embeddings")  # the float query vectors the search quantised
+    vectors, _ = stored(cdir)
+    doc_ids = sorted(vectors)
+    docs = np.stack([vectors[d] for d in doc_ids]).astype(np.int64)
+    for qid, got in results.items():
+        qq = quantize_embeddings(qvec[qid][None, :].astype(np.float32), "int8", ranges=ranges).astype(np.int64)
+        dots = (qq @ docs.T)[0]
+        want = sorted(range(len(doc_ids)), key=lambda j: (-dots[j], doc_ids[j]))[:k]
+        assert [d for d, _, _ in got] == [doc_ids[j] for j in want], qid
+        assert [s for _, s, _ in got] == [float(dots[j]) for j in want]
+
+
+def qfile(root):
+    path = root / "queries.parquet"
+    if not path.exists():
+        pq.write_table(pa.table({"id": ["sour", "stars", "bike"], "text": QUERIES}), path)
+    return path
 
 
 @pytest.mark.parametrize("precision", ["int8", "uint8", "binary", "ubinary"])
