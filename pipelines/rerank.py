@@ -209,6 +209,7 @@ def compose(args, p: dict, res: dict, partitions: int):
             "fetch_threads": args.fetch_threads,
             "max_image_pixels": args.max_image_pixels,
             "allow_http": args.allow_http,
+            "http_timeout_s": args.http_timeout,
             "transport_dtype": args.transport_dtype,
         },
         batch_size=args.preprocess_batch_size,
