@@ -289,3 +289,16 @@ def add_io_options(p: argparse.ArgumentParser) -> None:
         help="Exit non-zero when more than this fraction of records fail (output and error rows are "
         "still written; default: 1.0, never).",
     )
+
+
+def fetch_kwargs(args) -> dict:
+    """The io options as the preprocess stages' keyword arguments (embed, rerank and search alike)."""
+    return {
+        "storage_options": args.storage_options,
+        "max_bytes": args.max_bytes,
+        "fetch_threads": args.fetch_threads,
+        "max_image_pixels": args.max_image_pixels,
+        "allow_http": args.allow_http,
+        "http_timeout_s": args.http_timeout,
+        "transport_dtype": args.transport_dtype,
+    }

@@ -23,6 +23,7 @@ from mmembed.options import (
     add_io_options,
     add_model_options,
     add_runtime_options,
+    fetch_kwargs,
     job_main,
 )
 from mmembed.records import InputError, InputSpec, check_unique_ids, discover
@@ -381,13 +382,7 @@ def preprocess_kwargs(args) -> dict:
         "task": args.task,
         "prompt_name": args.prompt_name,
         "prompt": args.prompt,
-        "storage_options": args.storage_options,
-        "max_bytes": args.max_bytes,
-        "fetch_threads": args.fetch_threads,
-        "max_image_pixels": args.max_image_pixels,
-        "allow_http": args.allow_http,
-        "http_timeout_s": args.http_timeout,
-        "transport_dtype": args.transport_dtype,
+        **fetch_kwargs(args),
     }
 
 
