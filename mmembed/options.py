@@ -193,14 +193,18 @@ def add_embedding_options(p: argparse.ArgumentParser):
     g.add_argument("--normalize", action="store_true", help="L2-normalise embeddings (normalize_embeddings=True).")
     g.add_argument("--truncate-dim", type=int, default=None, help="Keep the first N dimensions (Matryoshka).")
     g.add_argument("--precision", choices=["float32", "float16"], default="float32", help="Stored embedding dtype.")
+    add_on_unsupported_option(g, "embed", "records")
+    return g
+
+
+def add_on_unsupported_option(g, verb: str, rows: str) -> None:
     g.add_argument(
         "--on-unsupported",
         choices=["fail", "error-row"],
         default="fail",
-        help="A modality in the input that the model cannot embed: fail before Ray starts (default), or "
-        "write those records as error rows and embed the rest.",
+        help=f"A modality in the input that the model cannot {verb}: fail before Ray starts (default), or "
+        f"write those {rows} as error rows and {verb} the rest.",
     )
-    return g
 
 
 def add_storage_option(p) -> None:
