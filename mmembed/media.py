@@ -267,6 +267,39 @@ def prepare_for_st(st_input):
     return st_input, (kwargs or None)
 
 
+def prepare_pair_for_st(pair: list):
+    """(pair, processing_kwargs) for a CrossEncoder [query, doc] pair holding decoded media.
+
+    ST turns a non-text pair into query/document messages itself, but passes each side's value
+    into the message part as given, and the processor does not take decoded dicts there. So, as
+    in messages, videos become their frames and audio its samples; the metadata (in pair order:
+    query first) and sampling rate go in the per-call kwargs.
+    """
+    kwargs: dict = {}
+    sides = []
+    for value in pair:
+        if isinstance(value, dict) and set(value) <= {"text", "image", "audio", "video"}:
+            value = {kind: _unwrap(kind, v, kwargs) for kind, v in value.items()}
+        else:
+            value = _unwrap("video" if _is_decoded_video(value) else "audio", value, kwargs)
+        sides.append(value)
+    return sides, (kwargs or None)
+
+
+def _unwrap(kind: str, value, kwargs: dict):
+    """A decoded video/audio value as the processor takes it, its metadata/rate added to kwargs."""
+    if kind == "video" and _is_decoded_video(value):
+        video = kwargs.setdefault("video", {"do_sample_frames": False, "video_metadata": []})
+        video["video_metadata"].append(value["video_metadata"])
+        return value["array"]
+    if kind == "audio" and isinstance(value, dict) and "sampling_rate" in value:
+        rate = kwargs.setdefault("audio", {}).setdefault("sampling_rate", value["sampling_rate"])
+        if rate != value["sampling_rate"]:
+            raise DecodeError("an input mixes audio at different sampling rates")
+        return value["array"]
+    return value
+
+
 def _unwrap_message(message: dict, kwargs: dict) -> dict:
     content = message.get("content")
     if not isinstance(content, list):
@@ -275,15 +308,7 @@ def _unwrap_message(message: dict, kwargs: dict) -> dict:
     for part in content:
         part = dict(part)
         kind = part.get("type")
-        value = part.get(kind)
-        if kind == "video" and _is_decoded_video(value):
-            video = kwargs.setdefault("video", {"do_sample_frames": False, "video_metadata": []})
-            video["video_metadata"].append(value["video_metadata"])
-            part["video"] = value["array"]
-        elif kind == "audio" and isinstance(value, dict) and "sampling_rate" in value:
-            rate = kwargs.setdefault("audio", {}).setdefault("sampling_rate", value["sampling_rate"])
-            if rate != value["sampling_rate"]:
-                raise DecodeError("a message mixes audio at different sampling rates")
-            part["audio"] = value["array"]
+        if kind in part:
+            part[kind] = _unwrap(kind, part[kind], kwargs)
         parts.append(part)
     return {**message, "content": parts}

@@ -134,5 +134,12 @@ def modality_label(modality) -> str:
     return str(modality)
 
 
-def unsupported_modalities(model, modalities: set[str]) -> list[str]:
-    return sorted(m for m in modalities if not model.supports(m))
+def label_modality(label: str):
+    """A record's modality label (`text`, `image+text`) as ST's Modality (a string or a tuple)."""
+    parts = tuple(sorted(label.split("+")))
+    return parts[0] if len(parts) == 1 else parts
+
+
+def unsupported_modalities(model, labels: set[str]) -> list[str]:
+    """The modality labels among `labels` that the model cannot take."""
+    return sorted(label for label in labels if not model.supports(label_modality(label)))

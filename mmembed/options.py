@@ -228,14 +228,18 @@ def add_embedding_options(p: argparse.ArgumentParser):
         help="With a quantised --precision, also store the float32 vectors in an `embedding_float` column, which "
         "`mmembed search` uses to rescore the quantised hits.",
     )
+    add_on_unsupported_option(g, "embed", "records")
+    return g
+
+
+def add_on_unsupported_option(g, verb: str, rows: str) -> None:
     g.add_argument(
         "--on-unsupported",
         choices=["fail", "error-row"],
         default="fail",
-        help="A modality in the input that the model cannot embed: fail before Ray starts (default), or "
-        "write those records as error rows and embed the rest.",
+        help=f"A modality in the input that the model cannot {verb}: fail before Ray starts (default), or "
+        f"write those {rows} as error rows and {verb} the rest.",
     )
-    return g
 
 
 def add_storage_option(p) -> None:

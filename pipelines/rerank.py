@@ -17,10 +17,11 @@ import time
 
 from mmembed import __version__
 from mmembed.manifest import MANIFEST_NAME, command_line, library_versions, now_iso, read_json, report, write_json
-from mmembed.models import ModelSpec, load_model, model_revision, resolve_prompt
+from mmembed.models import ModelSpec, load_model, model_revision, modality_label, resolve_prompt, unsupported_modalities
 from mmembed.options import (
     UsageError,
     add_io_options,
+    add_on_unsupported_option,
     add_model_options,
     add_runtime_options,
     fetch_kwargs,
@@ -44,7 +45,14 @@ def build_parser(prog: str = "mmembed rerank") -> argparse.ArgumentParser:
         "equal CrossEncoder.rank on the same pairs.",
         epilog="Candidates: Parquet (file, directory or glob) with query_id, query, doc_id and doc. A query/doc "
         "cell is text, a media URI or path (a string ending in a media extension, without spaces unless "
-        "absolute), raw image bytes, or a struct {text, image, audio, video} for multimodal records. Other "
+        "absolute: images, audio, video), raw image bytes, an audio struct {array, sampling_rate}, or a struct "
+        "{text, image, audio, video} for multimodal records (its audio may be such a struct, its image/video "
+        "bytes). Chat messages: a `messages` column holds a pair as one conversation, as CrossEncoder.predict "
+        "takes it: a list of {role, content} with roles `query` and `document` (and `system` for an "
+        "instruction), content a string or a list of {type, text|image|audio|video} parts; such rows need no "
+        "query/doc cells (CrossEncoder has no form for messages as one side of a pair, so a list-typed "
+        "query/doc column, or a --corpus record with `messages`, is refused). A modality the reranker cannot "
+        "take is refused before Ray starts (see --on-unsupported). Other "
         "columns (e.g. the retrieval score of `mmembed search`) are ignored. Output: part-*.parquet "
         "(query_id, doc_id, score, rank; rank 1 = best in its query), _errors/*.parquet (id = JSON "
         "[query_id, doc_id], stage, error) and _manifest.json. Exit codes: 0 ok, 2 bad usage (nothing ran), "
@@ -67,6 +75,7 @@ def build_parser(prog: str = "mmembed rerank") -> argparse.ArgumentParser:
     )
     add_model_options(p)
     g = p.add_argument_group("ranking (as in CrossEncoder.rank)")
+    add_on_unsupported_option(g, "score", "pairs")
     g.add_argument("--top-k", type=positive_int, default=None, help="Keep the best K documents per query (default: all).")
     g.add_argument("--prompt-name", default=None, help="A key of the reranker's `prompts` (its instruction).")
     g.add_argument("--prompt", default=None, help="A literal prompt/instruction (wins over --prompt-name).")
@@ -127,9 +136,38 @@ def load_reranker(args) -> tuple[ModelSpec, object]:
     return spec, model
 
 
+def refuse_unsupported(args, model, candidates, manifests: dict) -> None:
+    """The modalities of the candidates (a sample) and of the --corpus/--queries manifests that the
+    reranker cannot take: refused before Ray starts unless --on-unsupported error-row."""
+    from mmembed.stages.pair_preprocess import SIDE_MESSAGES
+    from mmembed.stages.read import sample_record_modalities
+    from mmembed.stages.read_pairs import sample_pair_modalities
+
+    supported = ", ".join(modality_label(m) for m in model.modalities)
+    problems = []
+    labels = sample_pair_modalities(candidates, tuple(manifests), args.storage_options)
+    bad = unsupported_modalities(model, labels)
+    if bad:
+        problems.append(f"the candidates hold {', '.join(bad)} inputs")
+    for side, spec in manifests.items():
+        flag = "--corpus" if side == "doc" else "--queries"
+        labels = (set(spec.modalities) | sample_record_modalities(spec, args.storage_options)) - {"message"}
+        bad = unsupported_modalities(model, labels)
+        if bad:
+            problems.append(f"{flag} holds {', '.join(bad)} records")
+        if "message" in spec.modalities:
+            problems.append(f"{flag} holds `messages` records, and {SIDE_MESSAGES}")
+    if problems and args.on_unsupported == "fail":
+        raise UsageError(
+            f"{'; '.join(problems)}; reranker {args.model} takes {supported}. Use a reranker that takes them "
+            "(e.g. a Qwen3-VL reranker for images and video), filter those pairs out, or pass --on-unsupported "
+            "error-row to write them as error rows and score the rest."
+        )
+
+
 def plan(args) -> dict:
     """Every check that needs no cluster. Raises UsageError."""
-    from mmembed.stages.read_pairs import discover_candidates, missing_columns
+    from mmembed.stages.read_pairs import check_cell_types, discover_candidates, missing_columns
 
     try:
         candidates = discover_candidates(args.candidates, args.storage_options)
@@ -150,9 +188,14 @@ def plan(args) -> dict:
         raise UsageError(
             f"candidates {args.candidates} lack required column(s) {', '.join(missing)}; found columns: "
             f"{', '.join(candidates.columns) or '(none)'}. A candidates dataset needs query_id, query, doc_id "
-            "and doc" + (f" ({'; '.join(hints)})" if hints else "") + "."
+            "and doc, or a `messages` conversation per pair" + (f" ({'; '.join(hints)})" if hints else "") + "."
         )
+    try:
+        check_cell_types(candidates, tuple(manifests))
+    except InputError as exc:
+        raise UsageError(str(exc)) from None
     spec, model = load_reranker(args)
+    refuse_unsupported(args, model, candidates, manifests)
     try:
         prompt = resolve_prompt(model, None, args.prompt_name, args.prompt)
     except ValueError as exc:

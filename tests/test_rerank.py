@@ -26,35 +26,6 @@ WORDS = (
 ).split()
 
 
-@pytest.fixture(scope="session")
-def tiny_cross_encoder(models_root) -> str:
-    from mmembed.testing import tiny_model
-
-    return tiny_model("cross_encoder", models_root)
-
-
-@pytest.fixture(scope="session")
-def tiny_reranker(models_root) -> str:
-    from mmembed.testing import tiny_model
-
-    return tiny_model("qwen3vl_reranker", models_root)
-
-
-@pytest.fixture(scope="session")
-def cross_encoders():
-    """CrossEncoder references, loaded once per model path."""
-    from sentence_transformers import CrossEncoder
-
-    cache = {}
-
-    def get(path):
-        if path not in cache:
-            cache[path] = CrossEncoder(path, device="cpu")
-        return cache[path]
-
-    return get
-
-
 def sentence(seed: int, n: int) -> str:
     rng = np.random.default_rng(seed)
     return " ".join(rng.choice(WORDS, size=n))

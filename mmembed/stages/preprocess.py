@@ -17,7 +17,7 @@ import pyarrow as pa
 from mmembed.decode import DecodeError, decode_image, decode_text
 from mmembed.features import FEATURE_FIELDS, pack, same_features, split_batch
 from mmembed.media import default_decoders, prepare_for_st
-from mmembed.models import ModelSpec, load_model, modality_label, resolve_prompt
+from mmembed.models import ModelSpec, label_modality, load_model, modality_label, resolve_prompt
 from mmembed.records import MEDIA_MODALITIES
 from mmembed.storage import FetchError, Fetcher
 
@@ -214,8 +214,7 @@ class PreprocessStage:
         return {"type": kind, kind: self._media({f"{kind}{cell}": value}, kind)}
 
     def _check_supported(self, label: str) -> None:
-        parts = tuple(sorted(label.split("+")))
-        modality = parts[0] if len(parts) == 1 else parts
+        modality = label_modality(label)
         if not self.model.supports(modality):
             # Past the up-front sample of plan(), a combination is only found here, per record.
             fix = (
