@@ -5,15 +5,17 @@
 Workload: a tiny random-weight CLIP (built locally) over generated 640x480 JPEG photos on disk.
 - baseline: ST's own loop, decoding each file with Pillow and calling `encode` (batch 32);
   the model is loaded inside the timing, the `import sentence_transformers` before it;
-- mmembed: `pipelines.embed` from the files on disk to Parquet on disk, on an in-process Ray
-  that is already up (a first job started it), so each job pays its own actor start-up
-  (worker processes, imports, model load) but not Ray's.
+- mmembed: `pipelines.embed` from the files on disk to Parquet on disk, called in this
+  process as a library user would, with the default `--executor auto`: an input of at most
+  2,000 photos runs in-process (mmembed/local.py), a larger one on an in-process Ray.
 
-Three figures, each against the same baseline:
+Figures, each against a baseline measured in the same run:
 - end to end: `--images` photos, whole job against ST's whole loop;
-- steady state: the marginal rate between `--images` and twice as many photos, for both
-  (fixed costs cancel), which is what a corpus-scale run sees;
-- start-up: the wall time of a first 16-photo job on a cold Ray (Ray start, actors, write).
+- steady state: the marginal rate between `--images` and twice as many photos on Ray with a
+  corpus-sized pool, for both (fixed costs cancel), which is what a corpus-scale run sees;
+- cold start: `mmembed embed` on 16 photos as a fresh command (`python -m mmembed.cli embed`,
+  a new process), against a fresh process that only runs `import sentence_transformers`: the
+  part of the cold start that no pipeline design removes while the model is ST's.
 """
 
 from __future__ import annotations
@@ -63,6 +65,20 @@ def st_baseline(model_path: str, paths: list[Path], batch_size: int) -> tuple[fl
     return time.perf_counter() - t0, out
 
 
+def fresh_process_s(argv: list[str]) -> float:
+    """Wall time of a new Python process running argv (the CLI's cold start), which must succeed."""
+    import subprocess
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("RAY_ADDRESS", None)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise SystemExit(f"embed_cpu.py: {argv} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return wall
+
+
 def link_subset(photos: list[Path], root: Path) -> Path:
     """A directory holding the given photos as hard links: the same bytes, no copies."""
     if root.exists():
@@ -94,6 +110,15 @@ def main() -> int:
         "n": link_subset(photos[:n], work / "photos-n"),
         "2n": link_subset(photos, work / "photos-2n"),
     }
+
+    # Cold starts first, while nothing of ST or Ray is loaded in any process of this run.
+    cold_import = fresh_process_s(["-c", "import sentence_transformers"])
+    cold_out = work / "out-cold"
+    shutil.rmtree(cold_out, ignore_errors=True)
+    cold_cli = fresh_process_s(["-m", "mmembed.cli", "embed", "--input", str(sets["warm"]), "--output", str(cold_out),
+                                "--model", clip, "--batch-size", str(args.batch_size)])
+    cold_manifest = json.loads((cold_out / "_manifest.json").read_text())
+    assert cold_manifest["counts"]["written"] == 16, cold_manifest["counts"]
 
     st_n, _ = st_baseline(clip, photos[:n], args.batch_size)
     st_2n, _ = st_baseline(clip, photos, args.batch_size)
@@ -139,6 +164,9 @@ def main() -> int:
         "mmembed_steady_img_per_s": mm_steady,
         "ratio_steady": mm_steady / st_steady,
         "startup_s_cold_16_images": times["warm"],
+        "cold_cli_s_16_images": cold_cli,
+        "cold_import_sentence_transformers_s": cold_import,
+        "cold_cli_executor": cold_manifest["resources"].get("executor"),
         "mmembed_fixed_cost_s": times["n-steady"] - n / mm_steady,
         "resources_end_to_end": resources["n"],
         "resources_steady": resources["2n"],
@@ -155,7 +183,10 @@ def main() -> int:
     print(f"    mmembed                        {mm_steady:8.1f} img/s")
     print(f"    ratio mmembed / ST             {r['ratio_steady']:8.2f}   (target >= 1.0)")
     print(f"  mmembed fixed cost per job       {r['mmembed_fixed_cost_s']:8.1f} s     (steady-state pool: actor start, model load)")
-    print(f"  start-up (cold Ray, 16 photos)   {times['warm']:8.1f} s     (target < 10 s)")
+    print(f"  first 16-photo job in-process    {times['warm']:8.1f} s     (ST already imported; executor "
+          f"{resources['warm'].get('executor')})")
+    print(f"  cold CLI, 16 photos (new process){cold_cli:8.1f} s     (target <= 8 s; executor {r['cold_cli_executor']})")
+    print(f"    of which `import sentence_transformers` alone {cold_import:.1f} s in a new process")
     print(f"  actors, end to end               {resources['n']}")
     print(f"  actors, steady state             {resources['2n']}")
     if args.json:

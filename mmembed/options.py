@@ -109,6 +109,15 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
         help="Encoder actors (default: one per GPU in the cluster, or 1 on CPU).",
     )
     g.add_argument(
+        "--calls-per-encoder",
+        type=positive_int,
+        default=None,
+        help="Batches each encoder actor works on at once (default: 2 on CUDA, 1 on CPU). With 2, one "
+        "call's host work (Arrow rows to tensors, the copy to the GPU, the embeddings back) runs while the "
+        "other call's forward pass holds the GPU, so the GPU does not wait between batches; it costs one more "
+        "batch of GPU memory. On CPU the calls would only compete for the same cores.",
+    )
+    g.add_argument(
         "--num-preprocessors",
         type=positive_int,
         default=None,

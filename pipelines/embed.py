@@ -371,7 +371,26 @@ def plan_resources(cpus: float, gpus: float, args, spec=None) -> dict:
         "gpus_per_encoder": args.gpus_per_encoder if device == "cuda" else 0,
         "num_preprocessors": preprocessors,
         "cpus_per_preprocessor": pre_cpus,
+        "calls_per_encoder": getattr(args, "calls_per_encoder", None) or (2 if device == "cuda" else 1),
     }
+
+
+def encoder_pool(res: dict):
+    """The encoder actor pool. With several calls per actor, Ray runs them on the actor's threads:
+    each call syncs with the device once, at its end, and meanwhile another call collates and
+    queues its batch, so the device never idles on the host's per-batch work."""
+    from ray.data import ActorPoolStrategy
+
+    calls = res.get("calls_per_encoder", 1)
+    if calls == 1:
+        return ActorPoolStrategy(size=res["num_encoders"])
+    return ActorPoolStrategy(
+        size=res["num_encoders"],
+        max_concurrent_calls_per_actor=calls,
+        enable_true_multi_threading=True,
+        # Each thread needs a block of its own waiting for it.
+        max_tasks_in_flight_per_actor=calls + 1,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -459,7 +478,7 @@ def compose(args, p: dict, res: dict, encode: dict | None = None):
         },
         batch_size=args.encode_window or args.batch_size,
         batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=res["num_encoders"]),
+        compute=encoder_pool(res),
         max_restarts=-1,
         max_task_retries=-1,
         **enc_remote,

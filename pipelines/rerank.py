@@ -30,7 +30,7 @@ from mmembed.options import (
 )
 from mmembed.records import InputError, check_unique_ids, discover
 from mmembed.storage import filesystem, join_uri
-from pipelines.embed import EXIT_ERRORS, EXIT_OK, init_ray, plan_resources
+from pipelines.embed import EXIT_ERRORS, EXIT_OK, encoder_pool, init_ray, plan_resources
 
 log = logging.getLogger("mmembed")
 
@@ -266,7 +266,7 @@ def compose(args, p: dict, res: dict, partitions: int):
         },
         batch_size=getattr(args, "encode_window", None) or args.batch_size,
         batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=res["num_encoders"]),
+        compute=encoder_pool(res),
         max_restarts=-1,
         max_task_retries=-1,
         **gpu,

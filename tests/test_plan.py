@@ -56,3 +56,9 @@ def test_an_explicit_pool_size_is_kept_whatever_the_input():
 )
 def test_blocks_give_every_preprocess_actor_several(records, modalities, preprocessors, want):
     assert embed.block_rows(_spec(records, modalities), preprocessors, 16) == want
+
+
+def test_calls_per_encoder_default_two_on_cuda_one_on_cpu():
+    assert embed.plan_resources(2, 0, _args())["calls_per_encoder"] == 1
+    assert embed.plan_resources(8, 1, _args())["calls_per_encoder"] == 2
+    assert embed.plan_resources(8, 1, _args("--calls-per-encoder", "3"))["calls_per_encoder"] == 3

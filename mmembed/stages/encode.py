@@ -8,6 +8,7 @@ ST's `encode` does after `preprocess`: forward, optional truncation and normalis
 from __future__ import annotations
 
 import logging
+import threading
 from collections import defaultdict
 
 import numpy as np
@@ -105,6 +106,8 @@ class EncodeStage:
         self.budget = Budget(batch_size, max_batch_tokens, max_batch_patches)
         # Real and padded token positions computed so far, for the padding-waste figure.
         self.token_counts = [0, 0]
+        # Ray may run several calls at once on this actor's threads (--calls-per-encoder).
+        self._counts_lock = threading.Lock()
         if compile:
             self._compile()
 
@@ -146,8 +149,9 @@ class EncodeStage:
 
     def _count_tokens(self, costs):
         lengths = [c[0] for c in costs]
-        self.token_counts[0] += sum(lengths)
-        self.token_counts[1] += len(lengths) * max(lengths, default=0)
+        with self._counts_lock:
+            self.token_counts[0] += sum(lengths)
+            self.token_counts[1] += len(lengths) * max(lengths, default=0)
 
     @property
     def padding_waste(self) -> float:

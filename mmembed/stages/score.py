@@ -9,6 +9,8 @@ an upcast of sub-fp32 scores, the model's activation and the single-label squeez
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pyarrow as pa
 
@@ -54,6 +56,7 @@ class ScoreStage(EncodeStage):
         self.forward_kwargs = {}
         self.budget = Budget(batch_size, max_batch_tokens, max_batch_patches)
         self.token_counts = [0, 0]
+        self._counts_lock = threading.Lock()
         processor = getattr(self.model[0], "processor", None) or getattr(self.model, "tokenizer", None)
         tokenizer = getattr(processor, "tokenizer", processor)
         self.pad_token_id = getattr(tokenizer, "pad_token_id", None) or 0
