@@ -220,7 +220,7 @@ class PreprocessStage:
             fix = (
                 "; it cannot embed modalities together (no `message` support): rerun with --split-modalities "
                 "to embed each modality on its own, or use a model that supports messages (e.g. a Qwen3-VL embedder)"
-                if len(parts) > 1
+                if isinstance(modality, tuple)
                 else ""
             )
             raise RecordError(
