@@ -246,7 +246,10 @@ def compose(args, p: dict, res: dict):
     from mmembed.stages.read import ReadStage
 
     rows = block_rows(p["input"], res["num_preprocessors"], args.preprocess_batch_size)
-    ds = ReadStage(p["input"], args.storage_options, block_rows=rows).dataset()
+    if p.get("records") is not None:  # records a caller prepared (reembed's diff), not the input itself
+        ds = p["records"].repartition(target_num_rows_per_block=rows)
+    else:
+        ds = ReadStage(p["input"], args.storage_options, block_rows=rows).dataset()
     if args.split_modalities:
         from mmembed.stages.read import split_modalities
 
