@@ -42,7 +42,7 @@ ERRORS_DIR = "_errors"
 # What decides the vectors; a rerun that differs in any of these is a different run.
 IDENTITY_KEYS = (
     "model", "revision", "prompt", "task", "prompt_name", "normalize", "truncate_dim", "precision",
-    "model_kwargs", "processor_kwargs", "split_modalities", "input_uri", "input_fingerprint",
+    "model_kwargs", "processor_kwargs", "split_modalities", "input_uri", "input_fingerprint", "quantization",
 )
 
 
@@ -62,6 +62,8 @@ def run_identity(args, p: dict) -> dict:
         "split_modalities": bool(getattr(args, "split_modalities", False)),
         "input_uri": args.input,
         "input_fingerprint": spec.fingerprint,
+        # Only quantised runs carry it, so outputs written before it existed still resume.
+        **({"quantization": p["quantization"]} if p.get("quantization") else {}),
     }
 
 

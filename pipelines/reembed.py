@@ -193,7 +193,7 @@ def changes_pass(args, p: dict, res: dict, base_paths: list[str] | None, base_er
     ds = ds.map_batches(
         ContentHashStage,
         fn_constructor_kwargs={"storage_options": so, "max_bytes": args.max_bytes, "allow_http": args.allow_http,
-                               "keep_record": True},
+                               "http_timeout_s": args.http_timeout, "keep_record": True},
         batch_size=args.preprocess_batch_size,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(size=res["num_preprocessors"]),
@@ -280,6 +280,11 @@ def run(args) -> int:
     started = time.time()
     started_iso = now_iso()
     # Every check before anything is written: the store root, then the embed pipeline's own plan.
+    from mmembed.stages.encode import QUANTIZED
+
+    if args.precision in QUANTIZED:
+        # Carried-over vectors would need the base snapshot's calibration ranges; not supported yet.
+        raise UsageError(f"reembed stores float32 or float16 vectors; --precision {args.precision} is for `mmembed embed`.")
     store = Store(args.store, args.storage_options, create=True)
     check_ray_address(args.address)
     _embed_defaults(args, store.root)
