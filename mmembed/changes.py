@@ -245,23 +245,3 @@ def classify(batch: pa.Table, base: "IndexRef | KeyIndex | None") -> pa.Table:
         {"id": batch.column("id"), "content_hash": batch.column("content_hash"), "status": status},
         schema=CHANGES_SCHEMA,
     )
-
-
-# The embed stages keep a record's id and nothing else of it: the content hash of a record to embed
-# rides in its id through them (after the last separator; a hash is hex, so splitting at the last one
-# is exact whatever the id holds), rather than in an index of every id to embed.
-_SEP = "\x1f"
-
-
-def hash_into_id(batch: pa.Table) -> pa.Table:
-    tagged = pc.binary_join_element_wise(batch.column("id"), pc.fill_null(batch.column("content_hash"), ""), _SEP)
-    batch = batch.drop_columns(["content_hash"])
-    return batch.set_column(batch.schema.get_field_index("id"), "id", tagged)
-
-
-def hash_from_id(batch: pa.Table, schema: pa.Schema) -> pa.Table:
-    """Undo hash_into_id on embedded (and error) rows: the real id, + content_hash, in `schema`."""
-    pairs = [v.rpartition(_SEP) for v in batch.column("id").to_pylist()]
-    batch = batch.set_column(batch.schema.get_field_index("id"), "id", pa.array([a for a, _, _ in pairs], pa.string()))
-    batch = batch.append_column("content_hash", pa.array([h or None for _, _, h in pairs], pa.string()))
-    return batch.select(schema.names).cast(schema)

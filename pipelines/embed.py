@@ -432,6 +432,8 @@ def compose(args, p: dict, res: dict, encode: dict | None = None):
         ds = ds.limit(p["limit"])
     encode = {**encode_precision(args, p), **(encode or {})}
     pre_kwargs = preprocess_kwargs(args)
+    if p.get("passthrough"):  # record columns the caller needs back on each result row (reembed's content_hash)
+        pre_kwargs["passthrough"] = encode["passthrough"] = tuple(p["passthrough"])
     pre_remote = {"num_cpus": res["cpus_per_preprocessor"]}
     if args.memory_per_preprocessor:
         pre_remote["memory"] = args.memory_per_preprocessor

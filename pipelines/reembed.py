@@ -15,8 +15,9 @@ Two streaming passes, both on Ray Data; neither holds every id anywhere (see mme
   1. changes: read -> content hash (CPU pool) -> records and base rows split into id-hash buckets
      (scratch `_diff/`) -> one diff task per bucket -> `_changes/` (id, content_hash, status),
      `_diff/todo/` (records to embed) and `_diff/carry/` (base rows of unchanged records)
-  2. embed:   `_diff/todo/` -> preprocess -> encode (the embed pipeline's stages) -> + content_hash,
-     unioned with `_diff/carry/` -> shards; `_diff/` is removed before the snapshot commits
+  2. embed:   `_diff/todo/` -> preprocess -> encode (the embed pipeline's stages, passing the
+     content_hash column through) unioned with `_diff/carry/` -> shards; `_diff/` is removed
+     before the snapshot commits
 """
 
 from __future__ import annotations
@@ -203,9 +204,12 @@ def changes_pass(args, p: dict, res: dict, base_paths: list[str] | None, base_er
     return diff_buckets(ds, base_paths or [], base_errors, buckets, out, schema, so)
 
 
+def _conform(batch: pa.Table, schema: pa.Schema) -> pa.Table:
+    return batch.select(schema.names).cast(schema)
+
+
 def embed_pass(args, p: dict, res: dict, counts: dict, scratch: str, schema: pa.Schema, out: str) -> dict:
     """Pass 2: embed the records the diff left to embed, union the base rows it kept, write one snapshot."""
-    from mmembed.changes import hash_from_id, hash_into_id
     from mmembed.stages.write import ShardWriter
     from mmembed.storage import filesystem, join_uri, unstrip
 
@@ -218,9 +222,10 @@ def embed_pass(args, p: dict, res: dict, counts: dict, scratch: str, schema: pa.
     parts = []
     if counts[NEW] + counts[CHANGED]:
         records = _read_parquet(files("todo"), args.storage_options)
-        records = records.map_batches(hash_into_id, batch_format="pyarrow", batch_size=None, num_cpus=0.25)
-        ds = embed.compose(args, {**p, "records": records}, res)
-        ds = ds.map_batches(hash_from_id, fn_kwargs={"schema": schema}, batch_format="pyarrow", batch_size=None,
+        # The preprocess and encode stages carry each record's content hash through to its result row.
+        ds = embed.compose(args, {**p, "records": records, "passthrough": ["content_hash"]}, res)
+        # One schema for both branches: the shard writer concatenates their rows.
+        ds = ds.map_batches(_conform, fn_kwargs={"schema": schema}, batch_format="pyarrow", batch_size=None,
                             num_cpus=0.25)
         parts.append(ds)
     if counts[UNCHANGED]:
