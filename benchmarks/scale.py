@@ -8,7 +8,7 @@ with its own Ray runtime (2 CPUs, 1.5 GB object store, as on the 2-core CI machi
 offline random-weight CLIP (text tower for texts, vision tower for images) so that the pipeline,
 not the model, is what is measured. Per run it records:
 
-- peak driver RSS (the driver process alone, `ru_maxrss`): nothing may collect the corpus there;
+- peak driver RSS (the driver process alone, its VmHWM): nothing may collect the corpus there;
 - bytes spilled from the object store to disk (Ray's memory summary): blocks must stay small;
 - records/s over the whole job (plan, Ray start, read, preprocess, encode, write, manifest);
 - output shard count.
@@ -77,9 +77,19 @@ def make_images(root: Path, n: int) -> Path:
 
 
 # -- one measured run (a fresh process) ----------------------------------------------------------------
-def worker(argv: list[str], object_store: int) -> dict:
-    import resource
+def _status_mb(field: str) -> float:
+    """VmHWM (peak) or VmRSS (now) of this process, in MB.
 
+    Not `ru_maxrss`: Linux carries it across exec, so a worker started by a parent that had just
+    generated a corpus reported the parent's peak (a 10 MB child of a 218 MB parent reads 218 MB).
+    """
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return round(int(line.split()[1]) / 1024, 1)
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def worker(argv: list[str], object_store: int) -> dict:
     import ray
 
     ray.init(num_cpus=2, object_store_memory=object_store, include_dashboard=False, logging_level="WARNING")
@@ -106,7 +116,7 @@ def worker(argv: list[str], object_store: int) -> dict:
         "shards": len(manifest["files"]),
         "wall_s": round(wall, 1),
         "records_per_s": round(manifest["counts"]["records"] / wall, 1),
-        "peak_driver_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_driver_rss_mb": _status_mb("VmHWM"),
         "spilled_mb": round(spilled / 2**20, 1),
     }
 
@@ -163,8 +173,7 @@ def make_diff_inputs(root: Path, n: int) -> tuple[Path, Path, dict]:
 
 
 def diff_worker(spec: dict, object_store: int) -> dict:
-    import resource
-
+    import pyarrow as pa
     import ray
 
     ray.init(num_cpus=2, object_store_memory=object_store, include_dashboard=False, logging_level="WARNING")
@@ -174,9 +183,8 @@ def diff_worker(spec: dict, object_store: int) -> dict:
     from mmembed.stages.encode import embedding_schema
     from pipelines.reembed import _read_parquet, diff_buckets
 
-    import pyarrow as pa
-
     DataContext.get_current().enable_progress_bars = False
+    ready = _status_mb("VmRSS")  # Ray started and the code imported: what the diff adds comes after
     base = sorted(str(p) for p in Path(spec["base"]).glob("*.parquet"))
     new = sorted(str(p) for p in Path(spec["new"]).glob("*.parquet"))
     schema = embedding_schema(4).append(pa.field("content_hash", pa.string()))
@@ -186,8 +194,8 @@ def diff_worker(spec: dict, object_store: int) -> dict:
     wall = time.time() - started
     ray.shutdown()
     return {"counts": counts, "buckets": buckets, "wall_s": round(wall, 1),
-            "records_per_s": round(spec["n"] / wall, 1),
-            "peak_driver_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+            "records_per_s": round(spec["n"] / wall, 1), "driver_rss_before_mb": ready,
+            "peak_driver_rss_mb": _status_mb("VmHWM")}
 
 
 def measure_diff(n: int, work: Path, object_store: int) -> dict:
@@ -212,11 +220,11 @@ def measure_diff(n: int, work: Path, object_store: int) -> dict:
 
 
 def diff_report(rows: list[dict]) -> None:
-    print("| ids | buckets | peak driver RSS (MB) | ids/s | wall (s) |")
-    print("|---:|---:|---:|---:|---:|")
+    print("| ids | buckets | driver RSS before the diff (MB) | peak driver RSS (MB) | ids/s | wall (s) |")
+    print("|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['size']:,} | {r['buckets']} | {r['peak_driver_rss_mb']:,.0f} | {r['records_per_s']:,.0f} | "
-              f"{r['wall_s']:,.0f} |")
+        print(f"| {r['size']:,} | {r['buckets']} | {r['driver_rss_before_mb']:,.0f} | {r['peak_driver_rss_mb']:,.0f} | "
+              f"{r['records_per_s']:,.0f} | {r['wall_s']:,.0f} |")
     if len(rows) >= 2:
         growth = rows[-1]["peak_driver_rss_mb"] - rows[0]["peak_driver_rss_mb"]
         print(f"- driver RSS growth {rows[0]['size']:,} -> {rows[-1]['size']:,}: {growth:+.0f} MB "
