@@ -1,10 +1,15 @@
-"""Which records changed since a snapshot: an id-keyed index of content hashes, and the
-per-batch steps of an incremental run that use it.
+"""Which records changed since a snapshot: a diff of (id, content hash) streamed through hash
+buckets, and an id-keyed index of content hashes for looking ids up.
 
 The index keeps 128 bits of each id (two vectorised SipHash words) and 128 bits of its content
-hash as four uint64 arrays, sorted by id: 32 bytes a record, no strings. It is built by a Ray
-task, lives in the object store, and every worker maps it zero-copy, so neither the driver nor
-any worker holds the corpus' ids as Python objects.
+hash as four uint64 arrays, sorted by id: 32 bytes a record, no strings.
+
+The diff never holds every id anywhere. Both sides (the input's records with their new hashes,
+the base snapshot's rows) are written to scratch Parquet split by a hash of the id into buckets of
+about BUCKET_ROWS records (a streaming Ray Data write), then one Ray task per bucket diffs that
+bucket alone: it indexes the base's ids of the bucket, classifies the bucket's records, and writes
+the bucket's `_changes` rows, its records to embed (with their hash) and its base rows to carry
+over. Memory per task is one bucket; the driver only sees per-bucket counts.
 """
 
 from __future__ import annotations
@@ -114,59 +119,125 @@ class IndexRef:
         return IndexRef._cache[key]
 
 
-# -- Ray tasks that build indexes from Parquet ----------------------------------------------------
-def _read_columns(paths: list[str], columns: list[str], storage_options: dict | None) -> pa.Table:
+# -- Ray tasks over Parquet -----------------------------------------------------------------------
+def _read_columns(paths: list[str], columns: list[str] | None, storage_options: dict | None) -> pa.Table | None:
     import pyarrow.parquet as pq
 
-    from mmembed.storage import filesystem
+    from mmembed.storage import filesystem, with_retries
 
     tables = []
     for p in paths:
         fs, path = filesystem(p, storage_options)
-        with fs.open(path, "rb") as f:
-            tables.append(pq.read_table(f, columns=columns))
+
+        def read(fs=fs, path=path):
+            with fs.open(path, "rb") as f:
+                return pq.read_table(f, columns=columns)
+
+        tables.append(with_retries(read))
     if not tables:
-        return pa.table({c: pa.array([], pa.string()) for c in columns})
+        return None if columns is None else pa.table({c: pa.array([], pa.string()) for c in columns})
     return pa.concat_tables(tables, promote_options="default")
 
 
-def build_index(paths: list[str], error_paths: list[str] = (), storage_options: dict | None = None) -> KeyIndex:
-    """Index of (id, content_hash) from a snapshot's result shards and error shards.
+# -- the bucketed diff ----------------------------------------------------------------------------
+BUCKET_ROWS = 200_000
+BUCKET = "bucket"
 
-    Error rows enter without a hash, so a record the base could not embed counts as changed and
-    is tried again, and the base's ids are all known when counting deletions.
-    """
-    t = _read_columns(paths, ["id", "content_hash"], storage_options)
-    errors = _read_columns(list(error_paths), ["id"], storage_options)
-    ids = pa.concat_arrays([c.combine_chunks() for c in (t.column("id"), errors.column("id").cast(pa.string()))])
+
+def num_buckets(rows: int) -> int:
+    return max(1, min(4096, -(-rows // BUCKET_ROWS)))
+
+
+def add_bucket(batch: pa.Table, buckets: int) -> pa.Table:
+    """+ the id's bucket, the column a partitioned write splits the rows by."""
+    hi, _ = id_keys(batch.column("id"))
+    return batch.append_column(BUCKET, pa.array((hi % np.uint64(buckets)).astype(np.int32)))
+
+
+def bucket_files(fs, root: str, k: int) -> list[str]:
+    """URIs of bucket k's files under a partitioned write's root (none when the bucket is empty)."""
+    from mmembed.storage import unstrip, with_retries
+
+    path = f"{fs._strip_protocol(root).rstrip('/')}/{BUCKET}={k}"
+    fs.invalidate_cache(path)
+    try:
+        return sorted(unstrip(fs, f) for f in with_retries(lambda: fs.find(path)) if f.endswith(".parquet"))
+    except FileNotFoundError:
+        return []
+
+
+def diff_bucket(k: int, scratch: str, changes: str, schema: pa.Schema, storage_options: dict | None) -> dict:
+    """Diff one bucket (a Ray task): write `changes/part-k`, `scratch/todo/part-k` (records to
+    embed, with their content_hash) and `scratch/carry/part-k` (base rows kept, in `schema`);
+    return its counts."""
+    import pyarrow.parquet as pq
+
+    from mmembed.storage import filesystem, join_uri, with_retries
+
+    fs, _ = filesystem(scratch, storage_options)
+    new = _read_columns(bucket_files(fs, join_uri(scratch, "new"), k), None, storage_options)
+    base_files = bucket_files(fs, join_uri(scratch, "base"), k)
+    base = _read_columns(base_files, ["id", "content_hash"], storage_options)
+    errors = _read_columns(bucket_files(fs, join_uri(scratch, "base_errors"), k), ["id"], storage_options)
+    # Error rows enter without a hash, so a record the base could not embed counts as changed.
+    ids = pa.concat_arrays([c.combine_chunks().cast(pa.string()) for c in (base.column("id"), errors.column("id"))])
     hashes = pa.concat_arrays(
-        [t.column("content_hash").combine_chunks().cast(pa.string()), pa.nulls(errors.num_rows, pa.string())]
+        [base.column("content_hash").combine_chunks().cast(pa.string()), pa.nulls(errors.num_rows, pa.string())]
     )
-    return KeyIndex.build(ids, hashes) if len(ids) else KeyIndex.empty()
+    index = KeyIndex.build(ids, hashes) if len(ids) else KeyIndex.empty()
+    counts = {NEW: 0, CHANGED: 0, UNCHANGED: 0}
+    if new is None or not new.num_rows:
+        return counts
+    status = classify(new.select(["id", "content_hash"]), index)
+    for s_, n in zip(*(c.to_pylist() for c in pc.value_counts(status.column("status")).flatten())):
+        counts[s_] = n
+
+    def write(table: pa.Table, uri: str) -> None:
+        wfs, path = filesystem(uri, storage_options)
+        wfs.makedirs(wfs._parent(path), exist_ok=True)
+
+        def put():
+            with wfs.open(path, "wb") as f:
+                pq.write_table(table, f)
+
+        with_retries(put)
+
+    name = f"part-{k:05d}.parquet"
+    write(status, join_uri(changes, name))
+    unchanged = pc.equal(status.column("status"), UNCHANGED)
+    if counts[NEW] + counts[CHANGED]:
+        write(new.filter(pc.invert(unchanged)), join_uri(join_uri(scratch, "todo"), name))
+    if counts[UNCHANGED]:
+        kept = status.filter(unchanged)
+        keep = KeyIndex.build(kept.column("id"), kept.column("content_hash"))
+        # The base's rows carry embeddings: streamed file by file, never the whole bucket at once.
+        carry = []
+        for uri in base_files:
+            t = _read_columns([uri], ["id", "modality", "embedding", "content_hash"], storage_options)
+            carry.append(_kept_rows(t, keep, schema))
+        write(pa.concat_tables(carry) if carry else schema.empty_table(), join_uri(join_uri(scratch, "carry"), name))
+    return counts
 
 
-def build_change_sets(paths: list[str], storage_options: dict | None = None):
-    """From a run's `_changes` shards: (records to embed, records to carry over, counts)."""
-    t = _read_columns(paths, ["id", "content_hash", "status"], storage_options)
-    status = t.column("status")
-    unchanged = pc.equal(status, UNCHANGED)
-    todo, keep = t.filter(pc.invert(unchanged)), t.filter(unchanged)
-    counts = {s: int(pc.sum(pc.equal(status, s)).as_py() or 0) for s in (NEW, CHANGED, UNCHANGED)}
-    return (
-        KeyIndex.build(todo.column("id"), todo.column("content_hash")),
-        KeyIndex.build(keep.column("id"), keep.column("content_hash")),
-        counts,
-    )
+def _kept_rows(batch: pa.Table, keep: KeyIndex, schema: pa.Schema) -> pa.Table:
+    """Rows of the base snapshot whose record is still in the input with the same content."""
+    found, vhi, vlo, vok = keep.lookup(batch.column("id"))
+    chi, clo, cok = hash_words(batch.column("content_hash"))
+    batch = batch.filter(pa.array(found & vok & cok & (vhi == chi) & (vlo == clo)))
+    n = batch.num_rows
+    batch = batch.append_column("stage", pa.nulls(n, pa.string())).append_column("error", pa.nulls(n, pa.string()))
+    return batch.select(schema.names).cast(schema)
 
 
 # -- Per-batch steps ------------------------------------------------------------------------------
-def classify(batch: pa.Table, base: IndexRef | None) -> pa.Table:
+def classify(batch: pa.Table, base: "IndexRef | KeyIndex | None") -> pa.Table:
     """(id, content_hash) -> + status: new (not in the base), changed (other content, or the base
     has an error row for it), or unchanged."""
     if base is None:
         status = pa.array([NEW] * batch.num_rows, pa.string())
     else:
-        found, vhi, vlo, vok = base.get().lookup(batch.column("id"))
+        index = base.get() if isinstance(base, IndexRef) else base
+        found, vhi, vlo, vok = index.lookup(batch.column("id"))
         chi, clo, cok = hash_words(batch.column("content_hash"))
         same = found & vok & cok & (vhi == chi) & (vlo == clo)
         status = pa.array(np.where(~found, NEW, np.where(same, UNCHANGED, CHANGED)).tolist(), pa.string())
@@ -174,30 +245,3 @@ def classify(batch: pa.Table, base: IndexRef | None) -> pa.Table:
         {"id": batch.column("id"), "content_hash": batch.column("content_hash"), "status": status},
         schema=CHANGES_SCHEMA,
     )
-
-
-class InIndex:
-    """Row predicate for Ray Data `filter`: the record's id is in the index (to be embedded)."""
-
-    def __init__(self, index: IndexRef):
-        self.index = index
-
-    def __call__(self, row: dict) -> bool:
-        return bool(self.index.get().lookup([row["id"]])[0][0])
-
-
-def attach_hashes(batch: pa.Table, index: IndexRef, schema: pa.Schema) -> pa.Table:
-    """Give embedded (and error) rows the content hash the change pass computed for them."""
-    _, vhi, vlo, vok = index.get().lookup(batch.column("id"))
-    batch = batch.append_column("content_hash", words_to_hex(vhi, vlo, vok))
-    return batch.select(schema.names).cast(schema)
-
-
-def carry_over(batch: pa.Table, keep: IndexRef, schema: pa.Schema) -> pa.Table:
-    """Rows of the base snapshot whose record is still in the input with the same content."""
-    found, vhi, vlo, vok = keep.get().lookup(batch.column("id"))
-    chi, clo, cok = hash_words(batch.column("content_hash"))
-    batch = batch.filter(pa.array(found & vok & cok & (vhi == chi) & (vlo == clo)))
-    n = batch.num_rows
-    batch = batch.append_column("stage", pa.nulls(n, pa.string())).append_column("error", pa.nulls(n, pa.string()))
-    return batch.select(schema.names).cast(schema)

@@ -437,7 +437,10 @@ def compose(args, p: dict, res: dict, encode: dict | None = None):
     from mmembed.stages.read import ReadStage
 
     rows = block_rows(p["input"], res["num_preprocessors"], args.preprocess_batch_size)
-    ds = ReadStage(p["input"], args.storage_options, block_rows=rows).dataset()
+    if p.get("records") is not None:  # records a caller prepared (reembed's diff), not the input itself
+        ds = p["records"].repartition(target_num_rows_per_block=rows)
+    else:
+        ds = ReadStage(p["input"], args.storage_options, block_rows=rows).dataset()
     if args.split_modalities:
         from mmembed.stages.read import split_modalities
 
@@ -448,6 +451,8 @@ def compose(args, p: dict, res: dict, encode: dict | None = None):
         ds = ds.limit(p["limit"])
     encode = {**encode_precision(args, p), **(encode or {})}
     pre_kwargs = preprocess_kwargs(args)
+    if p.get("passthrough"):  # record columns the caller needs back on each result row (reembed's content_hash)
+        pre_kwargs["passthrough"] = encode["passthrough"] = tuple(p["passthrough"])
     pre_remote = {"num_cpus": res["cpus_per_preprocessor"]}
     if args.memory_per_preprocessor:
         pre_remote["memory"] = args.memory_per_preprocessor

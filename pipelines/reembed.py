@@ -11,11 +11,13 @@ snapshot, commits it with its manifest, and only then moves CURRENT: automatical
 version is the current one (or the store has none yet), else only with --activate or a later
 `mmembed activate`.
 
-Two streaming passes, both on Ray Data:
-  1. changes: read -> content hash (CPU pool) -> compare with the base snapshot's hashes
-     -> `_changes/` (id, content_hash, status)
-  2. embed:   read -> keep new/changed -> preprocess -> encode (the embed pipeline's stages)
-     -> + content_hash, unioned with the base snapshot's rows of unchanged records -> shards
+Two streaming passes, both on Ray Data; neither holds every id anywhere (see mmembed/changes.py):
+  1. changes: read -> content hash (CPU pool) -> records and base rows split into id-hash buckets
+     (scratch `_diff/`) -> one diff task per bucket -> `_changes/` (id, content_hash, status),
+     `_diff/todo/` (records to embed) and `_diff/carry/` (base rows of unchanged records)
+  2. embed:   `_diff/todo/` -> preprocess -> encode (the embed pipeline's stages, passing the
+     content_hash column through) unioned with `_diff/carry/` -> shards; `_diff/` is removed
+     before the snapshot commits
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ log = logging.getLogger("mmembed")
 
 EXIT_OK, EXIT_ERRORS, EXIT_FAILED = embed.EXIT_OK, embed.EXIT_ERRORS, embed.EXIT_FAILED
 CHANGES_DIR = "_changes"
+SCRATCH_DIR = "_diff"  # the diff's buckets; removed before the snapshot commits
 
 
 def build_parser(prog: str = "mmembed reembed") -> argparse.ArgumentParser:
@@ -127,23 +130,63 @@ def _shard_paths(store: Store, snap: Snapshot, key: str = "files") -> list[str]:
     return [store.uri(snap.slug, snap.version, snap.snapshot, f["name"]) for f in snap.manifest.get(key, [])]
 
 
-def changes_pass(args, p: dict, res: dict, base_paths: list[str] | None, base_errors: list[str], out: str) -> tuple:
-    """Pass 1: hash every record, classify it against the base, write `_changes/`.
+def _read_parquet(paths: list[str], storage_options: dict, **kwargs):
+    import ray.data
 
-    Returns object refs of (records to embed, records to carry over) indexes and the counts.
+    fs, pafs = _parquet_reader_fs(paths[0], storage_options)
+    return ray.data.read_parquet([fs._strip_protocol(u) for u in paths], filesystem=pafs, num_cpus=0.25, **kwargs)
+
+
+def _write_buckets(ds, uri: str, buckets: int, storage_options: dict) -> None:
+    """Write a dataset split by id bucket (`uri/bucket=K/*.parquet`), streaming."""
+    from mmembed.changes import BUCKET, add_bucket
+
+    ds = ds.map_batches(add_bucket, fn_kwargs={"buckets": buckets}, batch_format="pyarrow", batch_size=None,
+                        num_cpus=0.25)
+    fs, pafs = _parquet_reader_fs(uri, storage_options)
+    ds.write_parquet(fs._strip_protocol(uri), filesystem=pafs, partition_cols=[BUCKET], ray_remote_args={"num_cpus": 0.25})
+
+
+def diff_buckets(records, base_paths: list[str], base_errors: list[str], buckets: int, out: str, schema: pa.Schema,
+                 storage_options: dict) -> tuple[dict, str]:
+    """Diff records carrying (id, content_hash) against a base snapshot's shards, bucket by bucket.
+
+    Writes `out/_changes/` and, under the scratch directory it returns with the counts, `todo/`
+    (the records to embed, with their hash) and `carry/` (the base rows to keep, in `schema`).
     """
     import ray
+
+    from mmembed.changes import NEW, diff_bucket
+    from mmembed.storage import join_uri
+
+    scratch = join_uri(out, SCRATCH_DIR)
+    _write_buckets(records, join_uri(scratch, "new"), buckets, storage_options)
+    if base_paths:
+        base = _read_parquet(base_paths, storage_options, columns=["id", "content_hash", "modality", "embedding"])
+        _write_buckets(base, join_uri(scratch, "base"), buckets, storage_options)
+    if base_errors:
+        _write_buckets(_read_parquet(base_errors, storage_options, columns=["id"]), join_uri(scratch, "base_errors"),
+                       buckets, storage_options)
+    # Half a CPU each: at most two buckets per core in memory at once.
+    task = ray.remote(diff_bucket).options(num_cpus=0.5)
+    refs = [task.remote(k, scratch, join_uri(out, CHANGES_DIR), schema, storage_options) for k in range(buckets)]
+    counts = {NEW: 0, CHANGED: 0, UNCHANGED: 0}
+    for c in ray.get(refs):
+        for key, n in c.items():
+            counts[key] += n
+    return counts, scratch
+
+
+def changes_pass(args, p: dict, res: dict, base_paths: list[str] | None, base_errors: list[str], base_rows: int,
+                 out: str, schema: pa.Schema) -> tuple[dict, str]:
+    """Pass 1: hash every record and diff it against the base (see mmembed/changes.py)."""
     from ray.data import ActorPoolStrategy
 
-    from mmembed.changes import IndexRef, build_change_sets, build_index, classify
+    from mmembed.changes import num_buckets
     from mmembed.stages.content_hash import ContentHashStage
     from mmembed.stages.read import ReadStage
-    from mmembed.storage import join_uri, unstrip
 
     so = args.storage_options
-    base = None
-    if base_paths is not None:
-        base = IndexRef(ray.remote(build_index).options(num_cpus=0.25).remote(base_paths, base_errors, so))
     hash_remote = {"num_cpus": res["cpus_per_preprocessor"]}
     if args.preprocessor_resources:
         hash_remote["resources"] = args.preprocessor_resources
@@ -151,64 +194,42 @@ def changes_pass(args, p: dict, res: dict, base_paths: list[str] | None, base_er
     ds = ds.map_batches(
         ContentHashStage,
         fn_constructor_kwargs={"storage_options": so, "max_bytes": args.max_bytes, "allow_http": args.allow_http,
-                               "http_timeout_s": args.http_timeout},
+                               "http_timeout_s": args.http_timeout, "keep_record": True},
         batch_size=args.preprocess_batch_size,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(size=res["num_preprocessors"]),
         **hash_remote,
     )
-    ds = ds.map_batches(classify, fn_kwargs={"base": base}, batch_format="pyarrow", batch_size=None, num_cpus=0.25)
-    changes_uri = join_uri(out, CHANGES_DIR)
-    fs, pafs = _parquet_reader_fs(changes_uri, so)
-    ds.write_parquet(fs._strip_protocol(changes_uri), filesystem=pafs, ray_remote_args={"num_cpus": 0.25})
-    files = sorted(f for f in fs.find(fs._strip_protocol(changes_uri)) if f.endswith(".parquet"))
-    todo, keep, counts = (
-        ray.remote(build_change_sets)
-        .options(num_cpus=0.25, num_returns=3)
-        .remote([unstrip(fs, f) for f in files], so)
-    )
-    return todo, keep, ray.get(counts)
+    buckets = num_buckets(max(p["input"].num_records, base_rows))
+    return diff_buckets(ds, base_paths or [], base_errors, buckets, out, schema, so)
 
 
-def embed_pass(args, p: dict, res: dict, todo, keep, counts: dict, base_paths: list[str] | None, out: str) -> dict:
-    """Pass 2: embed new and changed records, carry unchanged ones over, write one snapshot."""
-    import ray.data
+def _conform(batch: pa.Table, schema: pa.Schema) -> pa.Table:
+    return batch.select(schema.names).cast(schema)
 
-    from mmembed.changes import InIndex, IndexRef, attach_hashes, carry_over
-    from mmembed.stages.encode import embedding_schema
+
+def embed_pass(args, p: dict, res: dict, counts: dict, scratch: str, schema: pa.Schema, out: str) -> dict:
+    """Pass 2: embed the records the diff left to embed, union the base rows it kept, write one snapshot."""
     from mmembed.stages.write import ShardWriter
+    from mmembed.storage import filesystem, join_uri, unstrip
 
-    base_schema = embedding_schema(p["dim"], args.precision)
-    schema = base_schema.append(pa.field("content_hash", pa.string()))
+    fs, root = filesystem(scratch, args.storage_options)
+    fs.invalidate_cache(root)
+
+    def files(sub: str) -> list[str]:
+        return sorted(unstrip(fs, f) for f in fs.glob(f"{root.rstrip('/')}/{sub}/part-*.parquet"))
+
     parts = []
     if counts[NEW] + counts[CHANGED]:
-        # A full run embeds everything; an incremental one only the records pass 1 found new or changed.
-        p = {**p, "skip_filter": InIndex(IndexRef(todo)) if base_paths is not None else None}
-        ds = embed.compose(args, p, res)
-        ds = ds.map_batches(
-            attach_hashes,
-            fn_kwargs={"index": IndexRef(todo), "schema": schema},
-            batch_format="pyarrow",
-            batch_size=None,
-            num_cpus=0.25,
-        )
+        records = _read_parquet(files("todo"), args.storage_options)
+        # The preprocess and encode stages carry each record's content hash through to its result row.
+        ds = embed.compose(args, {**p, "records": records, "passthrough": ["content_hash"]}, res)
+        # One schema for both branches: the shard writer concatenates their rows.
+        ds = ds.map_batches(_conform, fn_kwargs={"schema": schema}, batch_format="pyarrow", batch_size=None,
+                            num_cpus=0.25)
         parts.append(ds)
-    if base_paths and counts[UNCHANGED]:
-        fs, pafs = _parquet_reader_fs(base_paths[0], args.storage_options)
-        carry = ray.data.read_parquet(
-            [fs._strip_protocol(u) for u in base_paths],
-            filesystem=pafs,
-            columns=["id", "modality", "embedding", "content_hash"],
-            num_cpus=0.25,
-        )
-        carry = carry.map_batches(
-            carry_over,
-            fn_kwargs={"keep": IndexRef(keep), "schema": schema},
-            batch_format="pyarrow",
-            batch_size=None,
-            num_cpus=0.25,
-        )
-        parts.append(carry)
+    if counts[UNCHANGED]:
+        parts.append(_read_parquet(files("carry"), args.storage_options, columns=schema.names))
     sink = ShardWriter(
         out,
         result_columns=["id", "embedding", "modality", "content_hash"],
@@ -220,6 +241,10 @@ def embed_pass(args, p: dict, res: dict, todo, keep, counts: dict, base_paths: l
         ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
     else:
         sink.on_write_start()
+    try:
+        fs.rm(root, recursive=True)
+    except FileNotFoundError:
+        pass
     return sink.result or {"files": [], "error_files": [], "written": 0, "errors": 0, "modalities": {}}
 
 
@@ -308,15 +333,18 @@ def execute(args, store: Store, p: dict, started: float, started_iso: str) -> in
     store.ensure_marker()
     store.write_version_info(slug, version, settings)
     base_errors = _shard_paths(store, base, "error_files") if base else []
-    todo, keep, counts = changes_pass(args, p, res, base_paths, base_errors, out)
+    from mmembed.stages.encode import embedding_schema
+
+    schema = embedding_schema(p["dim"], args.precision).append(pa.field("content_hash", pa.string()))
     base_rows = base.manifest["counts"]["written"] + base.manifest["counts"]["errors"] if base else 0
+    counts, scratch = changes_pass(args, p, res, base_paths, base_errors, base_rows, out, schema)
     changes = {
         NEW: counts[NEW],
         CHANGED: counts[CHANGED],
         UNCHANGED: counts[UNCHANGED],
         "deleted": base_rows - counts[CHANGED] - counts[UNCHANGED],
     }
-    totals = embed_pass(args, p, res, todo, keep, counts, base_paths, out)
+    totals = embed_pass(args, p, res, counts, scratch, schema, out)
     changes["embedded"] = totals["written"] - counts[UNCHANGED]
 
     spec: InputSpec = p["input"]

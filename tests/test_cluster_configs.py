@@ -231,6 +231,8 @@ def test_cronjob_submits_a_nightly_incremental_reembed_rayjob():
     assert rayjob["kind"] == "RayJob" and rayjob["metadata"]["generateName"]
     name, args = parse_entrypoint(rayjob["spec"]["entrypoint"])
     assert name == "reembed" and not args.full, "the nightly run must be incremental"
+    # RayJobs outlive the CronJob's pod, so Forbid does not stop two nights overlapping: the later waits, boundedly.
+    assert args.wait and 0 < args.wait_timeout < 24 * 3600, "queue behind an overrunning night, not for ever"
     assert args.store.startswith("s3://") and args.input.startswith("s3://")
     check_fit(args, kuberay_groups(rayjob["spec"]["rayClusterSpec"]))
     # The pod may create RayJobs, and nothing more.

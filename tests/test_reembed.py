@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -363,4 +364,80 @@ def test_reembed_on_s3_refuses_waits_for_and_takes_over_the_store_lease(ray_sess
     second = current_manifest()
     assert second["store"]["base_snapshot"] == first["store"]["snapshot"]
     assert second["changes"]["unchanged"] == 11 and second["changes"]["embedded"] == 0
+    assert not fs.exists(f"{bucket}/store/_lock.json")
+
+
+def test_two_concurrent_reembeds_on_s3_one_writes_and_the_other_refuses_or_waits(ray_session, s3, minilm_path,
+                                                                                  tmp_path):
+    """Two real drivers (processes on the session's Ray) start at once on one S3 store. Without --wait
+    exactly one commits a snapshot and the other exits 2 naming it; with --wait both run in turn, the
+    second building on the first's commit. Ids with a unit separator, newlines and non-ASCII come
+    back exactly, each with its own content hash (carried through the embed stages as a column)."""
+    from mmembed.stages.content_hash import ContentHashStage
+    from tests.s3_fixtures import s3fs_for
+
+    server, bucket, opts = s3
+    fs = s3fs_for(server)
+    root = f"s3://{bucket}/store"
+    # No error rows: the waited-for runs find everything unchanged and embed nothing, so they start no model.
+    texts = {"plain": "a plain record", "unit\x1fsep\x1f": "an id holding the unit separator",
+             "\x1fleading": "and one starting with it", "line\nbreak\ttab": "an id with a newline and a tab",
+             "ünï cødé / 文字 ": "non-ASCII, a slash and a trailing space", "0123456789abcdef" * 2: "hex-like"}
+    inp = write_manifest(tmp_path / "in" / "m.parquet", texts)
+    address = ray_session.get_runtime_context().gcs_address
+    repo = Path(__file__).resolve().parents[1]
+
+    def start_both(*extra) -> list[tuple[subprocess.Popen, Path]]:
+        runs = []
+        for _ in range(2):
+            log = tmp_path / f"driver-{uuid.uuid4().hex[:8]}.log"
+            with open(log, "w") as out:
+                runs.append((subprocess.Popen(
+                    [sys.executable, "-m", "pipelines.reembed", "--input", inp, "--store", root, "--model", minilm_path,
+                     "--address", address, "--storage-options", opts, *SMALL, *extra],
+                    stdout=out, stderr=subprocess.STDOUT, cwd=repo, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                ), log))  # fmt: skip
+        for proc, _ in runs:
+            try:
+                proc.wait(timeout=600)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+        return [(proc, log.read_text()) for proc, log in runs]
+
+    def manifests() -> dict[str, dict]:
+        fs.invalidate_cache()
+        found = [json.loads(fs.cat_file(p)) for p in fs.glob(f"{bucket}/store/*/*/*/_manifest.json")]
+        return {m["store"]["snapshot"]: m for m in found}
+
+    # Both at once, no --wait: one writes, the other is refused and names the writer's process.
+    runs = start_both()
+    assert sorted(p.returncode for p, _ in runs) == [0, 2], [log for _, log in runs]
+    (winner, _), (_, refused) = sorted(runs, key=lambda r: r[0].returncode)
+    assert f"is held by pid {winner.pid} on {socket.gethostname()}" in refused, refused
+    assert f"mmembed reembed of {inp}" in refused and "--wait" in refused, refused
+    (first,) = manifests().values()
+    assert first["changes"]["new"] == len(texts) and first["counts"]["written"] == len(texts)
+    snap = f"{bucket}/store/{first['store']['model_slug']}/{first['store']['version']}/{first['store']['snapshot']}"
+    rows = []
+    for f in first["files"]:
+        with fs.open(f"{snap}/{f['name']}", "rb") as fh:
+            rows += pq.read_table(fh, columns=["id", "content_hash"]).to_pylist()
+    hasher = ContentHashStage()
+    assert sorted((r["id"], r["content_hash"]) for r in rows) == sorted(
+        (rid, hasher.digest({"text": t})) for rid, t in texts.items()
+    )
+
+    # Both at once with --wait: both commit, one after the other, the later on the earlier's snapshot.
+    runs = start_both("--wait")
+    assert [p.returncode for p, _ in runs] == [0, 0], [log for _, log in runs]
+    waited = [log for _, log in runs if "waiting for the store's lease" in log]
+    assert len(waited) == 1 and any(f"held by pid {p.pid} " in waited[0] for p, _ in runs), [log for _, log in runs]
+    later = {m["store"]["base_snapshot"]: m for s, m in manifests().items() if s != first["store"]["snapshot"]}
+    assert len(later) == 2 and first["store"]["snapshot"] in later, "each run built on the latest commit"
+    second = later[first["store"]["snapshot"]]
+    third = later[second["store"]["snapshot"]]
+    for m in (second, third):
+        assert m["changes"] == {"new": 0, "changed": 0, "unchanged": len(texts), "deleted": 0, "embedded": 0}
+    fs.invalidate_cache()
     assert not fs.exists(f"{bucket}/store/_lock.json")

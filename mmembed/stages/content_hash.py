@@ -30,11 +30,15 @@ class ContentHashStage:
         max_bytes: int = 256 * 1024 * 1024,
         allow_http: bool = False,
         http_timeout_s: float = 30.0,
+        keep_record: bool = False,
     ):
+        self.keep_record = keep_record  # records out, + content_hash (what reembed's diff needs)
         self.fetcher = Fetcher(storage_options, max_bytes=max_bytes, allow_http=allow_http, http_timeout_s=http_timeout_s)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         hashes = [self.digest(row) for row in batch.to_pylist()]
+        if self.keep_record:
+            return batch.append_column("content_hash", pa.array(hashes, pa.string()))
         return pa.table({"id": batch.column("id"), "content_hash": pa.array(hashes, pa.string())}, schema=HASH_SCHEMA)
 
     def digest(self, row: dict) -> str | None:

@@ -81,9 +81,11 @@ class EncodeStage:
         max_batch_tokens: int | None = None,
         max_batch_patches: int | None = None,
         compile: bool = False,
+        passthrough: tuple[str, ...] = (),
     ):
         import torch
 
+        self.passthrough = tuple(passthrough)  # input columns copied to the output row for row
         self.torch = torch
         self.device = resolve_device(device)
         self.model = load_model(model, weights=True, device=self.device)
@@ -126,6 +128,7 @@ class EncodeStage:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = feature_rows(batch)
+        carried = [batch.column(name) for name in self.passthrough]
         embeddings: dict[int, np.ndarray] = {}
         errors: dict[int, str] = {}
         groups: dict[tuple, list[int]] = defaultdict(list)
@@ -145,7 +148,10 @@ class EncodeStage:
         for idxs, emb in pending:
             for i, v in zip(idxs, self._to_host(emb)):
                 embeddings[i] = v
-        return self._output(rows, embeddings, errors)
+        out = self._output(rows, embeddings, errors)
+        for name, column in zip(self.passthrough, carried):
+            out = out.append_column(name, column)
+        return out
 
     def _count_tokens(self, costs):
         lengths = [c[0] for c in costs]

@@ -56,8 +56,11 @@ class PreprocessStage:
         transport_dtype: str | None = None,
         decoders: dict | None = None,
         fetch_threads: int = 8,
+        passthrough: tuple[str, ...] = (),
     ):
         self.spec = model
+        # Input columns copied to the output unchanged (row i out is record i in): reembed's content hash.
+        self.passthrough = tuple(passthrough)
         self.model = load_model(model, weights=False)
         self.task = task
         self.prompt = resolve_prompt(self.model, task, prompt_name, prompt)
@@ -99,7 +102,10 @@ class PreprocessStage:
             out["error"].append(error)
             for name, _ in FEATURE_FIELDS:
                 out[name].append(packed[name] if packed else ([] if name != "feat_meta" else None))
-        return pa.table(out, schema=PREPROCESSED_SCHEMA)
+        table = pa.table(out, schema=PREPROCESSED_SCHEMA)
+        for name in self.passthrough:
+            table = table.append_column(name, batch.column(name))
+        return table
 
     def _preprocess_together(self, label: str, items: list, results: list) -> None:
         """One processor call for records of one modality, split back into records.
