@@ -56,7 +56,8 @@ def build_parser(prog: str = "mmembed search") -> argparse.ArgumentParser:
         help="Query embeddings written by `mmembed embed --task query`, or query records in the embed job's input "
         "format (then --model is required).",
     )
-    p.add_argument("--corpus-embeddings", required=True, help="Output directory of `mmembed embed` over the corpus.")
+    p.add_argument("--corpus-embeddings", default=None, help="Output directory of `mmembed embed` over the corpus "
+                   "(required unless --index is given).")
     p.add_argument("--output", required=True, help="Output directory: local path or fsspec URI (e.g. s3://b/p).")
     p.add_argument("--top-k", type=positive_int, required=True, help="Documents kept per query.")
     add_model_options(p)
@@ -84,6 +85,13 @@ def build_parser(prog: str = "mmembed search") -> argparse.ArgumentParser:
         help="Corpus embeddings read and scored at a time (default: 16384).",
     )
     g.add_argument("--overwrite", action="store_true", help="Replace a finished output at --output.")
+    a = p.add_argument_group("approximate search (an index built by `mmembed index`)")
+    a.add_argument("--index", default=None, help="Search this index instead of scanning --corpus-embeddings "
+                   "(same output; needs faiss-cpu). It must come from the query model.")
+    a.add_argument("--nprobe", type=positive_int, default=None, help="IVF lists scanned per query: more is slower "
+                   "and closer to exact (default: the index's, see its _manifest.json).")
+    a.add_argument("--ef-search", type=positive_int, default=None, help="HNSW candidate list per query: more is "
+                   "slower and closer to exact (default: the index's).")
     add_runtime_options(p)
     add_io_options(p)
     return p
@@ -121,7 +129,14 @@ def query_embed_args(args, corpus_model: dict):
 
 
 def plan(args) -> dict:
-    corpus = embed_manifest(args.corpus_embeddings, args.storage_options)
+    if args.index:
+        from mmembed.index import index_as_corpus
+
+        corpus = index_as_corpus(args.index, args.corpus_embeddings, args.storage_options)
+    elif not args.corpus_embeddings:
+        raise UsageError("pass --corpus-embeddings (exact search) or --index (approximate search).")
+    else:
+        corpus = embed_manifest(args.corpus_embeddings, args.storage_options)
     if corpus is None:
         raise UsageError(
             f"--corpus-embeddings {args.corpus_embeddings} is not a finished `mmembed embed` output (no complete "
@@ -131,7 +146,7 @@ def plan(args) -> dict:
     similarity = cmodel.get("similarity_fn_name") or "cosine"  # ST's default when a model names none
     if similarity not in SIMILARITIES:
         raise UsageError(f"corpus similarity {similarity!r} is not supported by search (supported: {SIMILARITIES}).")
-    files = shard_uris(args.corpus_embeddings, corpus)
+    files = corpus.get("uris") or shard_uris(args.corpus_embeddings, corpus)
     if not files or not corpus["counts"].get("written"):
         raise UsageError(f"--corpus-embeddings {args.corpus_embeddings} holds no embeddings.")
     queries = embed_manifest(args.queries, args.storage_options)
@@ -182,6 +197,20 @@ def compose(args, p: dict, res: dict, queries_uri: str, queries: dict):
     from mmembed.stages.search import SearchStage, as_query_rows
 
     _, gpu = pool_remote_args(args, res)
+    stage, stage_args, stage_kwargs = SearchStage, (p["corpus_files"],), {
+        "dim": p["dim"],
+        "top_k": args.top_k,
+        "similarity_fn_name": p["similarity"],
+        "storage_options": args.storage_options,
+        "block_rows": args.corpus_block_rows,
+        "device": res["device"],
+    }
+    if args.index:
+        from mmembed.stages.index_search import IndexSearchStage
+
+        stage, stage_args, gpu = IndexSearchStage, (args.index,), {"num_cpus": gpu["num_cpus"]}
+        stage_kwargs = {"dim": p["dim"], "top_k": args.top_k, "storage_options": args.storage_options,
+                        "nprobe": args.nprobe, "ef_search": args.ef_search}
     parts = [shard_uris(queries_uri, queries), shard_uris(queries_uri, queries, "error_files")]
     datasets = [
         read_parquet(paths, queries_uri, args.storage_options).map_batches(as_query_rows, batch_format="pyarrow")
@@ -190,16 +219,9 @@ def compose(args, p: dict, res: dict, queries_uri: str, queries: dict):
     ]
     ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
     return ds.map_batches(
-        SearchStage,
-        fn_constructor_args=(p["corpus_files"],),
-        fn_constructor_kwargs={
-            "dim": p["dim"],
-            "top_k": args.top_k,
-            "similarity_fn_name": p["similarity"],
-            "storage_options": args.storage_options,
-            "block_rows": args.corpus_block_rows,
-            "device": res["device"],
-        },
+        stage,
+        fn_constructor_args=stage_args,
+        fn_constructor_kwargs=stage_kwargs,
         batch_size=args.query_batch_size,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(size=res["num_encoders"]),
@@ -235,7 +257,8 @@ def run(args) -> int:
         "input": {
             "queries": args.queries,
             "query_embeddings": queries_uri,
-            "corpus_embeddings": args.corpus_embeddings,
+            "corpus_embeddings": p["corpus"].get("source_uri", args.corpus_embeddings),
+            "index": args.index and {"uri": args.index, "nprobe": args.nprobe, "ef_search": args.ef_search},
             "corpus_records": p["corpus"]["counts"]["written"],
             "records": records,
         },
