@@ -56,6 +56,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be a positive number")
+    return value
+
+
 def add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (as in sentence-transformers)")
     g.add_argument(
@@ -192,7 +199,35 @@ def add_embedding_options(p: argparse.ArgumentParser):
     g.add_argument("--prompt", default=None, help="A literal prompt (wins over --prompt-name).")
     g.add_argument("--normalize", action="store_true", help="L2-normalise embeddings (normalize_embeddings=True).")
     g.add_argument("--truncate-dim", type=int, default=None, help="Keep the first N dimensions (Matryoshka).")
-    g.add_argument("--precision", choices=["float32", "float16"], default="float32", help="Stored embedding dtype.")
+    g.add_argument(
+        "--precision",
+        choices=["float32", "float16", "int8", "uint8", "binary", "ubinary"],
+        default="float32",
+        help="Stored embedding precision. int8/uint8 and binary/ubinary are sentence-transformers' "
+        "quantize_embeddings: int8/uint8 map each dimension's [min, max] calibration range onto 256 buckets "
+        "(one range for the whole corpus, see --calibration-records); binary/ubinary keep the sign bit, 8 "
+        "dimensions packed per byte (the dim must be a multiple of 8). Default: float32.",
+    )
+    g.add_argument(
+        "--calibration-records",
+        type=positive_int,
+        default=1000,
+        help="int8/uint8: embed the first N input records before the main pass and take each dimension's "
+        "[min, max] over them as the corpus-wide quantisation range (recorded in _manifest.json; a resumed run "
+        "reuses it). Default: 1000.",
+    )
+    g.add_argument(
+        "--calibration-embeddings",
+        default=None,
+        help="int8/uint8: take the ranges from a finished float `mmembed embed` output of the same model instead "
+        "(e.g. a representative sample embedded beforehand).",
+    )
+    g.add_argument(
+        "--keep-float",
+        action="store_true",
+        help="With a quantised --precision, also store the float32 vectors in an `embedding_float` column, which "
+        "`mmembed search` uses to rescore the quantised hits.",
+    )
     g.add_argument(
         "--on-unsupported",
         choices=["fail", "error-row"],
@@ -218,6 +253,13 @@ def add_io_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("storage")
     add_storage_option(g)
     g.add_argument("--allow-http", action="store_true", help="Fetch http(s):// media URLs (refused by default).")
+    g.add_argument(
+        "--http-timeout",
+        type=positive_float,
+        default=30.0,
+        help="Seconds an http(s):// media fetch may take, per try (5 tries); a fetch that runs out becomes "
+        "an error row saying it timed out (default: 30).",
+    )
     g.add_argument(
         "--max-bytes",
         type=positive_int,
@@ -247,3 +289,16 @@ def add_io_options(p: argparse.ArgumentParser) -> None:
         help="Exit non-zero when more than this fraction of records fail (output and error rows are "
         "still written; default: 1.0, never).",
     )
+
+
+def fetch_kwargs(args) -> dict:
+    """The io options as the preprocess stages' keyword arguments (embed, rerank and search alike)."""
+    return {
+        "storage_options": args.storage_options,
+        "max_bytes": args.max_bytes,
+        "fetch_threads": args.fetch_threads,
+        "max_image_pixels": args.max_image_pixels,
+        "allow_http": args.allow_http,
+        "http_timeout_s": args.http_timeout,
+        "transport_dtype": args.transport_dtype,
+    }

@@ -42,7 +42,7 @@ ERRORS_DIR = "_errors"
 # What decides the vectors; a rerun that differs in any of these is a different run.
 IDENTITY_KEYS = (
     "model", "revision", "prompt", "task", "prompt_name", "normalize", "truncate_dim", "precision",
-    "model_kwargs", "processor_kwargs", "split_modalities", "input_uri", "input_fingerprint",
+    "model_kwargs", "processor_kwargs", "split_modalities", "input_uri", "input_fingerprint", "quantization",
 )
 
 
@@ -62,6 +62,8 @@ def run_identity(args, p: dict) -> dict:
         "split_modalities": bool(getattr(args, "split_modalities", False)),
         "input_uri": args.input,
         "input_fingerprint": spec.fingerprint,
+        # Only quantised runs carry it, so outputs written before it existed still resume.
+        **({"quantization": p["quantization"]} if p.get("quantization") else {}),
     }
 
 
@@ -192,18 +194,21 @@ def finish_attempt(output: str, run: dict, storage_options: dict | None) -> None
 class RunLock:
     """An exclusive, heartbeated lease on an output, held by one driver process at a time."""
 
-    def __init__(self, output: str, storage_options: dict | None = None, *, ttl_s: float = 60.0):
+    def __init__(self, output: str, storage_options: dict | None = None, *, ttl_s: float = 60.0,
+                 run: str | None = None):
         self.uri = join_uri(output, LOCK_NAME)
         self.storage_options = storage_options
         self.ttl_s = ttl_s
+        self.run = run  # what holds it, in words, for the message a refused run prints
         self.token = uuid.uuid4().hex
+        self.acquired_at = now_iso()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def _payload(self) -> bytes:
         return json.dumps(
             {"owner": self.token, "host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time(),
-             "heartbeat_at": now_iso(), "ttl_s": self.ttl_s}
+             "heartbeat_at": now_iso(), "ttl_s": self.ttl_s, "acquired_at": self.acquired_at, "run": self.run}
         ).encode()
 
     def _create(self) -> bool:
@@ -265,24 +270,19 @@ class RunLock:
             return f"no heartbeat for {age:.0f} s"
         return None
 
-    def acquire(self) -> "RunLock":
+    def _try_acquire(self) -> dict | None:
+        """Take the lease if it is free or stale: None, else the live holder's lease."""
         fs, path = filesystem(self.uri, self.storage_options)
         for _ in range(3):
+            self.acquired_at = now_iso()
             if self._create():
                 self._start_heartbeat()
-                return self
+                return None
             held = self._read()
             if not held:
                 continue  # released in between
-            reason = self._stale(held)
-            if reason is None:
-                expires = float(held.get("heartbeat", 0)) + float(held.get("ttl_s", self.ttl_s))
-                raise UsageError(
-                    f"another run is writing to this output: {self.uri} is held by pid {held.get('pid')} on "
-                    f"{held.get('host')} (last heartbeat {held.get('heartbeat_at')}). Wait for it to finish, or if "
-                    f"it is known to be dead, wait until its lease expires (in {max(0, expires - time.time()):.0f} s) "
-                    "and rerun; the rerun resumes its work."
-                )
+            if self._stale(held) is None:
+                return held
             if self._read() != held:
                 continue  # someone else took it over meanwhile; judge the new holder afresh
             try:
@@ -290,6 +290,37 @@ class RunLock:
             except FileNotFoundError:
                 pass
         raise UsageError(f"could not take the lease {self.uri}: other runs keep taking it; try again later")
+
+    def describe(self, held: dict) -> str:
+        since = f"since {held['acquired_at']}, " if held.get("acquired_at") else ""
+        run = f"; it is {held['run']}" if held.get("run") else ""
+        return (f"{self.uri} is held by pid {held.get('pid')} on {held.get('host')} "
+                f"({since}last heartbeat {held.get('heartbeat_at')}){run}")
+
+    def acquire(self, *, wait: bool = False, timeout_s: float | None = None, poll_s: float | None = None,
+                on_wait=None) -> "RunLock":
+        """Take the lease. A live holder refuses it (UsageError), or with `wait` is waited for,
+        polled every `poll_s` (default: a quarter of the TTL, at most 5 s), for at most `timeout_s`."""
+        deadline = None if timeout_s is None else time.time() + timeout_s
+        poll_s = poll_s if poll_s is not None else min(5.0, self.ttl_s / 4)
+        announced = None
+        while True:
+            held = self._try_acquire()
+            if held is None:
+                return self
+            if not wait:
+                expires = float(held.get("heartbeat", 0)) + float(held.get("ttl_s", self.ttl_s))
+                raise UsageError(
+                    f"another run is writing to this output: {self.describe(held)}. Wait for it to finish "
+                    f"(or pass --wait where the command has it), or if it is known to be dead, wait until its "
+                    f"lease expires (in {max(0, expires - time.time()):.0f} s) and rerun; the rerun resumes its work."
+                )
+            if deadline is not None and time.time() >= deadline:
+                raise UsageError(f"gave up waiting after {timeout_s:g} s: {self.describe(held)}")
+            if on_wait is not None and held.get("owner") != announced:
+                announced = held.get("owner")
+                on_wait(self.describe(held))
+            time.sleep(poll_s if deadline is None else max(0.0, min(poll_s, deadline - time.time())))
 
     def _start_heartbeat(self) -> None:
         def beat():

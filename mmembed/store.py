@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from mmembed.manifest import MANIFEST_NAME, now_iso, read_json, write_json
 from mmembed.options import UsageError
+from mmembed.runstate import LOCK_NAME
 from mmembed.storage import filesystem, join_uri
 
 STORE_MARKER = "_mmembed_store.json"
@@ -113,7 +114,8 @@ class Store:
             if create:
                 return
             raise StoreError(f"no embedding store at {root}: the path does not exist")
-        if create and not self.fs.ls(self.path, detail=False):
+        # A run waiting for the store's lease finds the lock of the run that is creating the store.
+        if create and all(e.rstrip("/").rsplit("/", 1)[-1] == LOCK_NAME for e in self.fs.ls(self.path, detail=False)):
             return
         raise StoreError(
             f"{root} is not an mmembed embedding store (no {STORE_MARKER}). Point --store at a store "

@@ -23,10 +23,12 @@ from mmembed.options import (
     add_io_options,
     add_model_options,
     add_runtime_options,
+    fetch_kwargs,
     job_main,
 )
 from mmembed.records import InputError, InputSpec, check_unique_ids, discover
 from mmembed.runstate import (
+    RUN_NAME,
     NotCommitted,
     RunLock,
     account,
@@ -93,9 +95,23 @@ def build_parser(prog: str = "mmembed embed") -> argparse.ArgumentParser:
         "and an image gives two rows. Every output id becomes `<id>#<modality>` (modality: text, image, "
         "audio, video or message; the source id is everything before the last `#`). Without it, a "
         "record with several modality cells is one multimodal input, which needs a model that supports "
-        "`message` (e.g. a Qwen3-VL embedder).",
+        "`message` (e.g. a Qwen3-VL embedder). Such records in the first 1,000 rows of a manifest fail the job "
+        "before Ray starts; later ones become error rows that say so.",
     )
     add_runtime_options(p)
+    compute = next(g for g in p._action_groups if g.title == "compute")
+    compute.add_argument(
+        "--executor",
+        choices=["auto", "ray", "local"],
+        default="auto",
+        help="Where the stages run. ray: a Ray Data pipeline with CPU and GPU actor pools (on --address, "
+        "or an in-process Ray). local: in this process, without Ray: for small inputs, which a Ray job "
+        "would spend most of its time starting (Ray itself, then one process per actor importing torch "
+        "and sentence-transformers). auto (default): local when no cluster is given (no --address, no "
+        "$RAY_ADDRESS, Ray not already started in this process), no pool size is set, and the input is "
+        f"no bigger than one preprocess actor's share ({RECORDS_PER_PREPROCESSOR['media']:,} media or "
+        f"{RECORDS_PER_PREPROCESSOR['text']:,} text records); ray otherwise. Outputs are the same either way.",
+    )
     add_io_options(p)
     return p
 
@@ -155,7 +171,9 @@ def plan(args) -> dict:
     dim = meta_model.get_embedding_dimension()
     if args.truncate_dim:
         dim = min(dim, args.truncate_dim)
+    quantization = quantization_plan(args, dim)
     out = {
+        "quantization": quantization,
         "input": spec,
         "model_spec": model_spec,
         "revision": model_revision(model_spec),
@@ -166,16 +184,138 @@ def plan(args) -> dict:
         "has_normalize_module": any(type(m).__name__ == "Normalize" for m in meta_model),
         "unsupported": unsupported,
     }
+    if quantization and quantization["ranges"] is None and not args.overwrite:
+        # A resumed run quantises with the ranges its first attempt calibrated, never fresh ones.
+        recorded = ((read_json(join_uri(args.output, RUN_NAME), args.storage_options) or {}).get("identity") or {})
+        before = recorded.get("quantization") or {}
+        if {k: v for k, v in before.items() if k != "ranges"} == {k: v for k, v in quantization.items() if k != "ranges"}:
+            quantization["ranges"] = before.get("ranges")
+    out["executor"] = choose_executor(args, spec)
+    if quantization and quantization["calibration"] and quantization["ranges"] is None and getattr(args, "executor", "ray") == "auto":
+        out["executor"] = "ray"  # calibration is a pass of the Ray pipeline of its own
     # A rerun into the same output resumes (or finds it complete); another model, prompt or input refuses.
     out["identity"] = run_identity(args, out)
     out["state"] = inspect_output(args.output, out["identity"], args.storage_options, overwrite=args.overwrite)
     return out
 
 
+def quantization_plan(args, dim: int) -> dict | None:
+    """What a quantised --precision stores (None for float precisions); int8/uint8 ranges when known up front."""
+    from mmembed.stages.encode import FLOAT_COLUMN, QUANTIZED, stored_dim
+
+    if args.precision not in QUANTIZED:
+        if args.keep_float or args.calibration_embeddings:
+            raise UsageError(
+                "--keep-float and --calibration-embeddings apply to a quantised --precision "
+                "(int8, uint8, binary, ubinary); drop them or choose one."
+            )
+        return None
+    binary = args.precision in ("binary", "ubinary")
+    if binary and dim % 8:
+        raise UsageError(
+            f"--precision {args.precision} packs 8 dimensions per byte, but the embeddings have {dim} dimensions; "
+            "choose a --truncate-dim that is a multiple of 8, or --precision int8/uint8."
+        )
+    calibration = None
+    ranges = None
+    if not binary:
+        if args.calibration_embeddings:
+            calibration = {"embeddings": args.calibration_embeddings}
+            ranges = ranges_from_output(args.calibration_embeddings, args, dim)
+        else:
+            calibration = {"records": args.calibration_records}
+    return {
+        "precision": args.precision,
+        "stored_dim": stored_dim(dim, args.precision),
+        "packed_bits": binary,
+        "calibration": calibration,
+        "float_column": FLOAT_COLUMN if args.keep_float else None,
+        "ranges": ranges,
+    }
+
+
+def ranges_from_output(uri: str, args, dim: int) -> list:
+    """int8/uint8 ranges ([2][dim]: per-dimension min, max) over the float vectors of a finished embed output."""
+    import pyarrow.parquet as pq
+
+    from mmembed.stages.encode import update_ranges
+    from mmembed.stages.search import embedding_matrix
+    from mmembed.storage import filesystem
+
+    m = read_json(join_uri(uri, MANIFEST_NAME), args.storage_options)
+    model = (m or {}).get("model", {})
+    if not m or m.get("job") != "embed" or m.get("status") != "complete":
+        raise UsageError(f"--calibration-embeddings {uri} is not a finished `mmembed embed` output.")
+    if model.get("precision") not in ("float32", "float16") or model.get("dim") != dim or model.get("name") != args.model:
+        raise UsageError(
+            f"--calibration-embeddings {uri} holds {model.get('precision')} vectors of dim {model.get('dim')} from "
+            f"{model.get('name')}; calibration needs float vectors of dim {dim} from {args.model}."
+        )
+    ranges = None
+    for f in m.get("files", []):
+        fs, path = filesystem(join_uri(uri, f["name"]), args.storage_options)
+        with fs.open(path, "rb") as fh:
+            for batch in pq.ParquetFile(fh).iter_batches(columns=["embedding"]):
+                ranges = update_ranges(ranges, embedding_matrix(batch.column(0), dim))
+    if ranges is None:
+        raise UsageError(f"--calibration-embeddings {uri} holds no vectors.")
+    return ranges.tolist()
+
+
+def calibrate(args, p: dict, res: dict) -> list:
+    """int8/uint8 ranges from the first --calibration-records records, embedded by the same pipeline in float32.
+
+    The ranges hold for the whole corpus: per-batch ranges would make vectors of different
+    batches incomparable. Only a running min/max reaches the driver, never the vectors.
+    """
+    import pyarrow.compute as pc
+
+    from mmembed.stages.encode import update_ranges
+    from mmembed.stages.search import embedding_matrix
+
+    n = args.calibration_records
+    ds = compose(args, {**p, "skip_filter": None, "limit": n}, res,
+                 encode={"precision": "float32", "ranges": None, "keep_float": False})
+    ranges, count = None, 0
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        ok = batch.filter(pc.is_null(batch.column("error")))
+        if ok.num_rows:
+            ranges = update_ranges(ranges, embedding_matrix(ok.column("embedding"), p["dim"]))
+            count += ok.num_rows
+    if count < 2:
+        raise UsageError(
+            f"int8/uint8 calibration embedded {count} of the first {n} records (the rest are error rows); ranges "
+            "need at least 2. Raise --calibration-records or pass --calibration-embeddings."
+        )
+    log.info("calibrated %s ranges on %d embeddings", args.precision, count)
+    return ranges.tolist()
+
+
 # Records one preprocess actor should have to itself before another is worth starting: an actor
 # start costs seconds of imports and model load (about 6 s of CPU on a 2-core box), which a few
 # thousand images or tens of thousands of texts repay.
 RECORDS_PER_PREPROCESSOR = {"media": 2_000, "text": 20_000}
+
+
+def choose_executor(args, spec) -> str:
+    """"ray" or "local" for --executor (see its help); refuses a local run on a cluster."""
+    import os
+
+    wanted = getattr(args, "executor", "ray")
+    on_cluster = bool(args.address or os.environ.get("RAY_ADDRESS"))
+    if wanted == "local":
+        if on_cluster:
+            raise UsageError("--executor local runs in this process, without Ray, but a cluster address is set "
+                             "(--address or $RAY_ADDRESS); drop one of them.")
+        return "local"
+    if wanted == "ray":
+        return "ray"
+    ray = sys.modules.get("ray")
+    if on_cluster or (ray is not None and ray.is_initialized()):
+        return "ray"
+    if args.num_preprocessors or args.num_encoders or getattr(args, "encoder_stage", None):
+        return "ray"
+    return "local" if spec.num_records <= RECORDS_PER_PREPROCESSOR[workload(spec)] else "ray"
 
 
 def workload(spec) -> str:
@@ -237,8 +377,40 @@ def plan_resources(cpus: float, gpus: float, args, spec=None) -> dict:
 # --------------------------------------------------------------------------------------------
 # The job
 # --------------------------------------------------------------------------------------------
-def compose(args, p: dict, res: dict):
-    """read -> preprocess -> encode, as a lazy Ray dataset."""
+def preprocess_kwargs(args) -> dict:
+    return {
+        "task": args.task,
+        "prompt_name": args.prompt_name,
+        "prompt": args.prompt,
+        **fetch_kwargs(args),
+    }
+
+
+def encoder_kwargs(args) -> dict:
+    return {
+        "batch_size": args.batch_size,
+        "task": args.task,
+        "normalize": args.normalize,
+        "truncate_dim": args.truncate_dim,
+        "max_batch_tokens": args.max_batch_tokens,
+        "max_batch_patches": args.max_batch_patches,
+        "compile": args.compile,
+    }
+
+
+def encode_precision(args, p: dict) -> dict:
+    """The encoder's storage precision: --precision and, when quantising, the corpus's ranges."""
+    q = p.get("quantization") or {}
+    return {"precision": args.precision, "ranges": q.get("ranges"), "keep_float": bool(q.get("float_column"))}
+
+
+def compose(args, p: dict, res: dict, encode: dict | None = None):
+    """read -> preprocess -> encode, as a lazy Ray dataset; `encode` overrides the stored precision.
+
+    `args.encoder_stage` (not a command-line option) swaps the encoder class, with
+    `args.encoder_stage_kwargs` added to its arguments: benchmarks/feed.py puts the stand-ins of
+    mmembed/testing/standin.py in the real pipeline this way.
+    """
     from ray.data import ActorPoolStrategy
 
     from mmembed.stages.encode import EncodeStage
@@ -253,17 +425,10 @@ def compose(args, p: dict, res: dict):
         ds = ds.map_batches(split_modalities, batch_format="pyarrow", batch_size=None, num_cpus=0.25)
     if p.get("skip_filter") is not None:
         ds = ds.filter(p["skip_filter"])
-    pre_kwargs = {
-        "task": args.task,
-        "prompt_name": args.prompt_name,
-        "prompt": args.prompt,
-        "storage_options": args.storage_options,
-        "max_bytes": args.max_bytes,
-        "fetch_threads": args.fetch_threads,
-        "max_image_pixels": args.max_image_pixels,
-        "allow_http": args.allow_http,
-        "transport_dtype": args.transport_dtype,
-    }
+    if p.get("limit"):
+        ds = ds.limit(p["limit"])
+    encode = {**encode_precision(args, p), **(encode or {})}
+    pre_kwargs = preprocess_kwargs(args)
     pre_remote = {"num_cpus": res["cpus_per_preprocessor"]}
     if args.memory_per_preprocessor:
         pre_remote["memory"] = args.memory_per_preprocessor
@@ -284,18 +449,13 @@ def compose(args, p: dict, res: dict):
     if args.encoder_resources:
         enc_remote["resources"] = args.encoder_resources
     ds = ds.map_batches(
-        EncodeStage,
+        getattr(args, "encoder_stage", None) or EncodeStage,
         fn_constructor_args=(p["model_spec"],),
         fn_constructor_kwargs={
+            **getattr(args, "encoder_stage_kwargs", {}),
             "device": res["device"],
-            "batch_size": args.batch_size,
-            "task": args.task,
-            "normalize": args.normalize,
-            "truncate_dim": args.truncate_dim,
-            "precision": args.precision,
-            "max_batch_tokens": args.max_batch_tokens,
-            "max_batch_patches": args.max_batch_patches,
-            "compile": args.compile,
+            **encoder_kwargs(args),
+            **encode,
         },
         batch_size=args.encode_window or args.batch_size,
         batch_format="pyarrow",
@@ -305,6 +465,43 @@ def compose(args, p: dict, res: dict):
         **enc_remote,
     )
     return ds
+
+
+def local_resources(args) -> dict:
+    from mmembed.models import resolve_device
+
+    return {
+        "device": resolve_device(args.device),
+        "num_encoders": 1,
+        "cpus_per_encoder": None,
+        "gpus_per_encoder": 0,
+        "num_preprocessors": 1,
+        "cpus_per_preprocessor": None,
+        "executor": "local",
+    }
+
+
+def run_local(args, p: dict, res: dict, sink) -> None:
+    """compose()'s stages in this process (mmembed/local.py): the --executor local path."""
+    import pyarrow as pa
+
+    from mmembed.local import LocalExecutor
+    from mmembed.stages.encode import EncodeStage
+    from mmembed.stages.preprocess import PreprocessStage
+    from mmembed.stages.read import ReadStage, split_modalities
+
+    cpu_stages = []
+    if args.split_modalities:
+        cpu_stages.append(split_modalities)
+    index = p.get("skip_index")
+    if index is not None:
+        cpu_stages.append(lambda t: t.filter(pa.array(~index.lookup(t.column("id"))[0])))
+    cpu_stages.append(PreprocessStage(p["model_spec"], **preprocess_kwargs(args)))
+    encoder = EncodeStage(p["model_spec"], device=res["device"], **encoder_kwargs(args), **encode_precision(args, p))
+    # Blocks of a few encoder batches: the producer preprocesses the next while this one encodes.
+    rows = max(args.preprocess_batch_size, args.encode_window or 4 * args.batch_size)
+    blocks = ReadStage(p["input"], args.storage_options, block_rows=rows).tables()
+    LocalExecutor(cpu_stages, encoder).write(blocks, sink)
 
 
 # Media records cost milliseconds each to decode and preprocess, text records microseconds:
@@ -356,18 +553,27 @@ def run(args) -> int:
 
 def execute(args, p: dict, started: float, started_iso: str) -> int:
     """The job proper, run while this process holds the output's lease."""
-    import ray
-    from ray.data import DataContext
-
     from mmembed.stages.write import ShardWriter
 
-    where = init_ray(args.address)
-    cluster = ray.cluster_resources()
-    res = plan_resources(cluster.get("CPU", 1), cluster.get("GPU", 0), args, p["input"])
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = True
-    ctx.enable_operator_progress_bars = True
+    local = p["executor"] == "local"
+    if local:
+        where = "local"
+        res = local_resources(args)
+    else:
+        import ray
+        from ray.data import DataContext
 
+        where = init_ray(args.address)
+        cluster = ray.cluster_resources()
+        res = {**plan_resources(cluster.get("CPU", 1), cluster.get("GPU", 0), args, p["input"]), "executor": "ray"}
+        ctx = DataContext.get_current()
+        ctx.enable_progress_bars = True
+        ctx.enable_operator_progress_bars = True
+
+    q = p.get("quantization")
+    if q and q["calibration"] and q["ranges"] is None:
+        q["ranges"] = calibrate(args, p, res)
+        p["identity"]["quantization"] = q
     if args.overwrite:
         clear_output(args.output, args.storage_options)
     token = uuid.uuid4().hex[:8]
@@ -380,30 +586,39 @@ def execute(args, p: dict, started: float, started_iso: str) -> int:
     paths, error_paths = committed_shards(args.output, args.storage_options)
     already = 0
     if paths or error_paths:
-        from mmembed.changes import IndexRef
+        if local:
+            index, already = committed_index(paths, error_paths, args.storage_options)
+            p = {**p, "skip_index": index}
+        else:
+            from mmembed.changes import IndexRef
 
-        index, count = ray.remote(committed_index).options(num_cpus=0.25, num_returns=2).remote(
-            paths, error_paths, args.storage_options
-        )
-        already = ray.get(count)
-        p = {**p, "skip_filter": NotCommitted(IndexRef(index))}
+            index, count = ray.remote(committed_index).options(num_cpus=0.25, num_returns=2).remote(
+                paths, error_paths, args.storage_options
+            )
+            already = ray.get(count)
+            p = {**p, "skip_filter": NotCommitted(IndexRef(index))}
         log.info("resuming: %d record(s) already committed in %d shard(s) are skipped",
                  already, len(paths) + len(error_paths))
 
-    ds = compose(args, p, res)
     sink = ShardWriter(
         args.output,
-        result_columns=["id", "embedding", "modality"],
+        result_columns=["id", "embedding", "modality"] + ([q["float_column"]] if q and q["float_column"] else []),
         storage_options=args.storage_options,
         shard_rows=args.shard_rows,
         run_token=token,
     )
-    ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
+    if local:
+        run_local(args, p, res, sink)
+    else:
+        compose(args, p, res).write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
     # Every committed shard counts, this attempt's and earlier ones'.
     paths, error_paths = committed_shards(args.output, args.storage_options)
-    totals = ray.get(
-        ray.remote(account).options(num_cpus=0.25).remote(paths, error_paths, args.storage_options)
-    )
+    if local:
+        totals = account(paths, error_paths, args.storage_options)
+    else:
+        totals = ray.get(
+            ray.remote(account).options(num_cpus=0.25).remote(paths, error_paths, args.storage_options)
+        )
     finished = time.time()
     spec: InputSpec = p["input"]
     records = spec.num_records
@@ -426,6 +641,7 @@ def execute(args, p: dict, started: float, started_iso: str) -> int:
             "prompt_name": args.prompt_name,
             "prompt": p["prompt"],
             "precision": args.precision,
+            "quantization": q,
             "truncate_dim": args.truncate_dim,
             "model_kwargs": args.model_kwargs,
             "processor_kwargs": args.processor_kwargs,

@@ -39,6 +39,7 @@ from mmembed.options import (
     job_main,
 )
 from mmembed.records import InputSpec
+from mmembed.runstate import RunLock
 from mmembed.store import Snapshot, Store, embedding_settings, model_slug, new_snapshot_id, version_id
 from pipelines import embed
 
@@ -85,6 +86,29 @@ def build_parser(prog: str = "mmembed reembed") -> argparse.ArgumentParser:
         action="store_true",
         help="Embed every record again, carrying nothing over from the version's latest snapshot.",
     )
+    g = p.add_argument_group("concurrent runs")
+    g.add_argument(
+        "--wait",
+        action="store_true",
+        help="When another reembed holds the store's lease (ROOT/_lock.json), wait for it to finish instead "
+        "of exiting with code 2; the run then starts from whatever that one committed.",
+    )
+    g.add_argument(
+        "--wait-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="With --wait, give up (exit 2, nothing modified) after this long, so a scheduled run cannot hang "
+        "behind a stuck one (default: wait as long as the holder keeps its lease alive). A holder that "
+        "crashed is taken over without waiting on this host, and after --lease-seconds elsewhere.",
+    )
+    g.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=60.0,
+        help="This run's lease on the store is renewed every quarter of this; a crashed run's lease on another "
+        "host is taken over once it is this old (default: 60).",
+    )
     add_runtime_options(p)
     add_io_options(p)
     return p
@@ -126,7 +150,8 @@ def changes_pass(args, p: dict, res: dict, base_paths: list[str] | None, base_er
     ds = ReadStage(p["input"], so).dataset()
     ds = ds.map_batches(
         ContentHashStage,
-        fn_constructor_kwargs={"storage_options": so, "max_bytes": args.max_bytes, "allow_http": args.allow_http},
+        fn_constructor_kwargs={"storage_options": so, "max_bytes": args.max_bytes, "allow_http": args.allow_http,
+                               "http_timeout_s": args.http_timeout},
         batch_size=args.preprocess_batch_size,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(size=res["num_preprocessors"]),
@@ -230,13 +255,38 @@ def _embed_defaults(args, output: str) -> None:
 
 
 def run(args) -> int:
+    if args.wait_timeout is not None and not args.wait:
+        raise UsageError("--wait-timeout needs --wait")
     started = time.time()
     started_iso = now_iso()
     # Every check before anything is written: the store root, then the embed pipeline's own plan.
+    from mmembed.stages.encode import QUANTIZED
+
+    if args.precision in QUANTIZED:
+        # Carried-over vectors would need the base snapshot's calibration ranges; not supported yet.
+        raise UsageError(f"reembed stores float32 or float16 vectors; --precision {args.precision} is for `mmembed embed`.")
     store = Store(args.store, args.storage_options, create=True)
     check_ray_address(args.address)
     _embed_defaults(args, store.root)
     p = embed.plan(args)
+    # One lease for the whole store root, not per version: CURRENT is store-wide, and two runs of
+    # one version would each build on the same base snapshot, so the later commit would silently
+    # drop the other's changes. It is taken before the base is chosen, so a run that waited
+    # builds on what the holder committed.
+    lock = RunLock(store.root, args.storage_options, ttl_s=args.lease_seconds,
+                   run=f"mmembed reembed of {args.input} with {args.model}")
+    lock.acquire(
+        wait=args.wait, timeout_s=args.wait_timeout,
+        on_wait=lambda who: print(f"mmembed reembed: waiting for the store's lease: {who}", flush=True),
+    )
+    try:
+        return execute(args, Store(args.store, args.storage_options, create=True), p, started, started_iso)
+    finally:
+        lock.release()
+
+
+def execute(args, store: Store, p: dict, started: float, started_iso: str) -> int:
+    """The job proper, run while this process holds the store's lease."""
     settings = embedding_settings(args, p)
     slug, version = model_slug(args.model), version_id(settings)
     current = store.current_snapshot()

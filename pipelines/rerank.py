@@ -23,6 +23,7 @@ from mmembed.options import (
     add_io_options,
     add_model_options,
     add_runtime_options,
+    fetch_kwargs,
     job_main,
     positive_int,
 )
@@ -204,12 +205,7 @@ def compose(args, p: dict, res: dict, partitions: int):
         fn_constructor_kwargs={
             "prompt_name": args.prompt_name,
             "prompt": args.prompt,
-            "storage_options": args.storage_options,
-            "max_bytes": args.max_bytes,
-            "fetch_threads": args.fetch_threads,
-            "max_image_pixels": args.max_image_pixels,
-            "allow_http": args.allow_http,
-            "transport_dtype": args.transport_dtype,
+            **fetch_kwargs(args),
         },
         batch_size=args.preprocess_batch_size,
         batch_format="pyarrow",

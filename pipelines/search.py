@@ -84,6 +84,16 @@ def build_parser(prog: str = "mmembed search") -> argparse.ArgumentParser:
         default=16_384,
         help="Corpus embeddings read and scored at a time (default: 16384).",
     )
+    g.add_argument(
+        "--rescore-multiplier",
+        type=int,
+        default=4,
+        help="Quantised corpus (`mmembed embed --precision int8|uint8|binary|ubinary`) that also stores float "
+        "vectors (--keep-float): the best N x --top-k hits by quantised score are rescored with the float query "
+        "vectors and the corpus similarity, as ST's semantic_search_faiss/usearch rescore (default: 4; 0 "
+        "keeps the quantised scores). Quantised scores: int8/uint8 the dot product of the quantised vectors, "
+        "binary/ubinary minus the Hamming distance.",
+    )
     g.add_argument("--overwrite", action="store_true", help="Replace a finished output at --output.")
     a = p.add_argument_group("approximate search (an index built by `mmembed index`)")
     a.add_argument("--index", default=None, help="Search this index instead of scanning --corpus-embeddings "
@@ -129,6 +139,8 @@ def query_embed_args(args, corpus_model: dict):
 
 
 def plan(args) -> dict:
+    if args.rescore_multiplier < 0:
+        raise UsageError("--rescore-multiplier must be 0 (no rescoring) or more.")
     if args.index:
         from mmembed.index import index_as_corpus
 
@@ -173,6 +185,11 @@ def plan(args) -> dict:
             )
         embed_args = query_embed_args(args, cmodel)
         qmodel = cmodel
+    if queries is not None and qmodel.get("quantization"):
+        raise UsageError(
+            f"--queries {args.queries} hold {qmodel.get('precision')} vectors; queries must be float (the search "
+            "quantises them with the corpus ranges itself). Embed them without --precision, or pass raw queries."
+        )
     if qmodel.get("dim") != cmodel.get("dim"):
         raise UsageError(f"query dim {qmodel.get('dim')} != corpus dim {cmodel.get('dim')}.")
     refuse_finished_output(args)
@@ -204,6 +221,8 @@ def compose(args, p: dict, res: dict, queries_uri: str, queries: dict):
         "storage_options": args.storage_options,
         "block_rows": args.corpus_block_rows,
         "device": res["device"],
+        "quantization": p["corpus"]["model"].get("quantization"),
+        "rescore_multiplier": args.rescore_multiplier,
     }
     if args.index:
         from mmembed.stages.index_search import IndexSearchStage
@@ -253,7 +272,9 @@ def run(args) -> int:
         "job": "search",
         "mmembed_version": __version__,
         "model": {**{k: p["corpus"]["model"].get(k) for k in ("name", "revision", "dim", "normalize")},
-                  "similarity_fn_name": p["similarity"]},
+                  "similarity_fn_name": p["similarity"], "precision": p["corpus"]["model"].get("precision"),
+                  "rescored": bool((p["corpus"]["model"].get("quantization") or {}).get("float_column")
+                                   and args.rescore_multiplier)},
         "input": {
             "queries": args.queries,
             "query_embeddings": queries_uri,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 from pathlib import Path
@@ -61,3 +62,42 @@ def read_output(out: Path | str) -> tuple[dict[str, np.ndarray], dict[str, dict]
 def max_abs_diff(ours: dict[str, np.ndarray], ids: list[str], reference: np.ndarray) -> float:
     mine = np.stack([ours[i] for i in ids]).astype(np.float32)
     return float(np.max(np.abs(mine - reference.astype(np.float32))))
+
+
+SLOW_DELAY_S = 3.0
+
+
+@contextlib.contextmanager
+def media_server(payloads: dict[str, bytes]):
+    """A local HTTP server for {path: bytes}; paths starting with /slow answer after SLOW_DELAY_S. Yields its base URL."""
+    import http.server
+    import threading
+    import time
+
+    class Media(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            if self.path.startswith("/slow"):
+                time.sleep(SLOW_DELAY_S)
+            data = payloads.get(self.path, b"")
+            self.send_response(200 if self.path in payloads else 404)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if self.command == "GET":
+                try:
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up at its timeout, as the tests want
+
+        do_HEAD = do_GET
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Media)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

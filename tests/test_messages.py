@@ -141,3 +141,24 @@ def test_split_modalities_one_row_per_id_and_modality(ray_session, tiny_clip, tm
     images = ["both0#image", "both1#image", "img2#image"]
     assert max_abs_diff(emb, texts, st.encode(["a red car", "a small dog", "mountains"])) <= TOL
     assert max_abs_diff(emb, images, st.encode([decoded(imgs[i]) for i in range(3)])) <= TOL
+
+
+@pytest.mark.slow
+def test_combination_past_the_upfront_sample_is_an_error_row(ray_session, tiny_clip, tmp_path):
+    """The up-front check reads the first 1,000 rows; an image+text record at row 1,500 for CLIP is an
+    error row naming the fixes, and every other record is embedded."""
+    n, bad = 1_600, 1_500
+    table = pa.table(
+        {
+            "id": [f"r{i:04d}" for i in range(n)],
+            "text": [f"caption number {i}" for i in range(n)],
+            "image": pa.array([image_bytes(5) if i == bad else None for i in range(n)], pa.binary()),
+        }
+    )
+    rc, out = _job(tmp_path, table, tiny_clip, "--batch-size", 64)
+    assert rc == 0
+    emb, errors, manifest = read_output(out)
+    assert set(errors) == {f"r{bad:04d}"} and len(emb) == n - 1
+    reason = errors[f"r{bad:04d}"]["error"]
+    assert "image+text" in reason and "--split-modalities" in reason and "message" in reason
+    assert manifest["counts"]["written"] + manifest["counts"]["errors"] == n

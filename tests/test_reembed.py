@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import run_job
+from tests.s3_fixtures import moto_server, s3  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
@@ -288,3 +289,78 @@ def test_media_changes_are_judged_by_their_bytes(ray_session, tiny_clip, tmp_pat
     ref, ref_hashes, _, _ = read_snapshot(current_dir(full_store))
     assert hashes == ref_hashes
     assert max(float(np.max(np.abs(emb[i] - ref[i]))) for i in ref) <= 1e-5
+
+
+# -- one writer per store ---------------------------------------------------------------------------
+def test_a_held_local_store_refuses_a_second_run(minilm_path, tmp_path, capfd):
+    from mmembed.runstate import RunLock
+
+    store = tmp_path / "store"
+    v1 = write_manifest(tmp_path / "in" / "m.parquet", corpus_v1())
+    holder = RunLock(str(store), run="the first run").acquire()
+    try:
+        assert reembed(v1, store, minilm_path) == 2
+        err = capfd.readouterr().err
+        assert f"pid {os.getpid()} on {socket.gethostname()}" in err and "the first run" in err, err
+        assert "since " in err and "--wait" in err
+        assert sorted(p.name for p in store.iterdir()) == ["_lock.json"], "the refused run wrote nothing"
+    finally:
+        holder.release()
+
+
+def test_reembed_on_s3_refuses_waits_for_and_takes_over_the_store_lease(ray_session, s3, minilm_path, tmp_path, capfd):
+    """The lease lives at the store root on S3 (a conditional PUT): a held store refuses a second run
+    (exit 2, naming the holder) or makes it wait with --wait, and a dead holder's lease is taken over."""
+    import threading
+
+    from mmembed.runstate import RunLock
+    from tests.s3_fixtures import s3fs_for
+
+    server, bucket, opts = s3
+    fs = s3fs_for(server)
+    root = f"s3://{bucket}/store"
+    v1 = write_manifest(tmp_path / "in" / "m.parquet", corpus_v1())
+
+    def run(*extra):
+        return reembed(v1, root, minilm_path, "--storage-options", opts, *extra)
+
+    def current_manifest():
+        fs.invalidate_cache()
+        pointer = json.loads(fs.cat_file(f"{bucket}/store/CURRENT"))
+        return json.loads(fs.cat_file(f"{bucket}/store/{pointer['path']}/_manifest.json"))
+
+    holder = RunLock(root, server.storage_options(), ttl_s=30, run="a scheduled reembed").acquire()
+    assert run() == 2
+    err = capfd.readouterr().err
+    assert f"pid {os.getpid()} on {socket.gethostname()}" in err and "a scheduled reembed" in err, err
+    started = time.time()
+    assert run("--wait", "--wait-timeout", "1") == 2
+    assert time.time() - started >= 1 and "gave up waiting after 1 s" in capfd.readouterr().err
+    fs.invalidate_cache()
+    assert [p.rsplit("/", 1)[-1] for p in fs.find(f"{bucket}/store")] == ["_lock.json"], "nothing written"
+
+    # --wait: the run starts once the holder lets go, and then writes the store.
+    release = threading.Timer(3.0, holder.release)
+    started = time.time()
+    release.start()
+    try:
+        assert run("--wait") == 0
+    finally:
+        release.join()
+    assert time.time() - started >= 3.0
+    assert "waiting for the store's lease" in capfd.readouterr().out
+    first = current_manifest()
+    assert first["changes"]["new"] == 12 and first["counts"]["unaccounted"] == 0
+    assert not fs.exists(f"{bucket}/store/_lock.json")
+
+    # A lease left by a driver of this host that died: taken over at once, no waiting for its TTL.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    fs.pipe_file(f"{bucket}/store/_lock.json", json.dumps(
+        {"owner": "crashed", "host": socket.gethostname(), "pid": dead.pid, "heartbeat": time.time(), "ttl_s": 600}
+    ).encode())
+    assert run() == 0
+    second = current_manifest()
+    assert second["store"]["base_snapshot"] == first["store"]["snapshot"]
+    assert second["changes"]["unchanged"] == 11 and second["changes"]["embedded"] == 0
+    assert not fs.exists(f"{bucket}/store/_lock.json")

@@ -3,7 +3,6 @@ bad objects, and no credential leaks."""
 
 from __future__ import annotations
 
-import http.server
 import json
 import sys
 import threading
@@ -14,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import run_job
-from tests.helpers import image_bytes
+from tests.helpers import image_bytes, media_server
 from tests.s3_fixtures import ACCESS_KEY, SECRET_KEY, moto_server, read_output_s3, s3, s3fs_for  # noqa: F401
 
 
@@ -145,38 +144,11 @@ def test_duplicate_ids_in_an_s3_manifest_are_rejected_up_front(s3, tiny_clip, ca
 
 
 # -- HTTP(S) media -----------------------------------------------------------------------------------
-class _Media(http.server.BaseHTTPRequestHandler):
-    payloads: dict = {}
-
-    def log_message(self, *args):
-        pass
-
-    def do_GET(self):
-        if self.path == "/slow.png":
-            time.sleep(3)
-        data = self.payloads.get(self.path, b"")
-        self.send_response(200 if self.path in self.payloads else 404)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if self.command == "GET":
-            try:
-                self.wfile.write(data)
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the client gave up at its timeout, as the test wants
-
-    do_HEAD = do_GET
-
-
 def test_http_media_needs_allow_http_and_obeys_timeout_and_size():
     from mmembed.storage import FetchError, Fetcher
 
     small, big = image_bytes(1), image_bytes(2, size=(300, 300))
-    _Media.payloads = {"/small.png": small, "/big.png": big, "/slow.png": small}
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Media)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
+    with media_server({"/small.png": small, "/big.png": big, "/slow.png": small}) as base:
         with pytest.raises(FetchError, match="--allow-http"):
             Fetcher().fetch(f"{base}/small.png")
         fetcher = Fetcher(allow_http=True, max_bytes=len(small) + 10, http_timeout_s=1.0, attempts=2)
@@ -188,9 +160,6 @@ def test_http_media_needs_allow_http_and_obeys_timeout_and_size():
             fetcher.fetch(f"{base}/slow.png")
         assert time.monotonic() - started < 2.9 * 2  # each try gave up at the 1 s timeout
         assert isinstance(info.value, FetchError) and "timed out" in str(info.value)
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_lease_on_s3_is_exclusive_under_a_race(s3):

@@ -157,3 +157,56 @@ def test_search_refuses_mismatched_inputs_before_ray(tmp_path, capsys, monkeypat
     rc = search_job.main(["--queries", str(raw), "--corpus-embeddings", str(tmp_path / "nope"), "--output",
                           str(tmp_path / "o"), "--top-k", "1"])
     assert rc == 2 and "not a finished `mmembed embed` output" in capsys.readouterr().err
+
+
+def test_search_passes_fetch_options_to_the_query_embedding():
+    """--max-bytes, --fetch-threads, --http-timeout and --allow-http of search reach the embed job of its queries."""
+    import pipelines.embed as embed_job
+    import pipelines.search as search_job
+    from pipelines.rerank import derive_args
+
+    args = search_job.build_parser().parse_args(
+        ["--queries", "q", "--corpus-embeddings", "c", "--output", "o", "--top-k", "1", "--max-bytes", "123",
+         "--fetch-threads", "3", "--http-timeout", "1.5", "--allow-http"]
+    )
+    ns = derive_args(embed_job.build_parser(), ["--input", "q", "--output", "o/q", "--model", "m"], args)
+    assert (ns.max_bytes, ns.fetch_threads, ns.http_timeout, ns.allow_http) == (123, 3, 1.5, True)
+
+
+@pytest.mark.slow
+def test_search_query_media_obey_max_bytes_and_http_timeout(ray_session, tiny_clip, tmp_path):
+    """Query images go through the embed job's fetch limits: one over --max-bytes and one slower than
+    --http-timeout become error rows with those reasons; the other query is searched."""
+    from PIL import Image
+    from sentence_transformers import SentenceTransformer
+
+    from tests.helpers import image_bytes, media_server
+
+    st = SentenceTransformer(tiny_clip, device="cpu")
+    rng = np.random.default_rng(3)
+    corpus = rng.normal(size=(20, st.get_embedding_dimension())).astype(np.float32)
+    doc_ids = [f"d{i:02d}" for i in range(len(corpus))]
+    cdir = write_embeddings(tmp_path / "corpus", doc_ids, corpus, shards=2, similarity="cosine")
+    manifest = json.loads((cdir / "_manifest.json").read_text())
+    manifest["model"]["name"] = tiny_clip
+    (cdir / "_manifest.json").write_text(json.dumps(manifest))
+    small, big = image_bytes(1), image_bytes(2, size=(300, 300))
+    (tmp_path / "small.png").write_bytes(small)
+    (tmp_path / "big.png").write_bytes(big)
+    with media_server({"/slow.png": small}) as base:
+        qpath = tmp_path / "queries.parquet"
+        pq.write_table(pa.table({"id": ["small", "big", "slow"],
+                                 "image": ["small.png", "big.png", f"{base}/slow.png"]}), qpath)
+        out = tmp_path / "out"
+        assert run_job(
+            "pipelines.search",
+            ["--queries", qpath, "--corpus-embeddings", cdir, "--output", out, "--top-k", 3, "--model", tiny_clip,
+             "--max-bytes", len(small) + 10, "--allow-http", "--http-timeout", 1, "--fetch-threads", 2],
+        ) == 0
+    results, errors, _ = read_search(out)
+    assert set(results) == {"small"} and set(errors) == {"big", "slow"}
+    assert "--max-bytes" in errors["big"]["error"]
+    assert "timed out" in errors["slow"]["error"]
+    order, scores = brute_force(st.encode_query([Image.open(tmp_path / "small.png").convert("RGB")]), corpus,
+                                "cosine", 3)
+    assert_matches_brute_force(results, ["small"], doc_ids, order, scores)

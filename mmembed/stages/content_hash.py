@@ -29,8 +29,9 @@ class ContentHashStage:
         storage_options: dict | None = None,
         max_bytes: int = 256 * 1024 * 1024,
         allow_http: bool = False,
+        http_timeout_s: float = 30.0,
     ):
-        self.fetcher = Fetcher(storage_options, max_bytes=max_bytes, allow_http=allow_http)
+        self.fetcher = Fetcher(storage_options, max_bytes=max_bytes, allow_http=allow_http, http_timeout_s=http_timeout_s)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         hashes = [self.digest(row) for row in batch.to_pylist()]

@@ -20,17 +20,46 @@ from mmembed.models import ModelSpec, load_model, resolve_device
 log = logging.getLogger(__name__)
 
 
-def embedding_schema(dim: int, precision: str = "float32") -> pa.Schema:
-    value_type = pa.float16() if precision == "float16" else pa.float32()
-    return pa.schema(
-        [
-            ("id", pa.string()),
-            ("modality", pa.string()),
-            ("embedding", pa.list_(value_type, dim)),
-            ("stage", pa.string()),
-            ("error", pa.string()),
-        ]
-    )
+QUANTIZED = ("int8", "uint8", "binary", "ubinary")
+FLOAT_COLUMN = "embedding_float"
+
+
+def stored_dim(dim: int, precision: str) -> int:
+    """Values per stored vector: binary precisions pack 8 dimensions into a byte, as ST's quantize_embeddings."""
+    return dim // 8 if precision in ("binary", "ubinary") else dim
+
+
+def embedding_schema(dim: int, precision: str = "float32", keep_float: bool = False) -> pa.Schema:
+    value_type = {
+        "float16": pa.float16(), "int8": pa.int8(), "binary": pa.int8(), "uint8": pa.uint8(), "ubinary": pa.uint8(),
+    }.get(precision, pa.float32())
+    fields = [
+        ("id", pa.string()),
+        ("modality", pa.string()),
+        ("embedding", pa.list_(value_type, stored_dim(dim, precision))),
+    ]
+    if keep_float:
+        fields.append((FLOAT_COLUMN, pa.list_(pa.float32(), dim)))
+    return pa.schema([*fields, ("stage", pa.string()), ("error", pa.string())])
+
+
+def quantize(vectors: np.ndarray, precision: str, ranges: np.ndarray | None) -> np.ndarray:
+    """float32 [n, dim] to the stored precision with ST's own quantize_embeddings and the corpus-wide ranges."""
+    if precision not in QUANTIZED:
+        return vectors.astype(np.float16 if precision == "float16" else np.float32)
+    from sentence_transformers.util.quantization import quantize_embeddings
+
+    if not len(vectors):
+        return np.zeros((0, stored_dim(vectors.shape[1], precision)), dtype=np.int8 if precision in ("int8", "binary") else np.uint8)
+    return quantize_embeddings(vectors, precision, ranges=ranges)
+
+
+def update_ranges(ranges: np.ndarray | None, vectors: np.ndarray) -> np.ndarray:
+    """Running [2, dim] per-dimension (min, max), the calibration ST's quantize_embeddings does in one go."""
+    block = np.vstack((vectors.min(axis=0), vectors.max(axis=0)))
+    if ranges is None:
+        return block
+    return np.vstack((np.minimum(ranges[0], block[0]), np.maximum(ranges[1], block[1])))
 
 
 class EncodeStage:
@@ -46,6 +75,8 @@ class EncodeStage:
         normalize: bool = False,
         truncate_dim: int | None = None,
         precision: str = "float32",
+        ranges: list | None = None,
+        keep_float: bool = False,
         max_batch_tokens: int | None = None,
         max_batch_patches: int | None = None,
         compile: bool = False,
@@ -61,13 +92,16 @@ class EncodeStage:
         self.normalize = normalize
         self.truncate_dim = truncate_dim if truncate_dim is not None else getattr(self.model, "truncate_dim", None)
         self.precision = precision
+        # int8/uint8 buckets come from the whole corpus's calibration, never from a batch (see pipelines.embed).
+        self.ranges = np.asarray(ranges, dtype=np.float32) if ranges is not None else None
+        self.keep_float = keep_float
         tokenizer = getattr(self.model, "tokenizer", None)
         tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # processors wrap their tokenizer
         self.pad_token_id = getattr(tokenizer, "pad_token_id", None) or 0
         self.padding_side = getattr(tokenizer, "padding_side", "right") or "right"
         dim = self.model.get_embedding_dimension()
         self.dim = min(dim, self.truncate_dim) if self.truncate_dim else dim
-        self.schema = embedding_schema(self.dim, precision)
+        self.schema = embedding_schema(self.dim, precision, keep_float)
         self.budget = Budget(batch_size, max_batch_tokens, max_batch_patches)
         # Real and padded token positions computed so far, for the padding-waste figure.
         self.token_counts = [0, 0]
@@ -178,8 +212,7 @@ class EncodeStage:
 
     def _output(self, rows, embeddings, errors) -> pa.Table:
         n = len(rows)
-        dtype = np.float16 if self.precision == "float16" else np.float32
-        flat = np.zeros((n, self.dim), dtype=dtype)
+        flat = np.zeros((n, self.dim), dtype=np.float32)
         valid = np.zeros(n, dtype=bool)
         stage, error = [], []
         for i, row in enumerate(rows):
@@ -194,15 +227,15 @@ class EncodeStage:
             else:
                 stage.append(row["stage"])
                 error.append(row["error"])
-        values = pa.array(flat.reshape(-1))
-        emb = pa.FixedSizeListArray.from_arrays(values, self.dim, mask=pa.array(~valid))
-        return pa.table(
-            {
-                "id": pa.array([r["id"] for r in rows], pa.string()),
-                "modality": pa.array([r["modality"] for r in rows], pa.string()),
-                "embedding": emb,
-                "stage": pa.array(stage, pa.string()),
-                "error": pa.array(error, pa.string()),
-            },
-            schema=self.schema,
-        )
+        stored = quantize(flat, self.precision, self.ranges)
+        mask = pa.array(~valid)
+        columns = {
+            "id": pa.array([r["id"] for r in rows], pa.string()),
+            "modality": pa.array([r["modality"] for r in rows], pa.string()),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(stored.reshape(-1)), stored.shape[1], mask=mask),
+        }
+        if self.keep_float:
+            columns[FLOAT_COLUMN] = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), self.dim, mask=mask)
+        columns["stage"] = pa.array(stage, pa.string())
+        columns["error"] = pa.array(error, pa.string())
+        return pa.table(columns, schema=self.schema)

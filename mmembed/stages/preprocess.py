@@ -52,6 +52,7 @@ class PreprocessStage:
         max_bytes: int = 256 * 1024 * 1024,
         max_image_pixels: int = 89_478_485,
         allow_http: bool = False,
+        http_timeout_s: float = 30.0,
         transport_dtype: str | None = None,
         decoders: dict | None = None,
         fetch_threads: int = 8,
@@ -60,7 +61,7 @@ class PreprocessStage:
         self.model = load_model(model, weights=False)
         self.task = task
         self.prompt = resolve_prompt(self.model, task, prompt_name, prompt)
-        self.fetcher = Fetcher(storage_options, max_bytes=max_bytes, allow_http=allow_http)
+        self.fetcher = Fetcher(storage_options, max_bytes=max_bytes, allow_http=allow_http, http_timeout_s=http_timeout_s)
         self.max_image_pixels = max_image_pixels
         self.transport_dtype = transport_dtype
         # torchcodec audio/video decoders bound to this model's processor; callers may override.
@@ -216,9 +217,16 @@ class PreprocessStage:
         parts = tuple(sorted(label.split("+")))
         modality = parts[0] if len(parts) == 1 else parts
         if not self.model.supports(modality):
+            # Past the up-front sample of plan(), a combination is only found here, per record.
+            fix = (
+                "; it cannot embed modalities together (no `message` support): rerun with --split-modalities "
+                "to embed each modality on its own, or use a model that supports messages (e.g. a Qwen3-VL embedder)"
+                if len(parts) > 1
+                else ""
+            )
             raise RecordError(
                 f"model {self.spec.name_or_path} does not support {modality_label(modality)} records "
-                f"(it supports: {', '.join(modality_label(m) for m in self.model.modalities)})"
+                f"(it supports: {', '.join(modality_label(m) for m in self.model.modalities)}){fix}"
             )
 
     def _prepare(self, st_input):

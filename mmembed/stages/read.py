@@ -122,8 +122,10 @@ class ReadStage:
         return ds
 
     def _listing(self, data):
+        return data.from_arrow(list(self._listing_tables()))
+
+    def _listing_tables(self):
         root = self.spec.root.rstrip("/")
-        tables = []
         step = min(self.block_rows or LISTING_BLOCK_ROWS, LISTING_BLOCK_ROWS)
         for start in range(0, len(self.spec.paths), step):
             chunk = self.spec.paths[start : start + step]
@@ -134,9 +136,26 @@ class ReadStage:
             for m in MEDIA_MODALITIES:
                 cols[f"{m}_uri"] = pa.array([p if mm == m else None for p, mm in zip(chunk, mods)], pa.string())
             cols["text_uri"] = pa.array([p if mm == "text" else None for p, mm in zip(chunk, mods)], pa.string())
-            t = pa.table(cols)
-            tables.append(_conform(t))
-        return data.from_arrow(tables)
+            yield _conform(pa.table(cols))
+
+    def tables(self):
+        """The same records as `dataset()`, as Arrow tables read in this process (no Ray).
+
+        For the in-process executor: a manifest is read one row batch at a time, so memory holds
+        a block, not the file.
+        """
+        if self.spec.kind != "manifest":
+            yield from self._listing_tables()
+            return
+        import pyarrow.parquet as pq
+
+        fs, _ = filesystem(self.spec.uri, self.storage_options)
+        rows = self.block_rows or LISTING_BLOCK_ROWS
+        for path in self.spec.paths:
+            with fs.open(fs._strip_protocol(path), "rb") as f:
+                # No pyarrow threads on a Python file object (see records.check_unique_ids).
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=rows, use_threads=False):
+                    yield normalize_manifest_table(pa.Table.from_batches([batch]), self.spec.root)
 
 
 def _relative_id(path: str, root: str) -> str:

@@ -7,6 +7,14 @@ the corpus nor the full score matrix is ever held. Scores are ST's own similarit
 (`SimilarityFunction.to_similarity_fn`, as named in the corpus manifest), on the GPU when the
 actor has one. Results are ordered by score descending, ties by doc_id ascending; at the
 k-th place, which of several exactly tied documents is kept is not specified.
+
+A quantised corpus (`mmembed embed --precision int8|uint8|binary|ubinary`) is searched as ST's
+semantic_search_faiss/usearch do: the float queries are quantised with ST's quantize_embeddings
+and the corpus manifest's ranges; int8/uint8 scores are dot products of the quantised vectors,
+binary/ubinary scores are minus the Hamming distance (higher is better, as every other score
+here). When the corpus also stores float vectors (`--keep-float`), the best
+rescore_multiplier x k hits by quantised score are rescored with the float queries and the
+corpus similarity function, and the best k of those are kept, with their float scores.
 """
 
 from __future__ import annotations
@@ -50,6 +58,19 @@ def as_query_rows(table: pa.Table) -> pa.Table:
     )
 
 
+def stored_matrix(col, width: int) -> np.ndarray:
+    """A fixed-size list column of quantised vectors in its own integer dtype, [rows, width]."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    return np.asarray(col.flatten()).reshape(len(col), width)
+
+
+def unpacked_bits(packed: np.ndarray, precision: str) -> np.ndarray:
+    """binary (int8, packbits - 128 as ST stores it) or ubinary (uint8) rows as 0/1 float32 bits."""
+    raw = packed.view(np.uint8) ^ 0x80 if precision == "binary" else packed.view(np.uint8)
+    return np.unpackbits(raw, axis=-1).astype(np.float32)
+
+
 class SearchStage:
     """GPU (or CPU) actor: query embedding rows in, k result rows per query (or its error row) out."""
 
@@ -63,6 +84,8 @@ class SearchStage:
         storage_options: dict | None = None,
         block_rows: int = 16_384,
         device: str = "auto",
+        quantization: dict | None = None,
+        rescore_multiplier: int = 4,
     ):
         import torch
         from sentence_transformers.util import SimilarityFunction
@@ -75,37 +98,88 @@ class SearchStage:
         self.top_k = top_k
         self.storage_options = storage_options or {}
         self.block_rows = block_rows
+        q = quantization or {}
+        self.precision = q.get("precision", "float32")
+        self.quantized = self.precision in ("int8", "uint8", "binary", "ubinary")
+        self.ranges = np.asarray(q["ranges"], dtype=np.float32) if q.get("ranges") is not None else None
+        self.width = q.get("stored_dim", dim)
+        self.float_column = q.get("float_column") if self.quantized and rescore_multiplier else None
+        self.keep = top_k * rescore_multiplier if self.float_column else top_k
 
     def corpus_blocks(self):
-        """(doc ids, [rows, dim] float32) per corpus block, shard after shard."""
+        """(doc ids, [rows, width] stored vectors, [rows, dim] float32 or None) per corpus block, shard after shard."""
+        columns = ["id", "embedding"] + ([self.float_column] if self.float_column else [])
         for uri in self.corpus_files:
             fs, path = filesystem(uri, self.storage_options)
             with fs.open(path, "rb") as f:
-                for batch in pq.ParquetFile(f).iter_batches(batch_size=self.block_rows, columns=["id", "embedding"]):
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=self.block_rows, columns=columns):
                     ids = np.asarray(batch.column(0).to_pylist(), dtype=object)
-                    yield ids, embedding_matrix(batch.column(1), self.dim)
+                    if self.quantized:
+                        stored = stored_matrix(batch.column(1), self.width)
+                    else:
+                        stored = embedding_matrix(batch.column(1), self.dim)
+                    floats = embedding_matrix(batch.column(2), self.dim) if self.float_column else None
+                    yield ids, stored, floats
+
+    def prepare_queries(self, queries: np.ndarray):
+        """Float queries as the tensor `score` compares with stored corpus blocks."""
+        torch = self.torch
+        if not self.quantized:
+            return torch.from_numpy(queries).to(self.device)
+        from mmembed.stages.encode import quantize
+
+        stored = quantize(queries, self.precision, self.ranges)
+        if self.precision in ("binary", "ubinary"):
+            return torch.from_numpy(unpacked_bits(stored, self.precision)).to(self.device)
+        # float64: uint8 dot products pass float32's exact-integer range (2^24) from ~260 dims on.
+        return torch.from_numpy(stored.astype(np.float64)).to(self.device)
+
+    def score(self, q, block: np.ndarray):
+        """[nq, rows] scores of prepared queries against one stored corpus block; higher is better."""
+        torch = self.torch
+        if not self.quantized:
+            return self.similarity(q, torch.from_numpy(block).to(self.device)).float()
+        if self.precision in ("binary", "ubinary"):
+            bits = torch.from_numpy(unpacked_bits(block, self.precision)).to(self.device)
+            hamming = q.sum(1, keepdim=True) + bits.sum(1)[None, :] - 2 * (q @ bits.T)
+            return (-hamming).double()
+        return q @ torch.from_numpy(block.astype(np.float64)).to(self.device).T
 
     def search(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k over the whole corpus: ([nq, k'] scores, [nq, k'] doc ids), k' = min(k, corpus)."""
         torch = self.torch
-        q = torch.from_numpy(queries).to(self.device)
-        best = torch.empty((len(queries), 0), dtype=torch.float32, device=self.device)
+        q = self.prepare_queries(queries)
+        qf = torch.from_numpy(queries).to(self.device) if self.float_column else None
+        dtype = torch.float64 if self.quantized else torch.float32
+        best = torch.empty((len(queries), 0), dtype=dtype, device=self.device)
+        best_float = torch.empty((len(queries), 0), dtype=torch.float32, device=self.device)
         best_ids = np.empty((len(queries), 0), dtype=object)
         with torch.inference_mode():
-            for ids, block in self.corpus_blocks():
-                scores = self.similarity(q, torch.from_numpy(block).to(self.device)).float()
-                merged = torch.cat([best, scores], dim=1)
-                top = torch.topk(merged, min(self.top_k, merged.shape[1]), dim=1)
-                picked = top.indices.cpu().numpy()
-                kept = best_ids.shape[1]
-                from_block = picked >= kept
-                new_ids = np.empty(picked.shape, dtype=object)
-                if kept:
-                    old = np.take_along_axis(best_ids, np.minimum(picked, kept - 1), axis=1)
-                    new_ids[~from_block] = old[~from_block]
-                new_ids[from_block] = ids[picked[from_block] - kept]
-                best, best_ids = top.values, new_ids
+            for ids, block, floats in self.corpus_blocks():
+                merged = torch.cat([best, self.score(q, block)], dim=1)
+                top = torch.topk(merged, min(self.keep, merged.shape[1]), dim=1)
+                if qf is not None:
+                    # The float scores of the candidates travel with them, so rescoring needs no second pass.
+                    exact = self.similarity(qf, torch.from_numpy(floats).to(self.device)).float()
+                    best_float = torch.cat([best_float, exact], dim=1).gather(1, top.indices)
+                best_ids = self._merge_ids(best_ids, ids, top.indices.cpu().numpy())
+                best = top.values
+            if qf is not None:
+                top = torch.topk(best_float, min(self.top_k, best_float.shape[1]), dim=1)
+                best, best_ids = top.values, np.take_along_axis(best_ids, top.indices.cpu().numpy(), axis=1)
         return best.cpu().numpy(), best_ids
+
+    @staticmethod
+    def _merge_ids(best_ids: np.ndarray, ids: np.ndarray, picked: np.ndarray) -> np.ndarray:
+        """Doc ids of the picked columns of [kept ids | this block's ids]."""
+        kept = best_ids.shape[1]
+        from_block = picked >= kept
+        new_ids = np.empty(picked.shape, dtype=object)
+        if kept:
+            old = np.take_along_axis(best_ids, np.minimum(picked, kept - 1), axis=1)
+            new_ids[~from_block] = old[~from_block]
+        new_ids[from_block] = ids[picked[from_block] - kept]
+        return new_ids
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         batch = as_query_rows(batch)

@@ -1,0 +1,261 @@
+"""Do the CPU stages keep an accelerator busy? Measured without one, in one run.
+
+    .venv/bin/python benchmarks/feed.py [--workloads clip_photos,qwen3vl_shots] [--seconds 60] [--smoke]
+
+The encoder is replaced by stand-ins (mmembed/testing/standin.py) inside the real pipeline
+(`pipelines.embed`: manifest -> fetch/decode/preprocess pool -> encoder pool -> Parquet):
+- P, preprocess only: a null encoder, so the job runs at the rate of its CPU stages;
+- R, encoder only: a rate-limited encoder that does the real host work (collate, copy to the
+  device) and holds each batch for rows / R seconds, like an accelerator of forward rate R.
+  Checked on its own, in this process, on preprocessed rows: it must reach R within 2%;
+- E, end to end: the real pipeline with that encoder, for R = 0.5 P, 1.0 P and 2 P.
+
+efficiency = E / min(P, R): 1.0 means the pipeline is as fast as its slower half allows.
+
+Rates are marginal, between a job of N/2 and one of N records (fixed costs such as actor
+start-up cancel), with N sized so the larger job runs about --seconds; whole-job rates are
+printed beside them. Inputs are Parquet manifests cycling over generated files, the same
+files for every job: CLIP-shape photos (640x480 JPEG, 224 crop, a tiny random-weight CLIP) and
+Qwen3-VL-shape screenshots (1280x800 PNG, 360,000-pixel budget, a tiny random-weight Qwen3-VL
+with the real processor settings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import gpu as shapes  # noqa: E402 - the GPU benchmark's corpora and model shapes
+
+WORKLOADS = {
+    # name: model (benchmarks/gpu.py build_model), corpus kind, distinct files, pipeline options
+    "clip_photos": {"model": "clip_b32", "corpus": "photos", "files": 1024, "pilot": 1200, "options": []},
+    "qwen3vl_shots": {
+        "model": "qwen3vl",
+        "corpus": "shots",
+        "files": 256,
+        "pilot": 240,
+        # As on a GPU run: pixels cross the object store in bf16, the processor's budget bounds patches.
+        "options": ["--transport-dtype", "bfloat16", "--preprocess-batch-size", "4"],
+    },
+}
+R_FACTORS = (0.5, 1.0, 2.0)
+
+
+def write_manifest(path: Path, files: list[str], n: int) -> Path:
+    """`n` records cycling over `files`: every job reads the same bytes, only more of them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not path.exists():
+        ids = [f"r{i:08d}" for i in range(n)]
+        pq.write_table(pa.table({"id": ids, "image": [files[i % len(files)] for i in range(n)]}), path)
+    return path
+
+
+class Bench:
+    def __init__(self, args, name: str, spec: dict, model_dir: str, files: list[str]):
+        self.args, self.name, self.spec, self.model_dir, self.files = args, name, spec, model_dir, files
+        self.work = Path(args.workdir) / "feed" / name
+        self.work.mkdir(parents=True, exist_ok=True)
+
+    def argv(self, manifest: Path, out: Path, n: int) -> list[str]:
+        argv = ["--input", str(manifest), "--output", str(out), "--model", self.model_dir, "--device", "cpu",
+                "--batch-size", str(self.args.batch_size), "--shard-rows", str(max(8, n // 40)), "--overwrite"]
+        return argv + self.spec["options"] + self.args.job_options
+
+    def job(self, n: int, stage, kwargs: dict, label: str) -> dict:
+        """One `pipelines.embed` run over n records with the given encoder; wall time and counts."""
+        from pipelines import embed
+
+        manifest = write_manifest(self.work / f"manifest-{n}.parquet", self.files, n)
+        out = self.work / f"out-{label}-{n}"
+        args = embed.build_parser().parse_args(self.argv(manifest, out, n))
+        args.encoder_stage, args.encoder_stage_kwargs = stage, kwargs
+        t0 = time.perf_counter()
+        rc = embed.run(args)
+        wall = time.perf_counter() - t0
+        manifest_json = json.loads((out / "_manifest.json").read_text())
+        counts = manifest_json["counts"]
+        if rc != 0 or counts["written"] != n or counts["errors"]:
+            raise SystemExit(f"feed.py: job {label} over {n} records failed: rc={rc} counts={counts}")
+        streaming = shapes.steady_rate(str(out), manifest_json["files"], wall)
+        shutil.rmtree(out, ignore_errors=True)
+        self.log(f"{label:>10} n={n:<7} {wall:7.1f} s  {n / wall:8.1f} rec/s whole job"
+                 + (f", {streaming:8.1f} rec/s while shards stream" if streaming else ""))
+        return {"n": n, "wall_s": wall, "rate": n / wall, "streaming_rate": streaming,
+                "resources": manifest_json["resources"]}
+
+    def pair(self, n_big: int, stage, kwargs: dict, label: str) -> dict:
+        """Jobs of n_big / 2 and n_big records; the marginal rate between them.
+
+        --smoke runs the larger job only: tiny jobs are all fixed cost, their difference is noise.
+        """
+        if self.args.smoke:
+            big = self.job(n_big, stage, kwargs, label)
+            return {"small": None, "big": big, "marginal_rate": None}
+        small = self.job(n_big // 2, stage, kwargs, label)
+        big = self.job(n_big, stage, kwargs, label)
+        dt = big["wall_s"] - small["wall_s"]
+        marginal = (big["n"] - small["n"]) / dt if dt > 0 else None
+        return {"small": small, "big": big, "marginal_rate": marginal}
+
+    def log(self, msg: str) -> None:
+        print(f"[{self.name}] {msg}", flush=True)
+
+    # -- the encoder alone ----------------------------------------------------------------
+    def preprocessed_sample(self, k: int):
+        """k records through the real PreprocessStage, in this process."""
+        import pyarrow.parquet as pq
+
+        from mmembed.models import ModelSpec
+        from mmembed.stages.preprocess import PreprocessStage
+        from mmembed.stages.read import normalize_manifest_table
+
+        manifest = write_manifest(self.work / f"manifest-{k}.parquet", self.files, k)
+        records = normalize_manifest_table(pq.read_table(manifest), "")
+        transport = None
+        if "--transport-dtype" in self.spec["options"]:
+            transport = self.spec["options"][self.spec["options"].index("--transport-dtype") + 1]
+        stage = PreprocessStage(ModelSpec(self.model_dir), transport_dtype=transport)
+        t0 = time.perf_counter()
+        table = stage(records)
+        rate = k / (time.perf_counter() - t0)
+        assert table.column("error").null_count == table.num_rows, "preprocess errors in the sample"
+        return table, rate
+
+    def encoder_check(self, sample, rate: float, seconds: float) -> dict:
+        """The stand-in's own rate on preprocessed rows, fed as the pipeline feeds it."""
+        from mmembed.models import ModelSpec
+        from mmembed.testing.standin import RateLimitedEncoder
+
+        window = self.args.batch_size
+        enc = RateLimitedEncoder(ModelSpec(self.model_dir), rate=rate, device="cpu", batch_size=self.args.batch_size)
+        blocks = [sample.slice(i, window) for i in range(0, sample.num_rows - window + 1, window)]
+        enc(blocks[0])  # first-call allocations stay out of the figure
+        rows, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            enc(blocks[(rows // window) % len(blocks)])
+            rows += window
+        measured = rows / (time.perf_counter() - t0)
+        return {"target": rate, "measured": measured, "error": measured / rate - 1.0}
+
+    # -- the whole workload ---------------------------------------------------------------
+    def run(self) -> dict:
+        from mmembed.testing.standin import NullEncoder, RateLimitedEncoder
+
+        args = self.args
+        dim = self._dim()
+        null = (NullEncoder, {"dim": dim})
+        sample, in_process_rate = self.preprocessed_sample(4 * args.batch_size if args.smoke else 8 * args.batch_size)
+        if args.smoke:
+            n_p = 16
+        else:
+            pilot = self.job(self.spec["pilot"], *null, "pilot")
+            # The pilot's rate includes start-up, so it undershoots P: N comes out a little long.
+            n_p = max(64, int(args.seconds * pilot["rate"]))
+        pre = self.pair(n_p, *null, "null")
+        if args.smoke:
+            # A 16-record job is all start-up; its rate would make R absurdly slow. The smoke run
+            # sets R from one in-process PreprocessStage call instead (no pipeline, no fixed cost).
+            p_rate = in_process_rate
+            self.log(f"P = {p_rate:.1f} rec/s (smoke: one in-process preprocess call)")
+        else:
+            p_rate = pre["marginal_rate"] or pre["big"]["rate"]
+            self.log(f"P = {p_rate:.1f} rec/s (marginal)")
+        result = {"P": p_rate, "preprocess_only": pre, "by_factor": {}}
+        for factor in R_FACTORS:
+            rate = factor * p_rate
+            check = self.encoder_check(sample, rate, 0.3 if args.smoke else args.check_seconds)
+            self.log(f"R = {factor} P = {rate:.1f} rec/s; stand-in alone: {check['measured']:.1f} "
+                     f"({check['error']:+.1%})")
+            n = 16 if args.smoke else max(64, int(args.seconds * min(p_rate, rate)))
+            e2e = self.pair(n, RateLimitedEncoder, {"rate": rate}, f"R={factor}P")
+            e = e2e["marginal_rate"] or e2e["big"]["rate"]
+            result["by_factor"][str(factor)] = {
+                "R": rate,
+                "encoder_check": check,
+                "end_to_end": e2e,
+                "E": e,
+                "efficiency": e / min(p_rate, rate),
+                "efficiency_whole_job": e2e["big"]["rate"] / min(p_rate, rate),
+            }
+        return result
+
+    def _dim(self) -> int:
+        from mmembed.models import ModelSpec, load_model
+
+        return load_model(ModelSpec(self.model_dir), weights=False).get_embedding_dimension()
+
+
+def table(results: dict) -> str:
+    lines = [
+        f"{'workload':<14} {'R/P':>4} {'P rec/s':>8} {'R rec/s':>8} {'R alone':>8} {'E rec/s':>8} "
+        f"{'E/min(P,R)':>10} {'whole-job':>9}",
+    ]
+    for name, r in results.items():
+        for factor, f in r["by_factor"].items():
+            lines.append(
+                f"{name:<14} {float(factor):>4.1f} {r['P']:>8.1f} {f['R']:>8.1f} {f['encoder_check']['measured']:>8.1f} "
+                f"{f['E']:>8.1f} {f['efficiency']:>10.2f} {f['efficiency_whole_job']:>9.2f}"
+            )
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated subset of {', '.join(WORKLOADS)}")
+    ap.add_argument("--seconds", type=float, default=60.0, help="target wall time of each larger job (default 60)")
+    ap.add_argument("--check-seconds", type=float, default=5.0, help="how long the stand-in is timed alone (default 5)")
+    ap.add_argument("--batch-size", type=int, default=32, help="encoder batch (default 32, mmembed's default)")
+    ap.add_argument("--job-option", dest="job_options", action="append", default=[],
+                    help="extra `mmembed embed` option for every job, repeatable (e.g. --job-option=--encode-window=128)")
+    ap.add_argument("--workdir", default=None, help="where inputs, models and outputs go (default: a temp dir)")
+    ap.add_argument("--json", default=None, help="write the results here as JSON")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks that every measurement runs")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.workdir = args.workdir or tempfile.mkdtemp(prefix="mmembed-feed-")
+    chosen = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    unknown = sorted(set(chosen) - set(WORKLOADS))
+    if unknown:
+        print(f"feed.py: unknown workloads {unknown}; choose from {list(WORKLOADS)}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING)
+    import ray
+
+    from pipelines import embed
+
+    embed.init_ray(None)
+    results = {}
+    with mp.get_context("spawn").Pool(max(1, min(4, os.cpu_count() or 1))) as pool:
+        for name in chosen:
+            spec = WORKLOADS[name]
+            files = shapes.corpus(args.workdir, spec["corpus"], 8 if args.smoke else spec["files"], pool)
+            model_dir = shapes.build_model(args.workdir, spec["model"], True, "float32", "cpu")
+            results[name] = Bench(args, name, spec, model_dir, files).run()
+    cpus = ray.cluster_resources().get("CPU")
+    print(f"\nbenchmarks/feed.py  ({cpus:g} CPUs, stand-in encoders, marginal rates; {'smoke' if args.smoke else 'full'})")
+    print(table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"cpus": cpus, "smoke": args.smoke, "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
