@@ -33,7 +33,8 @@ from mmembed.options import UsageError
 from mmembed.storage import filesystem, join_uri, with_retries
 
 INDEX_JOB = "index"
-KINDS = ("flat", "ivf-flat", "hnsw", "ivf-pq")
+KINDS = ("flat", "ivf-flat", "ivf-sq8", "hnsw", "ivf-pq")
+IVF_KINDS = ("ivf-flat", "ivf-sq8", "ivf-pq")
 # Similarity (ST's name, from the embed manifest) -> how the index compares vectors.
 METRICS = {"cosine": "inner_product", "dot": "inner_product", "euclidean": "l2"}
 # Below this many vectors an exact scan is instant; an approximate index only costs recall.
@@ -43,6 +44,10 @@ INSTALL_HINT = 'pip install "mmembed[index]"  (or: pip install faiss-cpu)'
 
 def require_faiss():
     """The faiss module, or a UsageError (exit 2) that says how to install it."""
+    import logging
+
+    # Its loader logs each SIMD build it tries at INFO, which the jobs' logging would print.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     try:
         import faiss
     except ImportError:
@@ -79,7 +84,20 @@ class EmbeddingSource:
             )
         if not m.get("files") or not m["counts"].get("written"):
             raise UsageError(f"--embeddings {uri} holds no embeddings.")
+        q = m["model"].get("quantization") or {}
+        if q and not q.get("float_column"):
+            raise UsageError(
+                f"--embeddings {uri} stores only {q.get('precision')} vectors, and the index is built from float "
+                f"vectors. Embed the corpus with `--precision {q.get('precision')} --keep-float` (the index then "
+                "reads the float column) or without --precision, or search it exactly with `mmembed search "
+                "--corpus-embeddings`."
+            )
         return cls(uri, root, m, opts)
+
+    @property
+    def column(self) -> str:
+        """The float vectors: `embedding`, or the --keep-float column of a quantised corpus."""
+        return (self.model.get("quantization") or {}).get("float_column") or "embedding"
 
     @property
     def model(self) -> dict:
@@ -115,10 +133,10 @@ class EmbeddingSource:
 
         def read():
             with fs.open(path, "rb") as f:
-                return pq.read_table(f, columns=["id", "embedding"])
+                return pq.read_table(f, columns=["id", self.column])
 
         t = with_retries(read)
-        return t.column("id").combine_chunks().cast(pa.string()), embedding_matrix(t.column("embedding"), self.dim)
+        return t.column("id").combine_chunks().cast(pa.string()), embedding_matrix(t.column(self.column), self.dim)
 
     def shards(self):
         for entry in self.files:
@@ -151,16 +169,33 @@ class IndexParams:
     nlist: int | None = None  # IVF: inverted lists (k-means centroids)
     nprobe: int | None = None  # IVF: lists scanned per query (the default searches use)
     m: int | None = None  # HNSW: links per node; IVF-PQ: sub-quantizers (must divide dim)
-    nbits: int = 8  # IVF-PQ: bits per sub-quantizer code
-    ef_construction: int = 80  # HNSW
+    nbits: int | None = None  # IVF-PQ: bits per sub-quantizer code
+    ef_construction: int | None = None  # HNSW
     ef_search: int | None = None  # HNSW: candidate list per query (the default searches use)
     train_size: int | None = None  # IVF: vectors sampled to train the quantizer
+
+    # Which options each kind takes; anything else given is refused rather than silently ignored.
+    OPTIONS = {
+        "flat": (),
+        "ivf-flat": ("nlist", "nprobe", "train_size"),
+        "ivf-sq8": ("nlist", "nprobe", "train_size"),
+        "ivf-pq": ("nlist", "nprobe", "m", "nbits", "train_size"),
+        "hnsw": ("m", "ef_construction", "ef_search"),
+    }
 
     def resolve(self, n: int, dim: int) -> "IndexParams":
         """Defaults by corpus size (README "Approximate search")."""
         p = IndexParams(**asdict(self))
-        p.kind = p.kind or ("flat" if n < FLAT_BELOW else "ivf-flat")
-        if p.kind in ("ivf-flat", "ivf-pq"):
+        if p.kind is None:
+            ivf_given = p.nlist or p.nprobe or p.train_size
+            p.kind = "ivf-flat" if ivf_given or n >= FLAT_BELOW else "flat"
+        stray = [k for k in ("nlist", "nprobe", "m", "nbits", "ef_construction", "ef_search", "train_size")
+                 if getattr(p, k) is not None and k not in self.OPTIONS[p.kind]]
+        if stray:
+            flags = ", ".join("--" + k.replace("_", "-") for k in stray)
+            raise UsageError(f"{flags} do(es) not apply to --kind {p.kind} (it takes: "
+                             f"{', '.join('--' + k.replace('_', '-') for k in self.OPTIONS[p.kind]) or 'nothing'}).")
+        if p.kind in IVF_KINDS:
             # ~sqrt(n) lists, a power of two, with >= 39 training vectors each (FAISS's own minimum).
             p.nlist = p.nlist or max(1, min(2 ** round(math.log2(math.sqrt(n))), n // 39))
             if p.nlist > n:
@@ -168,22 +203,18 @@ class IndexParams:
             p.nprobe = min(p.nprobe or max(1, p.nlist // 16), p.nlist)
             p.train_size = min(n, p.train_size or max(64 * p.nlist, 256 * 39 if p.kind == "ivf-pq" else 0))
         if p.kind == "ivf-pq":
+            p.nbits = p.nbits or 8
             p.m = p.m or next(d for d in range(max(1, dim // 8), 0, -1) if dim % d == 0)
             if dim % p.m:
                 raise UsageError(f"--m {p.m} must divide the embedding dim {dim} for ivf-pq.")
         if p.kind == "hnsw":
             p.m = p.m or 32
+            p.ef_construction = p.ef_construction or 80
             p.ef_search = p.ef_search or 128
         return p
 
     def to_dict(self) -> dict:
-        keep = {
-            "flat": ("kind",),
-            "ivf-flat": ("kind", "nlist", "nprobe", "train_size"),
-            "ivf-pq": ("kind", "nlist", "nprobe", "m", "nbits", "train_size"),
-            "hnsw": ("kind", "m", "ef_construction", "ef_search"),
-        }[self.kind]
-        return {k: getattr(self, k) for k in keep}
+        return {"kind": self.kind, **{k: getattr(self, k) for k in self.OPTIONS[self.kind]}}
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,8 +243,12 @@ class IndexBuilder:
             return index
         quantizer = faiss.IndexFlat(d, metric)
         if p.kind == "ivf-flat":
-            return faiss.IndexIVFFlat(quantizer, d, p.nlist, metric)
-        return faiss.IndexIVFPQ(quantizer, d, p.nlist, p.m, p.nbits, metric)
+            index = faiss.IndexIVFFlat(quantizer, d, p.nlist, metric)
+        elif p.kind == "ivf-sq8":
+            index = faiss.IndexIVFScalarQuantizer(quantizer, d, p.nlist, faiss.ScalarQuantizer.QT_8bit, metric)
+        else:
+            index = faiss.IndexIVFPQ(quantizer, d, p.nlist, p.m, p.nbits, metric)
+        return index
 
     def _prepare(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
@@ -252,6 +287,7 @@ class IndexOutput:
         token = uuid.uuid4().hex[:8]
         names = {"index": f"index-{token}.faiss", "ids": f"ids-{token}.parquet"}
         previous = self.existing()
+        previous = previous if (previous or {}).get("job") == INDEX_JOB else None
         self.fs.makedirs(self.path, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="mmembed-index-") as tmp:
             local = {k: os.path.join(tmp, v) for k, v in names.items()}
@@ -264,10 +300,17 @@ class IndexOutput:
                 with_retries(lambda src=local[key], dst=target: self.fs.put_file(src, dst))
         manifest = {**manifest, "status": "complete", "files": files}
         write_json(join_uri(self.uri, MANIFEST_NAME), manifest, self.storage_options)
-        # The previous build's files are unreachable once the new manifest is in place.
-        for entry in (previous or {}).get("files", {}).values():
+        # Once the new manifest is in place, the previous build's files (and those of a build that
+        # died before its manifest) are unreachable: remove them. The run lock keeps builders apart.
+        keep = set(names.values())
+        root = self.path.rstrip("/")
+        stale = {e["name"] for e in ((previous or {}).get("files") or {}).values()}
+        self.fs.invalidate_cache(root)
+        for pattern in ("index-*.faiss", "ids-*.parquet"):
+            stale.update(p.rsplit("/", 1)[-1] for p in self.fs.glob(f"{root}/{pattern}"))
+        for name in sorted(stale - keep):
             try:
-                self.fs.rm(f"{self.path.rstrip('/')}/{entry['name']}")
+                with_retries(lambda n=name: self.fs.rm(f"{root}/{n}"))
             except FileNotFoundError:
                 pass
         return manifest
@@ -287,33 +330,47 @@ def read_index_manifest(uri: str, storage_options: dict | None = None) -> dict:
 
 
 class AnnIndex:
-    """A committed index loaded into memory: top-k (scores, doc ids) for a matrix of queries."""
+    """A FAISS index with its row -> doc id map: top-k (scores, doc ids) for a matrix of queries."""
 
-    def __init__(self, uri: str, storage_options: dict | None = None, *, nprobe: int | None = None,
-                 ef_search: int | None = None):
+    def __init__(self, index, ids: pa.Array, params: dict, metric: str, normalize: bool):
         self.faiss = require_faiss()
-        self.manifest = read_index_manifest(uri, storage_options)
+        self.index, self.ids, self.params = index, ids, params
+        self.metric, self.normalize = metric, normalize
+        if len(self.ids) != self.index.ntotal:
+            raise UsageError(f"{len(self.ids)} ids for {self.index.ntotal} index vectors; rebuild the index.")
+        self.tune()
+
+    @classmethod
+    def load(cls, uri: str, storage_options: dict | None = None, *, nprobe: int | None = None,
+             ef_search: int | None = None) -> "AnnIndex":
+        """The committed index at uri, copied to local disk once and read into memory."""
+        faiss = require_faiss()
+        manifest = read_index_manifest(uri, storage_options)
         fs, path = filesystem(uri, storage_options or {})
         root = path.rstrip("/")
-        files = self.manifest["files"]
+        files = manifest["files"]
         with tempfile.TemporaryDirectory(prefix="mmembed-index-") as tmp:
             local = os.path.join(tmp, files["index"]["name"])
             with_retries(lambda: fs.get_file(f"{root}/{files['index']['name']}", local))
-            self.index = self.faiss.read_index(local)
+            index = faiss.read_index(local)
         with fs.open(f"{root}/{files['ids']['name']}", "rb") as f:
-            self.ids = pq.read_table(f).column("id").combine_chunks()
-        if len(self.ids) != self.index.ntotal:
-            raise UsageError(f"--index {uri}: {len(self.ids)} ids for {self.index.ntotal} vectors; rebuild it.")
-        params = self.manifest["index"]
-        self.metric = self.manifest["metric"]
-        self.normalize = self.manifest["normalize_inputs"]
-        if params["kind"] in ("ivf-flat", "ivf-pq"):
-            self.index.nprobe = min(nprobe or params["nprobe"], params["nlist"])
-        elif params["kind"] == "hnsw":
-            self.index.hnsw.efSearch = ef_search or params["ef_search"]
+            ids = pq.read_table(f).column("id").combine_chunks()
+        ann = cls(index, ids, manifest["index"], manifest["metric"], manifest["normalize_inputs"])
+        ann.tune(nprobe=nprobe, ef_search=ef_search)
+        return ann
+
+    def tune(self, *, nprobe: int | None = None, ef_search: int | None = None) -> None:
+        """Search-time settings: the given ones, else those the index was built with."""
+        if self.params["kind"] in IVF_KINDS:
+            self.index.nprobe = min(nprobe or self.params["nprobe"], self.params["nlist"])
+        elif self.params["kind"] == "hnsw":
+            self.index.hnsw.efSearch = ef_search or self.params["ef_search"]
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """([nq, k'] scores as ST's similarity gives them, [nq, k'] doc ids), k' = min(k, corpus)."""
+        """([nq, k'] scores as ST's similarity gives them, [nq, k'] doc ids), k' = min(k, corpus).
+
+        A slot the index could not fill (an IVF search probing lists that hold fewer than k
+        vectors) has score -inf and doc id None."""
         q = np.ascontiguousarray(queries, dtype=np.float32)
         if self.normalize:
             q = q.copy()
@@ -322,17 +379,23 @@ class AnnIndex:
         scores, rows = self.index.search(q, k)
         if self.metric == "l2":
             scores = -np.sqrt(np.maximum(scores, 0))  # ST's euclidean similarity: minus the distance
-        found = rows >= 0  # an IVF search that probes too few lists can come back short
+        found = rows >= 0
         scores[~found] = -np.inf
         doc_ids = np.full(rows.shape, None, dtype=object)
         doc_ids[found] = np.asarray(self.ids.take(pa.array(rows[found])).to_pylist(), dtype=object)
         return scores, doc_ids
 
 
-def index_as_corpus(index_uri: str, corpus_uri: str | None, storage_options: dict | None = None) -> dict:
+def index_as_corpus(index_uri: str, corpus_uri: str | None, storage_options: dict | None = None, *,
+                    nprobe: int | None = None, ef_search: int | None = None) -> dict:
     """An index's manifest in the shape search plans with (model, counts, shards) for `search --index`."""
     require_faiss()
     m = read_index_manifest(index_uri, storage_options)
+    kind = m["index"]["kind"]
+    if nprobe is not None and kind not in IVF_KINDS:
+        raise UsageError(f"--nprobe applies to IVF indexes; --index {index_uri} is {kind}.")
+    if ef_search is not None and kind != "hnsw":
+        raise UsageError(f"--ef-search applies to hnsw indexes; --index {index_uri} is {kind}.")
     src = m["source"]
     if corpus_uri:
         given = EmbeddingSource.open(corpus_uri, storage_options)
@@ -346,4 +409,5 @@ def index_as_corpus(index_uri: str, corpus_uri: str | None, storage_options: dic
         "counts": {"written": m["counts"]["written"]},
         "uris": [join_uri(src["root"], f["name"]) for f in src["files"]],
         "source_uri": src["root"],
+        "index": m["index"],
     }

@@ -14,7 +14,7 @@ import sys
 import time
 
 from mmembed import __version__
-from mmembed.manifest import command_line, library_versions, now_iso, redact_options, report
+from mmembed.manifest import command_line, library_versions, now_iso, redact_options
 from mmembed.options import UsageError, add_storage_option, job_main, positive_int
 
 
@@ -23,7 +23,10 @@ def build_parser(prog: str = "mmembed index") -> argparse.ArgumentParser:
         prog=prog,
         description="Build a FAISS approximate nearest-neighbour index from embeddings written by `mmembed embed` "
         "(or a reembed store's CURRENT). The metric follows the corpus _manifest.json: cosine and dot use inner "
-        "product (unnormalised vectors are normalised for cosine), euclidean uses L2.",
+        "product (unnormalised vectors are normalised for cosine), euclidean uses L2 (manhattan has no FAISS metric: "
+        "use exact search). A quantised corpus (`embed --precision int8|uint8|binary|ubinary`) is indexed from the "
+        "float vectors that --keep-float stored; without them it is refused. The build runs in this process, no "
+        "Ray: the lists are trained on a sample, then the corpus is added shard by shard.",
         epilog="Output: index-*.faiss, ids-*.parquet (row -> id) and _manifest.json, written last. Search it with "
         "`mmembed search --index OUTPUT`. Needs faiss-cpu (pip install \"mmembed[index]\"). Exit codes: 0 ok, "
         "2 bad usage (nothing written), 1 failed.",
@@ -31,33 +34,50 @@ def build_parser(prog: str = "mmembed index") -> argparse.ArgumentParser:
     p.add_argument("--embeddings", required=True, help="An `mmembed embed` output, a reembed snapshot, or an "
                    "embedding store root (its CURRENT version is indexed).")
     p.add_argument("--output", required=True, help="Index directory: local path or fsspec URI (e.g. s3://b/idx).")
-    g = p.add_argument_group("index (defaults depend on the corpus size N)")
-    g.add_argument("--kind", choices=["flat", "ivf-flat", "hnsw", "ivf-pq"], default=None,
-                   help="flat: exact scan; ivf-flat: k-means lists, exact vectors; hnsw: graph, no training; "
-                   "ivf-pq: lists of product-quantized codes (smallest, approximate scores). Default: flat below "
-                   "10,000 vectors, else ivf-flat.")
+    g = p.add_argument_group(
+        "index (defaults depend on the corpus size N)",
+        "Defaults: N < 10,000: flat (an exact scan is already instant there). N >= 10,000: ivf-flat with "
+        "nlist = sqrt(N) rounded to a power of two (at most N/39), nprobe = nlist/16, trained on 64 x nlist "
+        "vectors; e.g. N = 100,000: nlist 256, nprobe 16; N = 1,000,000: nlist 1024, nprobe 64. Every default "
+        "and the FAISS version are recorded in the index _manifest.json. README \"Approximate search\" has the "
+        "measured recall and speed of each kind.",
+    )
+    g.add_argument("--kind", choices=["flat", "ivf-flat", "ivf-sq8", "hnsw", "ivf-pq"], default=None,
+                   help="flat: exact scan of every vector (results equal `mmembed search`); ivf-flat: k-means "
+                   "lists, only --nprobe lists are scanned, exact vectors and scores; ivf-sq8: the same lists "
+                   "holding 8-bit scalar-quantised vectors (4x smaller, approximate scores); hnsw: a graph, no "
+                   "training, fast queries but slow to build and ~1.1x the vectors in memory; ivf-pq: lists of "
+                   "product-quantised codes (smallest, coarsest scores). Default: flat below 10,000 vectors, else "
+                   "ivf-flat (also when an IVF option is given).")
     g.add_argument("--nlist", type=positive_int, default=None,
-                   help="IVF lists (default: sqrt(N) rounded to a power of two, at most N/39).")
+                   help="IVF kinds: number of k-means lists (default: sqrt(N) rounded to a power of two, at most "
+                   "N/39, so that each list has FAISS's minimum of 39 training vectors).")
     g.add_argument("--nprobe", type=positive_int, default=None,
-                   help="IVF lists scanned per query, stored as the search default (default: nlist/16).")
+                   help="IVF kinds: lists scanned per query, stored as the default of `search --index` (which can "
+                   "override it); nprobe = nlist scans everything and equals exact search (default: nlist/16).")
     g.add_argument("--m", type=positive_int, default=None,
-                   help="hnsw: links per node (default 32); ivf-pq: sub-quantizers, must divide dim (default: "
+                   help="hnsw: links per node (default: 32); ivf-pq: sub-quantizers, must divide the dim (default: "
                    "the largest divisor of dim <= dim/8).")
-    g.add_argument("--nbits", type=positive_int, default=8, help="ivf-pq: bits per code (default: 8).")
-    g.add_argument("--ef-construction", type=positive_int, default=80, help="hnsw: build-time candidate list "
-                   "(default: 80).")
-    g.add_argument("--ef-search", type=positive_int, default=None, help="hnsw: search-time candidate list, stored "
-                   "as the search default (default: 128).")
-    g.add_argument("--train-size", type=positive_int, default=None, help="IVF: vectors sampled across all shards "
-                   "to train the lists (default: 64 x nlist, at least 9,984 for ivf-pq).")
-    g.add_argument("--overwrite", action="store_true", help="Replace a finished index at --output.")
+    g.add_argument("--nbits", type=positive_int, default=None, help="ivf-pq: bits per sub-quantizer code "
+                   "(default: 8).")
+    g.add_argument("--ef-construction", type=positive_int, default=None, help="hnsw: candidate list while "
+                   "building; more is a better graph and a slower build (default: 80).")
+    g.add_argument("--ef-search", type=positive_int, default=None, help="hnsw: candidate list per query, stored "
+                   "as the default of `search --index` (which can override it); more is slower and closer to "
+                   "exact (default: 128).")
+    g.add_argument("--train-size", type=positive_int, default=None, help="IVF kinds: vectors sampled uniformly "
+                   "across all shards to train the lists (default: 64 x nlist, at least 9,984 for ivf-pq; at most "
+                   "N).")
+    g.add_argument("--overwrite", action="store_true", help="Replace a finished index at --output: the new build's "
+                   "files are written under new names and become the index when its _manifest.json is written; "
+                   "the previous build's files are removed after that.")
     add_storage_option(p)
     return p
 
 
 def plan(args) -> dict:
     """Every check before the build. Raises UsageError."""
-    from mmembed.index import METRICS, EmbeddingSource, IndexOutput, IndexParams, require_faiss
+    from mmembed.index import INDEX_JOB, METRICS, EmbeddingSource, IndexOutput, IndexParams, require_faiss
 
     faiss = require_faiss()
     source = EmbeddingSource.open(args.embeddings, args.storage_options)
@@ -68,6 +88,11 @@ def plan(args) -> dict:
         )
     out = IndexOutput(args.output, args.storage_options)
     existing = out.existing()
+    if existing and existing.get("job") != INDEX_JOB:
+        raise UsageError(
+            f"--output {args.output} holds a `{existing.get('job')}` output, not an index; give the index a "
+            "directory of its own."
+        )
     if existing and not args.overwrite:
         raise UsageError(
             f"{args.output} already holds a finished run ({existing.get('job')}, {existing.get('finished_at')}). "
@@ -100,6 +125,8 @@ def run(args) -> int:
                 "job": source.manifest.get("job"),
                 "finished_at": source.manifest.get("finished_at"),
                 "fingerprint": source.fingerprint(),
+                "column": source.column,
+                "precision": source.model.get("precision") or "float32",
                 "files": [{"name": f["name"], "rows": f["rows"]} for f in source.files],
             },
             "model": {
@@ -122,8 +149,14 @@ def run(args) -> int:
         manifest["duration_s"] = round(time.time() - started, 3)
         manifest["command_line"] = command_line()
         manifest = p["output"].commit(index, ids, manifest)
-    print(report("mmembed index", manifest, args.output), flush=True)
-    print(f"  index    {manifest['index']}  metric={manifest['metric']}", flush=True)
+    c, m = manifest["counts"], manifest["model"]
+    print(
+        f"mmembed index: complete in {manifest['duration_s']:.1f} s (build {manifest['build_s']:.1f} s)\n"
+        f"  vectors  {c['written']:>10,} of {c['records']:,} from {source.root} ({source.column})\n"
+        f"  index    {manifest['index']}  metric={manifest['metric']} -> {args.output}\n"
+        f"  model    {m.get('name')} @ {m.get('revision')}  dim={m.get('dim')}",
+        flush=True,
+    )
     return 0 if manifest["counts"]["unaccounted"] == 0 else 1
 
 

@@ -96,8 +96,11 @@ def build_parser(prog: str = "mmembed search") -> argparse.ArgumentParser:
     )
     g.add_argument("--overwrite", action="store_true", help="Replace a finished output at --output.")
     a = p.add_argument_group("approximate search (an index built by `mmembed index`)")
-    a.add_argument("--index", default=None, help="Search this index instead of scanning --corpus-embeddings "
-                   "(same output; needs faiss-cpu). It must come from the query model.")
+    a.add_argument("--index", default=None, help="Search this index (an `mmembed index` output) instead of "
+                   "scanning --corpus-embeddings: same output layout, approximate top-k unless the index is flat. "
+                   "Needs faiss-cpu (pip install \"mmembed[index]\"). Queries must come from the model that embedded "
+                   "the indexed corpus (checked: name, revision, dim). With --corpus-embeddings too, the index must "
+                   "have been built from exactly that output.")
     a.add_argument("--nprobe", type=positive_int, default=None, help="IVF lists scanned per query: more is slower "
                    "and closer to exact (default: the index's, see its _manifest.json).")
     a.add_argument("--ef-search", type=positive_int, default=None, help="HNSW candidate list per query: more is "
@@ -144,9 +147,12 @@ def plan(args) -> dict:
     if args.index:
         from mmembed.index import index_as_corpus
 
-        corpus = index_as_corpus(args.index, args.corpus_embeddings, args.storage_options)
+        corpus = index_as_corpus(args.index, args.corpus_embeddings, args.storage_options, nprobe=args.nprobe,
+                                 ef_search=args.ef_search)
     elif not args.corpus_embeddings:
         raise UsageError("pass --corpus-embeddings (exact search) or --index (approximate search).")
+    elif args.nprobe or args.ef_search:
+        raise UsageError("--nprobe and --ef-search tune an approximate search; pass --index too.")
     else:
         corpus = embed_manifest(args.corpus_embeddings, args.storage_options)
     if corpus is None:

@@ -7,10 +7,15 @@ loaded once per actor, instead of a scan over the corpus shards.
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from mmembed.stages.search import SearchStage
+
+# Stands in for the doc id of a slot the index could not fill, so SearchStage's (score, doc_id)
+# ordering never compares None; such rows are dropped before they leave the stage.
+_EMPTY = "\x00empty"
 
 
 class IndexSearchStage(SearchStage):
@@ -30,14 +35,16 @@ class IndexSearchStage(SearchStage):
 
         self.dim = dim
         self.top_k = top_k
-        self.index = AnnIndex(index_uri, storage_options, nprobe=nprobe, ef_search=ef_search)
+        self.index = AnnIndex.load(index_uri, storage_options, nprobe=nprobe, ef_search=ef_search)
+        if self.index.index.d != dim:
+            raise ValueError(f"index {index_uri} holds {self.index.index.d}-d vectors, its manifest says {dim}")
 
-    def search(self, queries):
-        return self.index.search(queries, self.top_k)
+    def search(self, queries: np.ndarray):
+        scores, doc_ids = self.index.search(queries, self.top_k)
+        doc_ids[np.equal(doc_ids, None)] = _EMPTY
+        return scores, doc_ids
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         out = super().__call__(batch)
-        # An IVF search that probes lists holding fewer than k vectors returns empty slots; they
-        # rank last, so dropping them keeps ranks 1..n.
-        empty = pc.and_(pc.is_null(out.column("doc_id")), pc.is_null(out.column("error")))
-        return out.filter(pc.invert(empty))
+        # Unfilled slots rank last, so dropping them keeps ranks 1..n.
+        return out.filter(pc.invert(pc.fill_null(pc.equal(out.column("doc_id"), _EMPTY), False)))
