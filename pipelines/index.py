@@ -28,7 +28,8 @@ def build_parser(prog: str = "mmembed index") -> argparse.ArgumentParser:
         "float vectors that --keep-float stored; without them it is refused. The build runs in this process, no "
         "Ray: the lists are trained on a sample, then the corpus is added shard by shard.",
         epilog="Output: index-*.faiss, ids-*.parquet (row -> id) and _manifest.json, written last. Search it with "
-        "`mmembed search --index OUTPUT`. Needs faiss-cpu (pip install \"mmembed[index]\"). Exit codes: 0 ok, "
+        "`mmembed search --index OUTPUT`. The whole index is held in memory while it is built and by each search "
+        "actor (flat, ivf-flat, hnsw: about N x dim x 4 bytes; ivf-sq8 a quarter of that). Needs faiss-cpu (pip install \"mmembed[index]\"). Exit codes: 0 ok, "
         "2 bad usage (nothing written), 1 failed.",
     )
     p.add_argument("--embeddings", required=True, help="An `mmembed embed` output, a reembed snapshot, or an "
@@ -46,7 +47,7 @@ def build_parser(prog: str = "mmembed index") -> argparse.ArgumentParser:
                    help="flat: exact scan of every vector (results equal `mmembed search`); ivf-flat: k-means "
                    "lists, only --nprobe lists are scanned, exact vectors and scores; ivf-sq8: the same lists "
                    "holding 8-bit scalar-quantised vectors (4x smaller, approximate scores); hnsw: a graph, no "
-                   "training, fast queries but slow to build and ~1.1x the vectors in memory; ivf-pq: lists of "
+                   "training, fast queries but the slowest build and ~1.2x the vectors in memory; ivf-pq: lists of "
                    "product-quantised codes (smallest, coarsest scores). Default: flat below 10,000 vectors, else "
                    "ivf-flat (also when an IVF option is given).")
     g.add_argument("--nlist", type=positive_int, default=None,

@@ -15,7 +15,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import run_job
-from tests.test_search import assert_matches_brute_force, brute_force, read_search, write_embeddings
+from tests.test_search import (
+    assert_matches_brute_force,
+    brute_force,
+    read_search,
+    synthetic_search_inputs,
+    write_embeddings,
+)
 
 pytest.importorskip("faiss")
 
@@ -58,13 +64,7 @@ def no_ray(monkeypatch):
 @pytest.mark.slow
 @pytest.mark.parametrize("similarity", ["cosine", "dot"])
 def test_flat_and_full_probe_ivf_equal_exact_search(ray_session, tmp_path, similarity):
-    rng = np.random.default_rng(11)
-    corpus = rng.normal(size=(230, 24)).astype(np.float32)
-    queries = rng.normal(size=(9, 24)).astype(np.float32)
-    doc_ids = [f"doc-{i:04d}" for i in range(len(corpus))]
-    qids = [f"q{i}" for i in range(len(queries))]
-    cdir = write_embeddings(tmp_path / "corpus", doc_ids, corpus, shards=5, similarity=similarity)
-    qdir = write_embeddings(tmp_path / "queries", qids, queries, shards=2, similarity=similarity)
+    corpus, queries, doc_ids, qids, cdir, qdir = synthetic_search_inputs(tmp_path, similarity, seed=11)
     k = 12
     common = ["--queries", qdir, "--top-k", k, "--query-batch-size", 4]
     assert run_job("pipelines.search", [*common, "--corpus-embeddings", cdir, "--output", tmp_path / "exact"]) == 0
