@@ -366,17 +366,53 @@ class AnnIndex:
         elif self.params["kind"] == "hnsw":
             self.index.hnsw.efSearch = ef_search or self.params["ef_search"]
 
+    def _settings(self) -> tuple:
+        if self.params["kind"] in IVF_KINDS:
+            return ("nprobe", self.index.nprobe)
+        if self.params["kind"] == "hnsw":
+            return ("efSearch", self.index.hnsw.efSearch)
+        return (None, None)
+
+    def _widen(self) -> bool:
+        """Search more of the index (twice the lists or candidates); False once it searches everything."""
+        if self.params["kind"] in IVF_KINDS and self.index.nprobe < self.params["nlist"]:
+            self.index.nprobe = min(2 * self.index.nprobe, self.params["nlist"])
+            return True
+        if self.params["kind"] == "hnsw" and self.index.hnsw.efSearch < self.index.ntotal:
+            self.index.hnsw.efSearch = 2 * self.index.hnsw.efSearch
+            return True
+        return False
+
+    def _search_filled(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """index.search, widened for the queries whose probed lists held fewer than k vectors, so
+        that every query gets k hits (as exact search gives) wherever the index can find them."""
+        scores, rows = self.index.search(q, k)
+        short = np.flatnonzero((rows < 0).any(axis=1))
+        if not short.size:
+            return scores, rows
+        name, value = self._settings()
+        try:
+            while short.size and self._widen():
+                s, r = self.index.search(q[short], k)
+                scores[short], rows[short] = s, r
+                short = short[(r < 0).any(axis=1)]
+        finally:
+            if name == "nprobe":
+                self.index.nprobe = value
+            elif name == "efSearch":
+                self.index.hnsw.efSearch = value
+        return scores, rows
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """([nq, k'] scores as ST's similarity gives them, [nq, k'] doc ids), k' = min(k, corpus).
 
-        A slot the index could not fill (an IVF search probing lists that hold fewer than k
-        vectors) has score -inf and doc id None."""
+        A slot even the widest search leaves empty has score -inf and doc id None."""
         q = np.ascontiguousarray(queries, dtype=np.float32)
         if self.normalize:
             q = q.copy()
             self.faiss.normalize_L2(q)
         k = min(k, self.index.ntotal)
-        scores, rows = self.index.search(q, k)
+        scores, rows = self._search_filled(q, k)
         if self.metric == "l2":
             scores = -np.sqrt(np.maximum(scores, 0))  # ST's euclidean similarity: minus the distance
         found = rows >= 0

@@ -112,6 +112,22 @@ def test_hnsw_and_ivf_reach_high_recall_on_a_small_corpus(tmp_path):
     assert recall(found, ids, order) < recall(ann_search(tmp_path / "ivf-flat", queries, 10)[1], ids, order)
 
 
+def test_ivf_search_widens_until_every_query_has_k_hits(tmp_path):
+    """nprobe 1 of 16 lists holds ~14 of 230 vectors: k = 60 needs more lists, and gets them."""
+    corpus, queries, doc_ids, _, cdir, _ = synthetic_search_inputs(tmp_path, "cosine", seed=8)
+    assert build(cdir, tmp_path / "ivf", "--kind", "ivf-flat", "--nlist", 16, "--nprobe", 1) == 0
+    scores, found = ann_search(tmp_path / "ivf", queries, 60)
+    assert found.shape == (len(queries), 60) and all(d is not None for d in found.ravel())
+    assert all(len(set(row)) == 60 for row in found)
+    assert np.isfinite(scores).all() and (np.diff(scores, axis=1) <= 1e-6).all()
+    # Each hit's score is its true cosine similarity.
+    unit = corpus / np.linalg.norm(corpus, axis=1, keepdims=True)
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    rows = {d: i for i, d in enumerate(doc_ids)}
+    truth = np.array([[q[i] @ unit[rows[d]] for d in found[i]] for i in range(len(queries))])
+    np.testing.assert_allclose(scores, truth, atol=1e-5)
+
+
 def test_default_kind_follows_corpus_size():
     from mmembed.index import IndexParams
 

@@ -46,5 +46,6 @@ class IndexSearchStage(SearchStage):
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         out = super().__call__(batch)
-        # Unfilled slots rank last, so dropping them keeps ranks 1..n.
+        # AnnIndex widens a search until k hits are found; a slot still empty (an index that cannot
+        # reach some vectors) ranks last, so dropping it keeps ranks 1..n.
         return out.filter(pc.invert(pc.fill_null(pc.equal(out.column("doc_id"), _EMPTY), False)))
