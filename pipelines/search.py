@@ -1,11 +1,12 @@
-"""Ray job entry point: exact top-k retrieval of queries against a corpus embedded by `mmembed embed`.
+"""Ray job entry point: top-k retrieval of queries against a corpus embedded by `mmembed embed`.
 
-    python -m pipelines.search --queries URI --corpus-embeddings URI --output URI --top-k K [--model M]
+    python -m pipelines.search --queries URI (--corpus-embeddings URI | --index URI) --output URI --top-k K [--model M]
 
 `mmembed search` runs this same code. Queries are either query embeddings written by
 `mmembed embed --task query`, or raw query records (the embed job's input format) that this
 job embeds first with --model, as `encode_query` would, into OUTPUT/_query_embeddings. The
-search streams the corpus shards block by block on each actor (GPU when present). The output
+search streams the corpus shards block by block on each actor (GPU when present); with --index
+each actor loads the FAISS index of `mmembed index` instead (mmembed/stages/index_search.py). The output
 (query_id, doc_id, score, rank) is a candidates dataset for `mmembed rerank --queries Q --corpus C`.
 """
 
@@ -42,9 +43,10 @@ SIMILARITIES = ("cosine", "dot", "euclidean", "manhattan")
 def build_parser(prog: str = "mmembed search") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
-        description="Exact top-k retrieval: score every query against every corpus embedding with the model's "
+        description="Top-k retrieval. Exact: score every query against every corpus embedding with the model's "
         "similarity function (cosine, dot, euclidean or manhattan, from the corpus _manifest.json), streaming "
-        "the corpus in blocks, on the GPU when there is one.",
+        "the corpus in blocks, on the GPU when there is one. Approximate, with --index: the top-k from a FAISS "
+        "index built by `mmembed index`, same output.",
         epilog="Output: part-*.parquet (query_id, doc_id, score, rank; rank 1 = most similar), _errors/*.parquet "
         "(queries that could not be embedded) and _manifest.json. Rerank it with `mmembed rerank --candidates "
         "OUTPUT --queries QUERY_RECORDS --corpus CORPUS_RECORDS`. Exit codes: 0 ok, 2 bad usage (nothing ran), "
@@ -220,22 +222,24 @@ def compose(args, p: dict, res: dict, queries_uri: str, queries: dict):
     from mmembed.stages.search import SearchStage, as_query_rows
 
     _, gpu = pool_remote_args(args, res)
-    stage, stage_args, stage_kwargs = SearchStage, (p["corpus_files"],), {
-        "dim": p["dim"],
-        "top_k": args.top_k,
-        "similarity_fn_name": p["similarity"],
-        "storage_options": args.storage_options,
-        "block_rows": args.corpus_block_rows,
-        "device": res["device"],
-        "quantization": p["corpus"]["model"].get("quantization"),
-        "rescore_multiplier": args.rescore_multiplier,
-    }
     if args.index:
         from mmembed.stages.index_search import IndexSearchStage
 
+        # FAISS on CPU: the actor takes the encoder's CPUs, never a GPU.
         stage, stage_args, gpu = IndexSearchStage, (args.index,), {"num_cpus": gpu["num_cpus"]}
         stage_kwargs = {"dim": p["dim"], "top_k": args.top_k, "storage_options": args.storage_options,
                         "nprobe": args.nprobe, "ef_search": args.ef_search}
+    else:
+        stage, stage_args, stage_kwargs = SearchStage, (p["corpus_files"],), {
+            "dim": p["dim"],
+            "top_k": args.top_k,
+            "similarity_fn_name": p["similarity"],
+            "storage_options": args.storage_options,
+            "block_rows": args.corpus_block_rows,
+            "device": res["device"],
+            "quantization": p["corpus"]["model"].get("quantization"),
+            "rescore_multiplier": args.rescore_multiplier,
+        }
     parts = [shard_uris(queries_uri, queries), shard_uris(queries_uri, queries, "error_files")]
     datasets = [
         read_parquet(paths, queries_uri, args.storage_options).map_batches(as_query_rows, batch_format="pyarrow")
