@@ -239,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         b = r["fastest_at_target_recall"]
         met = [p for p in r["points"] if p["meets"]]
         print(f"  {name}: fastest point with recall >= {TARGET_RECALL}: "
-              + (f"{b['kind']} {b['knob']}={b['value']} {b['ratio']}x recall {b['recall']}" if b else "none")
+              + (f"{b['kind']}{'' if b['knob'] == '-' else ' ' + b['knob'] + '=' + str(b['value'])} {b['ratio']}x "
+                 f"recall {b['recall']}" if b else "none")
               + f"; points meeting the target: {len(met)}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
