@@ -1,11 +1,12 @@
-"""Ray job entry point: exact top-k retrieval of queries against a corpus embedded by `mmembed embed`.
+"""Ray job entry point: top-k retrieval of queries against a corpus embedded by `mmembed embed`.
 
-    python -m pipelines.search --queries URI --corpus-embeddings URI --output URI --top-k K [--model M]
+    python -m pipelines.search --queries URI (--corpus-embeddings URI | --index URI) --output URI --top-k K [--model M]
 
 `mmembed search` runs this same code. Queries are either query embeddings written by
 `mmembed embed --task query`, or raw query records (the embed job's input format) that this
 job embeds first with --model, as `encode_query` would, into OUTPUT/_query_embeddings. The
-search streams the corpus shards block by block on each actor (GPU when present). The output
+search streams the corpus shards block by block on each actor (GPU when present); with --index
+each actor loads the FAISS index of `mmembed index` instead (mmembed/stages/index_search.py). The output
 (query_id, doc_id, score, rank) is a candidates dataset for `mmembed rerank --queries Q --corpus C`.
 """
 
@@ -42,9 +43,10 @@ SIMILARITIES = ("cosine", "dot", "euclidean", "manhattan")
 def build_parser(prog: str = "mmembed search") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
-        description="Exact top-k retrieval: score every query against every corpus embedding with the model's "
+        description="Top-k retrieval. Exact: score every query against every corpus embedding with the model's "
         "similarity function (cosine, dot, euclidean or manhattan, from the corpus _manifest.json), streaming "
-        "the corpus in blocks, on the GPU when there is one.",
+        "the corpus in blocks, on the GPU when there is one. Approximate, with --index: the top-k from a FAISS "
+        "index built by `mmembed index`, same output.",
         epilog="Output: part-*.parquet (query_id, doc_id, score, rank; rank 1 = most similar), _errors/*.parquet "
         "(queries that could not be embedded) and _manifest.json. Rerank it with `mmembed rerank --candidates "
         "OUTPUT --queries QUERY_RECORDS --corpus CORPUS_RECORDS`. Exit codes: 0 ok, 2 bad usage (nothing ran), "
@@ -56,7 +58,8 @@ def build_parser(prog: str = "mmembed search") -> argparse.ArgumentParser:
         help="Query embeddings written by `mmembed embed --task query`, or query records in the embed job's input "
         "format (then --model is required).",
     )
-    p.add_argument("--corpus-embeddings", required=True, help="Output directory of `mmembed embed` over the corpus.")
+    p.add_argument("--corpus-embeddings", default=None, help="Output directory of `mmembed embed` over the corpus "
+                   "(required unless --index is given).")
     p.add_argument("--output", required=True, help="Output directory: local path or fsspec URI (e.g. s3://b/p).")
     p.add_argument("--top-k", type=positive_int, required=True, help="Documents kept per query.")
     add_model_options(p)
@@ -94,6 +97,16 @@ def build_parser(prog: str = "mmembed search") -> argparse.ArgumentParser:
         "binary/ubinary minus the Hamming distance.",
     )
     g.add_argument("--overwrite", action="store_true", help="Replace a finished output at --output.")
+    a = p.add_argument_group("approximate search (an index built by `mmembed index`)")
+    a.add_argument("--index", default=None, help="Search this index (an `mmembed index` output) instead of "
+                   "scanning --corpus-embeddings: same output layout, approximate top-k unless the index is flat. "
+                   "Needs faiss-cpu (pip install \"mmembed[index]\"). Queries must come from the model that embedded "
+                   "the indexed corpus (checked: name, revision, dim). With --corpus-embeddings too, the index must "
+                   "have been built from exactly that output.")
+    a.add_argument("--nprobe", type=positive_int, default=None, help="IVF lists scanned per query: more is slower "
+                   "and closer to exact (default: the index's, see its _manifest.json).")
+    a.add_argument("--ef-search", type=positive_int, default=None, help="HNSW candidate list per query: more is "
+                   "slower and closer to exact (default: the index's).")
     add_runtime_options(p)
     add_io_options(p)
     return p
@@ -133,7 +146,17 @@ def query_embed_args(args, corpus_model: dict):
 def plan(args) -> dict:
     if args.rescore_multiplier < 0:
         raise UsageError("--rescore-multiplier must be 0 (no rescoring) or more.")
-    corpus = embed_manifest(args.corpus_embeddings, args.storage_options)
+    if args.index:
+        from mmembed.index import index_as_corpus
+
+        corpus = index_as_corpus(args.index, args.corpus_embeddings, args.storage_options, nprobe=args.nprobe,
+                                 ef_search=args.ef_search)
+    elif not args.corpus_embeddings:
+        raise UsageError("pass --corpus-embeddings (exact search) or --index (approximate search).")
+    elif args.nprobe or args.ef_search:
+        raise UsageError("--nprobe and --ef-search tune an approximate search; pass --index too.")
+    else:
+        corpus = embed_manifest(args.corpus_embeddings, args.storage_options)
     if corpus is None:
         raise UsageError(
             f"--corpus-embeddings {args.corpus_embeddings} is not a finished `mmembed embed` output (no complete "
@@ -143,7 +166,7 @@ def plan(args) -> dict:
     similarity = cmodel.get("similarity_fn_name") or "cosine"  # ST's default when a model names none
     if similarity not in SIMILARITIES:
         raise UsageError(f"corpus similarity {similarity!r} is not supported by search (supported: {SIMILARITIES}).")
-    files = shard_uris(args.corpus_embeddings, corpus)
+    files = corpus.get("uris") or shard_uris(args.corpus_embeddings, corpus)
     if not files or not corpus["counts"].get("written"):
         raise UsageError(f"--corpus-embeddings {args.corpus_embeddings} holds no embeddings.")
     queries = embed_manifest(args.queries, args.storage_options)
@@ -199,17 +222,15 @@ def compose(args, p: dict, res: dict, queries_uri: str, queries: dict):
     from mmembed.stages.search import SearchStage, as_query_rows
 
     _, gpu = pool_remote_args(args, res)
-    parts = [shard_uris(queries_uri, queries), shard_uris(queries_uri, queries, "error_files")]
-    datasets = [
-        read_parquet(paths, queries_uri, args.storage_options).map_batches(as_query_rows, batch_format="pyarrow")
-        for paths in parts
-        if paths
-    ]
-    ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
-    return ds.map_batches(
-        SearchStage,
-        fn_constructor_args=(p["corpus_files"],),
-        fn_constructor_kwargs={
+    if args.index:
+        from mmembed.stages.index_search import IndexSearchStage
+
+        # FAISS on CPU: the actor takes the encoder's CPUs, never a GPU.
+        stage, stage_args, gpu = IndexSearchStage, (args.index,), {"num_cpus": gpu["num_cpus"]}
+        stage_kwargs = {"dim": p["dim"], "top_k": args.top_k, "storage_options": args.storage_options,
+                        "nprobe": args.nprobe, "ef_search": args.ef_search}
+    else:
+        stage, stage_args, stage_kwargs = SearchStage, (p["corpus_files"],), {
             "dim": p["dim"],
             "top_k": args.top_k,
             "similarity_fn_name": p["similarity"],
@@ -218,7 +239,18 @@ def compose(args, p: dict, res: dict, queries_uri: str, queries: dict):
             "device": res["device"],
             "quantization": p["corpus"]["model"].get("quantization"),
             "rescore_multiplier": args.rescore_multiplier,
-        },
+        }
+    parts = [shard_uris(queries_uri, queries), shard_uris(queries_uri, queries, "error_files")]
+    datasets = [
+        read_parquet(paths, queries_uri, args.storage_options).map_batches(as_query_rows, batch_format="pyarrow")
+        for paths in parts
+        if paths
+    ]
+    ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+    return ds.map_batches(
+        stage,
+        fn_constructor_args=stage_args,
+        fn_constructor_kwargs=stage_kwargs,
         batch_size=args.query_batch_size,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(size=res["num_encoders"]),
@@ -256,7 +288,8 @@ def run(args) -> int:
         "input": {
             "queries": args.queries,
             "query_embeddings": queries_uri,
-            "corpus_embeddings": args.corpus_embeddings,
+            "corpus_embeddings": p["corpus"].get("source_uri", args.corpus_embeddings),
+            "index": args.index and {"uri": args.index, "nprobe": args.nprobe, "ef_search": args.ef_search},
             "corpus_records": p["corpus"]["counts"]["written"],
             "records": records,
         },

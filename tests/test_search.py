@@ -76,15 +76,21 @@ def assert_matches_brute_force(results, qids, doc_ids, order, scores):
         np.testing.assert_allclose([s for _, s, _ in got], scores[i], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("similarity", ["cosine", "dot"])
-def test_search_equals_brute_force_over_shards(ray_session, tmp_path, similarity):
-    rng = np.random.default_rng(7)
+def synthetic_search_inputs(tmp_path: Path, similarity: str, seed: int):
+    """230 random 24-d corpus vectors in 5 shards and 9 queries in 2, as embed outputs."""
+    rng = np.random.default_rng(seed)
     corpus = rng.normal(size=(230, 24)).astype(np.float32)
     queries = rng.normal(size=(9, 24)).astype(np.float32)
     doc_ids = [f"doc-{i:04d}" for i in range(len(corpus))]
     qids = [f"q{i}" for i in range(len(queries))]
     cdir = write_embeddings(tmp_path / "corpus", doc_ids, corpus, shards=5, similarity=similarity)
     qdir = write_embeddings(tmp_path / "queries", qids, queries, shards=2, similarity=similarity)
+    return corpus, queries, doc_ids, qids, cdir, qdir
+
+
+@pytest.mark.parametrize("similarity", ["cosine", "dot"])
+def test_search_equals_brute_force_over_shards(ray_session, tmp_path, similarity):
+    corpus, queries, doc_ids, qids, cdir, qdir = synthetic_search_inputs(tmp_path, similarity, seed=7)
     out = tmp_path / "out"
     k = 12
     rc = run_job(

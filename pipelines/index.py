@@ -1,0 +1,169 @@
+"""Entry point: build an approximate nearest-neighbour index over corpus embeddings.
+
+    python -m pipelines.index --embeddings URI --output URI [--kind ivf-flat|hnsw|ivf-pq|flat] [...]
+
+`mmembed index` runs this same code. The build runs in this process (FAISS uses every core):
+the quantizer is trained on a sample, then the store is added one shard at a time, so the
+only full-corpus object in memory is the index itself. `mmembed search --index URI` uses it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from mmembed import __version__
+from mmembed.manifest import command_line, library_versions, now_iso, redact_options
+from mmembed.options import UsageError, add_storage_option, job_main, positive_int
+
+
+def build_parser(prog: str = "mmembed index") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Build a FAISS approximate nearest-neighbour index from embeddings written by `mmembed embed` "
+        "(or a reembed store's CURRENT). The metric follows the corpus _manifest.json: cosine and dot use inner "
+        "product (unnormalised vectors are normalised for cosine), euclidean uses L2 (manhattan has no FAISS metric: "
+        "use exact search). A quantised corpus (`embed --precision int8|uint8|binary|ubinary`) is indexed from the "
+        "float vectors that --keep-float stored; without them it is refused. The build runs in this process, no "
+        "Ray: the lists are trained on a sample, then the corpus is added shard by shard.",
+        epilog="Output: index-*.faiss, ids-*.parquet (row -> id) and _manifest.json, written last. Search it with "
+        "`mmembed search --index OUTPUT`. The whole index is held in memory while it is built and by each search "
+        "actor (flat, ivf-flat, hnsw: about N x dim x 4 bytes; ivf-sq8 a quarter of that). Needs faiss-cpu (pip install \"mmembed[index]\"). Exit codes: 0 ok, "
+        "2 bad usage (nothing written), 1 failed.",
+    )
+    p.add_argument("--embeddings", required=True, help="An `mmembed embed` output, a reembed snapshot, or an "
+                   "embedding store root (its CURRENT version is indexed).")
+    p.add_argument("--output", required=True, help="Index directory: local path or fsspec URI (e.g. s3://b/idx).")
+    g = p.add_argument_group(
+        "index (defaults depend on the corpus size N)",
+        "Defaults: N < 10,000: flat (an exact scan is already instant there). N >= 10,000: ivf-flat with "
+        "nlist = sqrt(N) rounded to a power of two (at most N/39), nprobe = nlist/16, trained on 64 x nlist "
+        "vectors; e.g. N = 100,000: nlist 256, nprobe 16; N = 1,000,000: nlist 1024, nprobe 64. Every default "
+        "and the FAISS version are recorded in the index _manifest.json. README \"Approximate search\" has the "
+        "measured recall and speed of each kind.",
+    )
+    g.add_argument("--kind", choices=["flat", "ivf-flat", "ivf-sq8", "hnsw", "ivf-pq"], default=None,
+                   help="flat: exact scan of every vector (results equal `mmembed search`); ivf-flat: k-means "
+                   "lists, only --nprobe lists are scanned, exact vectors and scores; ivf-sq8: the same lists "
+                   "holding 8-bit scalar-quantised vectors (4x smaller, approximate scores); hnsw: a graph, no "
+                   "training, fast queries but the slowest build and ~1.2x the vectors in memory; ivf-pq: lists of "
+                   "product-quantised codes (smallest, coarsest scores). Default: flat below 10,000 vectors, else "
+                   "ivf-flat (also when an IVF option is given).")
+    g.add_argument("--nlist", type=positive_int, default=None,
+                   help="IVF kinds: number of k-means lists (default: sqrt(N) rounded to a power of two, at most "
+                   "N/39, so that each list has FAISS's minimum of 39 training vectors).")
+    g.add_argument("--nprobe", type=positive_int, default=None,
+                   help="IVF kinds: lists scanned per query, stored as the default of `search --index` (which can "
+                   "override it); nprobe = nlist scans everything and equals exact search (default: nlist/16).")
+    g.add_argument("--m", type=positive_int, default=None,
+                   help="hnsw: links per node (default: 32); ivf-pq: sub-quantizers, must divide the dim (default: "
+                   "the largest divisor of dim <= dim/8).")
+    g.add_argument("--nbits", type=positive_int, default=None, help="ivf-pq: bits per sub-quantizer code "
+                   "(default: 8).")
+    g.add_argument("--ef-construction", type=positive_int, default=None, help="hnsw: candidate list while "
+                   "building; more is a better graph and a slower build (default: 80).")
+    g.add_argument("--ef-search", type=positive_int, default=None, help="hnsw: candidate list per query, stored "
+                   "as the default of `search --index` (which can override it); more is slower and closer to "
+                   "exact (default: 128).")
+    g.add_argument("--train-size", type=positive_int, default=None, help="IVF kinds: vectors sampled uniformly "
+                   "across all shards to train the lists (default: 64 x nlist, at least 9,984 for ivf-pq; at most "
+                   "N).")
+    g.add_argument("--overwrite", action="store_true", help="Replace a finished index at --output: the new build's "
+                   "files are written under new names and become the index when its _manifest.json is written; "
+                   "the previous build's files are removed after that.")
+    add_storage_option(p)
+    return p
+
+
+def plan(args) -> dict:
+    """Every check before the build. Raises UsageError."""
+    from mmembed.index import INDEX_JOB, METRICS, EmbeddingSource, IndexOutput, IndexParams, require_faiss
+
+    faiss = require_faiss()
+    source = EmbeddingSource.open(args.embeddings, args.storage_options)
+    if source.similarity not in METRICS:
+        raise UsageError(
+            f"the corpus similarity {source.similarity!r} has no FAISS metric (supported: {', '.join(METRICS)}); "
+            "use exact `mmembed search --corpus-embeddings` instead."
+        )
+    out = IndexOutput(args.output, args.storage_options)
+    existing = out.existing()
+    if existing and existing.get("job") != INDEX_JOB:
+        raise UsageError(
+            f"--output {args.output} holds a `{existing.get('job')}` output, not an index; give the index a "
+            "directory of its own."
+        )
+    if existing and not args.overwrite:
+        raise UsageError(
+            f"{args.output} already holds a finished run ({existing.get('job')}, {existing.get('finished_at')}). "
+            "Choose another --output, or pass --overwrite to replace it."
+        )
+    params = IndexParams(
+        kind=args.kind, nlist=args.nlist, nprobe=args.nprobe, m=args.m, nbits=args.nbits,
+        ef_construction=args.ef_construction, ef_search=args.ef_search, train_size=args.train_size,
+    ).resolve(source.count, source.dim)
+    return {"faiss": faiss, "source": source, "output": out, "params": params}
+
+
+def run(args) -> int:
+    from mmembed.index import INDEX_JOB, IndexBuilder
+    from mmembed.runstate import RunLock
+
+    started, started_iso = time.time(), now_iso()
+    p = plan(args)
+    source = p["source"]
+    with RunLock(args.output, args.storage_options):
+        builder = IndexBuilder(source, p["params"])
+        index, ids = builder.build()
+        built = time.time()
+        manifest = {
+            "job": INDEX_JOB,
+            "mmembed_version": __version__,
+            "source": {
+                "uri": source.uri,
+                "root": source.root,
+                "job": source.manifest.get("job"),
+                "finished_at": source.manifest.get("finished_at"),
+                "fingerprint": source.fingerprint(),
+                "column": source.column,
+                "precision": source.model.get("precision") or "float32",
+                "files": [{"name": f["name"], "rows": f["rows"]} for f in source.files],
+            },
+            "model": {
+                **{k: source.model.get(k) for k in ("name", "revision", "dim", "normalize", "task", "truncate_dim")},
+                # What `search` needs to embed raw queries as the corpus was (reembed records one flag).
+                "normalize_flag": source.model.get("normalize_flag", source.model.get("normalize")),
+            },
+            "similarity_fn_name": source.similarity,
+            "metric": builder.metric,
+            "normalize_inputs": builder.normalize,
+            "index": builder.params.to_dict(),
+            "counts": {"records": source.count, "written": int(index.ntotal), "errors": 0,
+                       "unaccounted": source.count - int(index.ntotal)},
+            "output": {"uri": args.output, "storage_options": redact_options(args.storage_options)},
+            "versions": {**library_versions(), "faiss": p["faiss"].__version__},
+            "started_at": started_iso,
+            "build_s": round(built - started, 3),
+        }
+        manifest["finished_at"] = now_iso()
+        manifest["duration_s"] = round(time.time() - started, 3)
+        manifest["command_line"] = command_line()
+        manifest = p["output"].commit(index, ids, manifest)
+    c, m = manifest["counts"], manifest["model"]
+    print(
+        f"mmembed index: complete in {manifest['duration_s']:.1f} s (build {manifest['build_s']:.1f} s)\n"
+        f"  vectors  {c['written']:>10,} of {c['records']:,} from {source.root} ({source.column})\n"
+        f"  index    {manifest['index']}  metric={manifest['metric']} -> {args.output}\n"
+        f"  model    {m.get('name')} @ {m.get('revision')}  dim={m.get('dim')}",
+        flush=True,
+    )
+    return 0 if manifest["counts"]["unaccounted"] == 0 else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    return job_main("index", build_parser(), run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
