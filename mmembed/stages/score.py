@@ -57,6 +57,7 @@ class ScoreStage(EncodeStage):
         self.budget = Budget(batch_size, max_batch_tokens, max_batch_patches)
         self.token_counts = [0, 0]
         self._counts_lock = threading.Lock()
+        self.passthrough = ()  # EncodeStage's: rerank rows carry no input columns through
         processor = getattr(self.model[0], "processor", None) or getattr(self.model, "tokenizer", None)
         tokenizer = getattr(processor, "tokenizer", processor)
         self.pad_token_id = getattr(tokenizer, "pad_token_id", None) or 0
