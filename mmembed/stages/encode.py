@@ -83,14 +83,7 @@ class EncodeStage:
         compile: bool = False,
         passthrough: tuple[str, ...] = (),
     ):
-        import torch
-
-        self.passthrough = tuple(passthrough)  # input columns copied to the output row for row
-        self.torch = torch
-        self.device = resolve_device(device)
-        self.model = load_model(model, weights=True, device=self.device)
-        self.model.eval()
-        self.batch_size = batch_size
+        self._setup(model, device, batch_size, max_batch_tokens, max_batch_patches, passthrough)
         self.forward_kwargs = {"task": task} if task else {}
         self.normalize = normalize
         self.truncate_dim = truncate_dim if truncate_dim is not None else getattr(self.model, "truncate_dim", None)
@@ -98,20 +91,37 @@ class EncodeStage:
         # int8/uint8 buckets come from the whole corpus's calibration, never from a batch (see pipelines.embed).
         self.ranges = np.asarray(ranges, dtype=np.float32) if ranges is not None else None
         self.keep_float = keep_float
-        tokenizer = getattr(self.model, "tokenizer", None)
-        tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # processors wrap their tokenizer
-        self.pad_token_id = getattr(tokenizer, "pad_token_id", None) or 0
-        self.padding_side = getattr(tokenizer, "padding_side", "right") or "right"
+        self._set_padding(getattr(self.model, "tokenizer", None))
         dim = self.model.get_embedding_dimension()
         self.dim = min(dim, self.truncate_dim) if self.truncate_dim else dim
         self.schema = embedding_schema(self.dim, precision, keep_float)
+        if compile:
+            self._compile()
+
+    def _setup(self, model: ModelSpec, device: str, batch_size: int, max_batch_tokens: int | None,
+               max_batch_patches: int | None, passthrough: tuple[str, ...] = ()):
+        """What every encoder actor holds, EncodeStage's and ScoreStage's alike: one model load on its
+        device, the batch budget, the counters and the columns carried through."""
+        import torch
+
+        self.torch = torch
+        self.passthrough = tuple(passthrough)  # input columns copied to the output row for row
+        self.device = resolve_device(device)
+        self.model = load_model(model, weights=True, device=self.device)
+        self.model.eval()
+        self.batch_size = batch_size
+        self.forward_kwargs = {}
         self.budget = Budget(batch_size, max_batch_tokens, max_batch_patches)
         # Real and padded token positions computed so far, for the padding-waste figure.
         self.token_counts = [0, 0]
         # Ray may run several calls at once on this actor's threads (--calls-per-encoder).
         self._counts_lock = threading.Lock()
-        if compile:
-            self._compile()
+
+    def _set_padding(self, tokenizer):
+        """collate pads as the model's tokenizer does (ST sets left padding on load for causal models)."""
+        tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # processors wrap their tokenizer
+        self.pad_token_id = getattr(tokenizer, "pad_token_id", None) or 0
+        self.padding_side = getattr(tokenizer, "padding_side", None) or "right"
 
     def _compile(self):
         """torch.compile each top-level submodule of the transformers models.

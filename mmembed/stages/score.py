@@ -9,12 +9,10 @@ an upcast of sub-fp32 scores, the model's activation and the single-label squeez
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pyarrow as pa
 
-from mmembed.models import ModelSpec, load_model, resolve_device
+from mmembed.models import ModelSpec
 from mmembed.stages.encode import EncodeStage
 from mmembed.stages.read_pairs import split_pair_id
 
@@ -42,27 +40,10 @@ class ScoreStage(EncodeStage):
         max_batch_tokens: int | None = None,
         max_batch_patches: int | None = None,
     ):
-        import torch
-
-        from mmembed.batching import Budget
-
-        self.torch = torch
-        self.device = resolve_device(device)
-        self.model = load_model(model, weights=True, device=self.device)
-        self.model.eval()
+        self._setup(model, device, batch_size, max_batch_tokens, max_batch_patches)
         if self.model.num_labels != 1:
             raise ValueError(f"{model.name_or_path} has {self.model.num_labels} labels; ranking needs one score")
-        self.batch_size = batch_size
-        self.forward_kwargs = {}
-        self.budget = Budget(batch_size, max_batch_tokens, max_batch_patches)
-        self.token_counts = [0, 0]
-        self._counts_lock = threading.Lock()
-        self.passthrough = ()  # EncodeStage's: rerank rows carry no input columns through
-        processor = getattr(self.model[0], "processor", None) or getattr(self.model, "tokenizer", None)
-        tokenizer = getattr(processor, "tokenizer", processor)
-        self.pad_token_id = getattr(tokenizer, "pad_token_id", None) or 0
-        # ST sets left padding on load for causal rerankers; collate must pad the same side.
-        self.padding_side = getattr(tokenizer, "padding_side", None) or "right"
+        self._set_padding(getattr(self.model[0], "processor", None) or getattr(self.model, "tokenizer", None))
 
     def embed(self, features: dict):
         """CrossEncoder._inference's per-batch work; the scores stay on the device."""
