@@ -45,5 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     return int(module.main(rest) or 0)
 
 
+def entry() -> None:
+    """The `mmembed` console script: main() as its own process (see options.exit_process)."""
+    from mmembed.options import exit_process
+
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

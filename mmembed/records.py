@@ -195,11 +195,11 @@ def check_unique_ids(spec: InputSpec, storage_options: dict | None = None, show:
     Only the id column is read, a row group at a time, and ids are kept as 64-bit hashes
     (8 bytes a record), so this stays cheap on the driver at corpus scale.
     """
+    if spec.kind != "manifest":
+        return
     import numpy as np
     import pandas as pd
 
-    if spec.kind != "manifest":
-        return
     fs, _ = filesystem(spec.uri, storage_options)
     hashes = []
     for p in spec.paths:

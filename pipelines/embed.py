@@ -577,8 +577,6 @@ def run(args) -> int:
 
 def execute(args, p: dict, started: float, started_iso: str) -> int:
     """The job proper, run while this process holds the output's lease."""
-    from mmembed.stages.write import ShardWriter
-
     local = p["executor"] == "local"
     if local:
         where = "local"
@@ -624,6 +622,10 @@ def execute(args, p: dict, started: float, started_iso: str) -> int:
         log.info("resuming: %d record(s) already committed in %d shard(s) are skipped",
                  already, len(paths) + len(error_paths))
 
+    if local:
+        from mmembed.stages.write import ShardWriter
+    else:
+        from mmembed.stages.write_ray import RayShardWriter as ShardWriter
     sink = ShardWriter(
         args.output,
         result_columns=["id", "embedding", "modality"] + ([q["float_column"]] if q and q["float_column"] else []),
@@ -718,4 +720,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mmembed.options import exit_process
+
+    exit_process(main())

@@ -10,7 +10,6 @@ only full-corpus object in memory is the index itself. `mmembed search --index U
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 from mmembed import __version__
@@ -166,4 +165,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mmembed.options import exit_process
+
+    exit_process(main())

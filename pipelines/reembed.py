@@ -210,7 +210,7 @@ def _conform(batch: pa.Table, schema: pa.Schema) -> pa.Table:
 
 def embed_pass(args, p: dict, res: dict, counts: dict, scratch: str, schema: pa.Schema, out: str) -> dict:
     """Pass 2: embed the records the diff left to embed, union the base rows it kept, write one snapshot."""
-    from mmembed.stages.write import ShardWriter
+    from mmembed.stages.write_ray import RayShardWriter
     from mmembed.storage import filesystem, join_uri, unstrip
 
     fs, root = filesystem(scratch, args.storage_options)
@@ -230,7 +230,7 @@ def embed_pass(args, p: dict, res: dict, counts: dict, scratch: str, schema: pa.
         parts.append(ds)
     if counts[UNCHANGED]:
         parts.append(_read_parquet(files("carry"), args.storage_options, columns=schema.names))
-    sink = ShardWriter(
+    sink = RayShardWriter(
         out,
         result_columns=["id", "embedding", "modality", "content_hash"],
         storage_options=args.storage_options,
@@ -420,4 +420,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mmembed.options import exit_process
+
+    exit_process(main())

@@ -292,9 +292,9 @@ def prepare_output(args) -> None:
 
 
 def write(ds, args, result_columns: list[str]) -> dict:
-    from mmembed.stages.write import ShardWriter
+    from mmembed.stages.write_ray import RayShardWriter
 
-    sink = ShardWriter(
+    sink = RayShardWriter(
         args.output, result_columns=result_columns, storage_options=args.storage_options, shard_rows=args.shard_rows
     )
     ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
@@ -394,4 +394,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mmembed.options import exit_process
+
+    exit_process(main())
