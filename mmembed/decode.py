@@ -3,6 +3,29 @@
 from __future__ import annotations
 
 import io
+import os
+
+# Freed image buffers Pillow keeps for reuse in a decoding process (see reuse_image_memory).
+IMAGE_BLOCKS_KEPT = 256
+
+
+def reuse_image_memory() -> None:
+    """Let Pillow reuse freed image buffers instead of returning each one to the OS.
+
+    By default Pillow frees every decoded image's pixel buffer back to the system and maps a new
+    one for the next, so each photo pays for faulting in fresh pages (a 640x480 photo: 1.2 MB).
+    With a preprocess block's photos alive at once, that was a fifth of the preprocess time on
+    the 2-core CI machine: a 2,000-photo CLIP preprocess over 128-photo blocks took 7.8 s on average
+    against 6.2 s with 256 buffers kept (3 alternating runs each). Pixels are the same either way.
+    The cache holds only buffers that were alive at once before, so memory stays at the stage's
+    own high-water mark. An explicit PILLOW_BLOCKS_MAX in the environment is left as set.
+    """
+    if "PILLOW_BLOCKS_MAX" in os.environ:
+        return
+    from PIL import Image
+
+    if Image.core.get_blocks_max() < IMAGE_BLOCKS_KEPT:
+        Image.core.set_blocks_max(IMAGE_BLOCKS_KEPT)
 
 
 class DecodeError(Exception):

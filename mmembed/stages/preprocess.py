@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 
-from mmembed.decode import DecodeError, decode_image, decode_text
+from mmembed.decode import DecodeError, decode_image, decode_text, reuse_image_memory
 from mmembed.features import FEATURE_FIELDS, pack, same_features, split_batch
 from mmembed.media import default_decoders, prepare_for_st
 from mmembed.models import ModelSpec, label_modality, load_model, modality_label, resolve_prompt
@@ -66,6 +66,7 @@ class PreprocessStage:
         self.prompt = resolve_prompt(self.model, task, prompt_name, prompt)
         self.fetcher = Fetcher(storage_options, max_bytes=max_bytes, allow_http=allow_http, http_timeout_s=http_timeout_s)
         self.max_image_pixels = max_image_pixels
+        reuse_image_memory()
         self.transport_dtype = transport_dtype
         # torchcodec audio/video decoders bound to this model's processor; callers may override.
         self.decoders = {**default_decoders(self.model), **(decoders or {})}
