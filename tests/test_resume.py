@@ -39,10 +39,14 @@ def text_manifest(path: Path, n: int, prefix: str = "t", files: int = 1) -> list
 
 
 def assert_same_embeddings(a: dict, b: dict) -> None:
-    """Equal up to fp32 noise: the two runs batch (and so pad) the same records differently."""
+    """Equal up to fp32 noise: the two runs batch (and so pad) the same records differently.
+
+    The tiny model's vectors are unnormalised, with entries up to about 12, so that noise reaches
+    1.2e-5 absolute (seen once in 48,000 values, on an entry of 0.206); a record embedded wrongly
+    or swapped with another differs by whole units."""
     assert set(a) == set(b)
     ids = sorted(a)
-    np.testing.assert_allclose(np.stack([a[i] for i in ids]), np.stack([b[i] for i in ids]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.stack([a[i] for i in ids]), np.stack([b[i] for i in ids]), rtol=1e-5, atol=5e-5)
 
 
 # -- the lease --------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from typing import Iterable
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401 - registers pa.compute
 import pyarrow.parquet as pq
+
 from mmembed.storage import filesystem, with_retries
 
 ERROR_SCHEMA = pa.schema([("id", pa.string()), ("stage", pa.string()), ("error", pa.string())])
