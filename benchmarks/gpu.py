@@ -122,11 +122,11 @@ def workloads(smoke: bool, scale: float, cpus: int) -> dict[str, Workload]:
     two_per_gpu = ["--gpus-per-encoder", "0.5"]
     return {
         "clip_b32": Workload(
-            "clip_b32", "clip_b32", "photos", n(8192, 24), n(1024, 8), n(4096, 16), n(512, 8), 512 if not smoke else 8,
+            "clip_b32", "clip_b32", "photos", n(40960, 24), n(1024, 8), n(4096, 16), n(512, 8), 512 if not smoke else 8,
             128 if not smoke else 8, extra=two_per_gpu + clip_cpu + ["--preprocess-batch-size", "64" if not smoke else "8"],
         ),
         "clip_l14": Workload(
-            "clip_l14", "clip_l14", "photos", n(8192, 16), n(768, 8), n(4096, 16), n(256, 8), 256 if not smoke else 8,
+            "clip_l14", "clip_l14", "photos", n(24576, 16), n(768, 8), n(4096, 16), n(256, 8), 256 if not smoke else 8,
             128 if not smoke else 8, extra=two_per_gpu + ["--preprocess-batch-size", "64" if not smoke else "8"],
         ),
         "qwen3vl_shots": Workload(
@@ -200,14 +200,29 @@ def _write_item(job) -> int:
     return len(data)
 
 
-def corpus(root: str, kind: str, count: int, pool) -> list[str]:
-    """`count` files of one kind under root/kind (made once, reused by later runs)."""
-    directory = os.path.join(root, "corpus", f"{kind}-{count}")
+def corpus(root: str, kind: str, count: int, pool, unique: int | None = None) -> list[str]:
+    """`count` files of one kind under root/kind (made once, reused by later runs).
+
+    Only the first `unique` are generated; the rest are hard links to them under their own names,
+    so a long end-to-end run (long enough for a steady rate) costs no generation time. Every file
+    is still fetched, decoded and preprocessed on its own.
+    """
     ext = ".jpg" if kind == "photos" else ".png"
+    unique = min(count, unique or count)
+    # Generated files live in one pool per kind, shared by every corpus of that kind.
+    made = os.path.join(root, "corpus", f"{kind}-made")
+    os.makedirs(made, exist_ok=True)
+    sources = [os.path.join(made, f"{kind[0]}{i:06d}{ext}") for i in range(unique)]
+    missing = [(p, kind, i) for i, p in enumerate(sources) if not os.path.exists(p)]
+    if missing:
+        pool.map(_write_item, missing, chunksize=8)
+    directory = os.path.join(root, "corpus", f"{kind}-{count}-{unique}")
     paths = [os.path.join(directory, f"{kind[0]}{i:06d}{ext}") for i in range(count)]
     if not os.path.exists(os.path.join(directory, ".done")):
         os.makedirs(directory, exist_ok=True)
-        pool.map(_write_item, [(p, kind, i) for i, p in enumerate(paths)], chunksize=8)
+        for i, path in enumerate(paths):
+            if not os.path.exists(path):
+                os.link(sources[i % unique], path)
         open(os.path.join(directory, ".done"), "w").close()
     return paths
 
@@ -280,6 +295,16 @@ def build_model(root: str, name: str, smoke: bool, dtype: str, device: str) -> s
         _replace_weights(path, model)
         file, whole, ip = _processor_config(path)
         ip["size"] = {"shortest_edge": QWEN_MIN_PIXELS, "longest_edge": QWEN_MAX_PIXELS}
+        # The pooling module declares the embedding width (get_embedding_dimension): grow it with
+        # the backbone, or the encode stage sizes its output for the tiny model's width.
+        pooling = os.path.join(path, "1_Pooling", "config.json")
+        with open(pooling) as f:
+            pool_cfg = json.load(f)
+        for key in ("embedding_dimension", "word_embedding_dimension"):
+            if key in pool_cfg:
+                pool_cfg[key] = cfg.text_config.hidden_size
+        with open(pooling, "w") as f:
+            json.dump(pool_cfg, f, indent=2)
     with open(file, "w") as f:
         json.dump(whole, f, indent=2)
     del model
@@ -383,11 +408,27 @@ def forward_only(stage, table, device: str, min_seconds: float) -> dict:
     stage(table)
     _sync(device)
     call = time.perf_counter() - start
+    # The same call with plain blocking copies instead of fresh pinned staging: which wins on this
+    # card decides the default of the stage's copy path.
+    pinned_copy = stage.to_device
+    stage.to_device = lambda features: {
+        k: v.to(stage.model.device) if hasattr(v, "to") else v for k, v in features.items()
+    }
+    try:
+        stage(table)
+        _sync(device)
+        start = time.perf_counter()
+        stage(table)
+        _sync(device)
+        plain = time.perf_counter() - start
+    finally:
+        stage.to_device = pinned_copy
     return {
         "img_s": done / elapsed,
         "batches": len(batches),
         "rows": len(rows),
         "stage_call_img_s": len(rows) / call,
+        "stage_call_plain_copy_img_s": len(rows) / plain,
     }
 
 
@@ -430,6 +471,54 @@ def steady_rate(out_dir: str, files: list[dict], wall_s: float) -> float | None:
     return (total - cum) / span
 
 
+class GpuSampler:
+    """Samples the GPU's utilisation and memory through NVML (nvidia-ml-py) every `period` seconds
+    while it is open; on a machine without NVML it records nothing and says why."""
+
+    def __init__(self, period: float = 0.1):
+        import threading
+
+        self.period, self.samples, self.why = period, [], None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        except Exception as exc:  # noqa: BLE001 - no NVML: the figure is absent, not the run
+            self.why = f"{type(exc).__name__}: {exc}"
+            return
+        while not self._stop.is_set():
+            util = pynvml.nvmlDeviceGetUtilizationRates(handle)
+            mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            self.samples.append((time.perf_counter(), util.gpu, mem.used))
+            self._stop.wait(self.period)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self, start: float | None = None) -> dict:
+        """Mean utilisation over all samples and over those after `start` (the steady part)."""
+        if not self.samples:
+            return {"samples": 0, "why": self.why}
+        util = [u for _, u, _ in self.samples]
+        after = [u for t, u, _ in self.samples if start is not None and t >= start]
+        return {
+            "samples": len(util),
+            "mean_util": sum(util) / len(util),
+            "steady_mean_util": sum(after) / len(after) if after else None,
+            "peak_mem_gib": max(m for _, _, m in self.samples) / 2**30,
+        }
+
+
 def e2e(w: Workload, model_dir: str, paths: list[str], root: str, out_dir: str, args, model_kwargs: dict) -> dict:
     import pyarrow.parquet as pq
 
@@ -456,8 +545,9 @@ def e2e(w: Workload, model_dir: str, paths: list[str], root: str, out_dir: str, 
     if args.device != "cuda":
         extra = _drop_gpu_only(extra)
     argv += extra
-    start = time.perf_counter()
-    rc = embed.main(argv)
+    start, start_wall = time.perf_counter(), time.time()
+    with GpuSampler() as gpu:
+        rc = embed.main(argv)
     wall = time.perf_counter() - start
     with open(os.path.join(out_dir, "_manifest.json")) as f:
         manifest = json.load(f)
@@ -466,6 +556,11 @@ def e2e(w: Workload, model_dir: str, paths: list[str], root: str, out_dir: str, 
     ids = table.column("id").to_pylist()
     emb = np.asarray(table.column("embedding").to_pylist(), dtype=np.float32)
     written = manifest["counts"]["written"]
+    steady = steady_rate(out_dir, manifest["files"], wall)
+    # Utilisation from the first shard on leaves out actor start-up and model loading; shard
+    # mtimes are wall-clock time, the sampler's stamps perf_counter: map one onto the other.
+    mtimes = [os.stat(os.path.join(out_dir, f["name"])).st_mtime for f in manifest["files"]]
+    first_shard = start + (min(mtimes) - start_wall) if mtimes else None
     return {
         "rc": rc,
         "argv": argv,
@@ -473,7 +568,8 @@ def e2e(w: Workload, model_dir: str, paths: list[str], root: str, out_dir: str, 
         "errors": manifest["counts"]["errors"],
         "wall_s": wall,
         "wall_img_s": written / wall,
-        "steady_img_s": steady_rate(out_dir, manifest["files"], wall),
+        "steady_img_s": steady,
+        "gpu": gpu.summary(first_shard),
         "resources": manifest.get("resources"),
         "by_id": dict(zip(ids, emb)),
     }
@@ -687,6 +783,22 @@ def main(argv: list[str] | None = None) -> int:
     def stamp(msg):
         print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
 
+    def fail(name, phase, exc):
+        import traceback
+
+        results[name]["error"] = f"{phase}: {type(exc).__name__}: {exc}"
+        results[name]["traceback"] = traceback.format_exc()[-4000:]
+        stamp(f"{name}: {phase} FAILED {type(exc).__name__}: {exc}")
+
+    def save() -> float:
+        """results.json as it stands, so a run cut short by its time limit still reports."""
+        seconds = time.perf_counter() - t0
+        clean = {k: {f: v for f, v in r.items() if f != "_st_emb"} for k, r in results.items()}
+        report = {"env": env, "args": vars(args), "results": clean, "seconds": seconds}
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(report, f, indent=1, default=str)
+        return seconds
+
     # 1. Models and corpora
     spawn = mp.get_context("spawn")
     models, files = {}, {}
@@ -695,7 +807,8 @@ def main(argv: list[str] | None = None) -> int:
             w = all_workloads[name]
             if w.model not in models:
                 models[w.model] = build_model(args.workdir, w.model, args.smoke, args.dtype, args.device)
-            files[name] = corpus(args.workdir, w.corpus, max(w.n_e2e, w.n_pre, w.n_st, w.n_fwd), pool)
+            unique = max(w.n_pre, w.n_st, w.n_fwd)
+            files[name] = corpus(args.workdir, w.corpus, max(w.n_e2e, unique), pool, unique)
     stamp(f"models and corpora ready: {sorted(models)}")
 
     # 2. CPU pool preprocess rate (before Ray starts, so it has the machine to itself)
@@ -707,19 +820,23 @@ def main(argv: list[str] | None = None) -> int:
             key = (models[w.model], args.transport_dtype)
             root = os.path.dirname(files[name][0])
             chunk = max(1, min(32, w.n_pre // (2 * cpus)))
-            pre = pool_preprocess(pool, key, files[name][: w.n_pre], root, chunk)
-            results[name]["pre"] = {k: v for k, v in pre.items() if k != "costs"}
-            # Padding waste of the whole preprocessed set: ST-style fixed-size chunks in arrival
-            # order, against the stage's token-budget batches over windows.
-            results[name]["padding"] = padding_report(pre["costs"], w)
-            parts = pool.map(
-                _preprocess,
-                [(key, files[name][i : i + 4], root, True) for i in range(0, w.n_fwd, 4)],
-                chunksize=1,
-            )
-            import pyarrow as pa
+            try:
+                pre = pool_preprocess(pool, key, files[name][: w.n_pre], root, chunk)
+                results[name]["pre"] = {k: v for k, v in pre.items() if k != "costs"}
+                # Padding waste of the whole preprocessed set: ST-style fixed-size chunks in arrival
+                # order, against the stage's token-budget batches over windows.
+                results[name]["padding"] = padding_report(pre["costs"], w)
+                parts = pool.map(
+                    _preprocess,
+                    [(key, files[name][i : i + 4], root, True) for i in range(0, w.n_fwd, 4)],
+                    chunksize=1,
+                )
+                import pyarrow as pa
 
-            samples[name] = pa.concat_tables(parts)
+                samples[name] = pa.concat_tables(parts)
+            except Exception as exc:  # noqa: BLE001 - a first run on new hardware: keep the rest
+                fail(name, "CPU pool", exc)
+                continue
             stamp(f"{name}: CPU pool preprocess {pre['img_s']:.1f} img/s ({pre['ok']} ok, {pre['errors']} errors)")
 
     # 3. Forward-only ceiling and ST encode, in this process
@@ -727,24 +844,31 @@ def main(argv: list[str] | None = None) -> int:
     from mmembed.stages.encode import EncodeStage
 
     for name in chosen:
+        if "error" in results[name]:
+            continue
         w = all_workloads[name]
-        spec = ModelSpec(models[w.model], model_kwargs=model_kwargs)
-        stage = EncodeStage(
-            spec,
-            device=args.device,
-            batch_size=w.batch_size,
-            max_batch_tokens=w.max_batch_tokens,
-            compile=args.compile,
-        )
-        results[name]["forward"] = forward_only(stage, samples[name], args.device, fwd_seconds)
-        del stage
-        _free(args.device)
-        stamp(f"{name}: forward-only {results[name]['forward']['img_s']:.1f} img/s")
-        st = st_encode(models[w.model], files[name][: w.n_st], w.st_batch_size, args.device, model_kwargs)
-        results[name]["st"] = {"img_s": st["img_s"], "files": w.n_st}
-        results[name]["_st_emb"] = st["embeddings"]
-        _free(args.device)
-        stamp(f"{name}: ST encode {st['img_s']:.1f} img/s")
+        try:
+            spec = ModelSpec(models[w.model], model_kwargs=model_kwargs)
+            stage = EncodeStage(
+                spec,
+                device=args.device,
+                batch_size=w.batch_size,
+                max_batch_tokens=w.max_batch_tokens,
+                compile=args.compile,
+            )
+            results[name]["forward"] = forward_only(stage, samples[name], args.device, fwd_seconds)
+            del stage
+            _free(args.device)
+            stamp(f"{name}: forward-only {results[name]['forward']['img_s']:.1f} img/s")
+            st = st_encode(models[w.model], files[name][: w.n_st], w.st_batch_size, args.device, model_kwargs)
+            results[name]["st"] = {"img_s": st["img_s"], "files": w.n_st}
+            results[name]["_st_emb"] = st["embeddings"]
+            _free(args.device)
+            stamp(f"{name}: ST encode {st['img_s']:.1f} img/s")
+        except Exception as exc:  # noqa: BLE001
+            fail(name, "forward/ST", exc)
+            _free(args.device)
+    save()
 
     # 4. End to end on Ray
     import ray
@@ -759,18 +883,17 @@ def main(argv: list[str] | None = None) -> int:
             init.update(num_cpus=args.ray_num_cpus or min(2, cpus), object_store_memory=1_000_000_000)
         ray.init(**init)
         started_ray = True
-    failures = 0
     try:
         for name in chosen:
             w = all_workloads[name]
             r = results[name]
+            if "error" in r:
+                continue
             try:
                 out = e2e(w, models[w.model], files[name][: w.n_e2e], args.workdir,
                           os.path.join(args.workdir, "out", name), args, model_kwargs)  # fmt: skip
             except Exception as exc:  # noqa: BLE001 - keep the other workloads' figures
-                r["error"] = f"{type(exc).__name__}: {exc}"
-                failures += 1
-                stamp(f"{name}: e2e FAILED {r['error']}")
+                fail(name, "e2e", exc)
                 continue
             root = os.path.dirname(files[name][0])
             ids = [os.path.relpath(p, root) for p in files[name][: w.n_st]]
@@ -785,25 +908,23 @@ def main(argv: list[str] | None = None) -> int:
                 and r["parity"]["min_cosine"] >= args.min_cosine
             )
             r["passed"] = passed
-            failures += not passed
             stamp(f"{name}: e2e {r['summary']['e2e_img_s']:.1f} img/s steady, {out['wall_img_s']:.1f} wall; "
-                  f"min cosine {r['parity']['min_cosine']}")  # fmt: skip
+                  f"min cosine {r['parity']['min_cosine']}; GPU {out['gpu']}")  # fmt: skip
+            save()
     finally:
         if started_ray:
             ray.shutdown()
     for r in results.values():
         r.pop("_st_emb", None)
-    report = {"env": env, "args": vars(args), "results": results, "seconds": time.perf_counter() - t0}
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(report, f, indent=1, default=str)
+    seconds = save()
     text = table(results, env["card"])
     with open(os.path.join(args.out, "table.txt"), "w") as f:
         f.write(text + "\n")
     chart(results, env["card"], os.path.join(args.out, "throughput.png"))
     print(text, flush=True)
     print(f"versions: {json.dumps(env)}")
-    print(f"wrote {args.out}/results.json, table.txt, throughput.png in {report['seconds']:.0f}s", flush=True)
-    return 1 if failures else 0
+    print(f"wrote {args.out}/results.json, table.txt, throughput.png in {seconds:.0f}s", flush=True)
+    return 0 if all(r.get("passed") for r in results.values()) else 1
 
 
 def padding_report(costs: list, w: Workload) -> dict:
