@@ -353,7 +353,10 @@ def plan_resources(cpus: float, gpus: float, args, spec=None) -> dict:
             # bottleneck whatever feeds it. The price is one more actor start (~6 s of imports).
             preprocessors = max(preprocessors, min(2, int(cpus)))
         if spec is not None and spec.num_records:
-            per_actor = RECORDS_PER_PREPROCESSOR[workload(spec)]
+            # On a GPU node the preprocess actors start while the encoders load their weights, so
+            # another actor costs no wall time: only a preprocess batch apiece bounds the pool. The
+            # 2,000-records rule starved an H200 (1,536 screenshots got one actor: 0.26 of forward).
+            per_actor = args.preprocess_batch_size if device == "cuda" else RECORDS_PER_PREPROCESSOR[workload(spec)]
             preprocessors = min(preprocessors, -(-spec.num_records // per_actor))
     if pre_cpus is None:
         # Fit the pool into what is left; decode is single-threaded, so a fraction still works.

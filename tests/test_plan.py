@@ -41,6 +41,20 @@ def test_default_preprocess_pool_is_no_bigger_than_the_input_needs(records, moda
     assert embed.plan_resources(cpus, 0, _args(), _spec(records, modalities))["num_preprocessors"] == want
 
 
+@pytest.mark.parametrize(
+    ("records", "want"),
+    [
+        (1_536, 13),  # the H200 run's screenshots: 16 CPUs - 1 - 2 encoders
+        (16, 1),  # one preprocess batch, one actor
+        (40, 3),
+    ],
+)
+def test_on_a_gpu_node_the_pool_is_bounded_by_cpus_and_batches_not_records(records, want):
+    res = embed.plan_resources(16, 1, _args("--gpus-per-encoder", "0.5"), _spec(records))
+    assert res["device"] == "cuda" and res["num_encoders"] == 2
+    assert res["num_preprocessors"] == want
+
+
 def test_an_explicit_pool_size_is_kept_whatever_the_input():
     assert embed.plan_resources(8, 0, _args("--num-preprocessors", "4"), _spec(10))["num_preprocessors"] == 4
 
