@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 
+EXIF_ORIENTATION = 0x0112
 # Freed image buffers Pillow keeps for reuse in a decoding process (see reuse_image_memory).
 IMAGE_BLOCKS_KEPT = 256
 
@@ -51,6 +52,11 @@ def decode_image(data: bytes, *, max_pixels: int):
         raise DecodeError(f"image exceeds the pixel limit (--max-image-pixels): {exc}") from None
     except Exception as exc:  # noqa: BLE001 - any decoder failure is this record's problem
         raise DecodeError(f"undecodable image ({type(exc).__name__}: {exc})") from None
+    if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
+        # Upright, as ST's own image loading (transformers' load_image) turns a rotated phone photo.
+        from PIL import ImageOps
+
+        img = ImageOps.exif_transpose(img)
     if img.mode != "RGB":
         img = img.convert("RGB")
     return img

@@ -102,6 +102,10 @@ def report(title: str, manifest: dict[str, Any], output: str) -> str:
         # Embedding jobs have a dim and a normalize setting; rerank and search jobs have neither.
         details = "".join(f" {k}={m[k]}" for k in ("dim", "normalize", "task") if m.get(k) is not None)
         lines.append(f"  model    {m.get('name')} @ {m.get('revision')}" + (f" {details}" if details else ""))
+    if manifest.get("device_use"):
+        from mmembed.device_use import describe
+
+        lines.append(describe(manifest["device_use"]))
     if c.get("unaccounted"):
         lines.append(f"  WARNING  {c['unaccounted']:,} input records are neither written nor error rows")
     return "\n".join(lines)

@@ -136,6 +136,15 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
         "batch of GPU memory. On CPU the calls would only compete for the same cores.",
     )
     g.add_argument(
+        "--copy-mode",
+        choices=["staged", "pinned", "plain"],
+        default="staged",
+        help="How a batch reaches the GPU (default: staged). staged: through pinned host buffers each encoder "
+        "keeps and reuses, copied on a side stream so the copy overlaps other work; pinned: through freshly "
+        "pinned memory per batch; plain: a blocking copy. benchmarks/gpu.py measures which wins on a card. "
+        "No effect on CPU.",
+    )
+    g.add_argument(
         "--num-preprocessors",
         type=positive_int,
         default=None,

@@ -30,6 +30,7 @@ import time
 import pyarrow as pa
 
 from mmembed import __version__
+from mmembed.device_use import summarise as summarise_device_use
 from mmembed.changes import CHANGED, NEW, UNCHANGED
 from mmembed.manifest import MANIFEST_NAME, command_line, library_versions, now_iso, report, write_json
 from mmembed.options import (
@@ -376,6 +377,7 @@ def execute(args, store: Store, p: dict, started: float, started_iso: str) -> in
         "files": totals["files"],
         "error_files": totals["error_files"],
         "resources": {**res, "ray": where},
+        "device_use": summarise_device_use(totals.get("encoders", {})),
         "versions": library_versions(),
         "started_at": started_iso,
         "finished_at": now_iso(),

@@ -16,6 +16,7 @@ import sys
 import time
 
 from mmembed import __version__
+from mmembed.device_use import summarise as summarise_device_use
 from mmembed.manifest import MANIFEST_NAME, command_line, library_versions, now_iso, read_json, report, write_json
 from mmembed.models import ModelSpec, load_model, model_revision, modality_label, resolve_prompt, unsupported_modalities
 from mmembed.options import (
@@ -263,6 +264,7 @@ def compose(args, p: dict, res: dict, partitions: int):
             "batch_size": args.batch_size,
             "max_batch_tokens": getattr(args, "max_batch_tokens", None),
             "max_batch_patches": getattr(args, "max_batch_patches", None),
+            "copy_mode": getattr(args, "copy_mode", "staged"),
         },
         batch_size=getattr(args, "encode_window", None) or args.batch_size,
         batch_format="pyarrow",
@@ -321,6 +323,7 @@ def run_record(totals: dict, resources: dict, started: float, started_iso: str) 
         "files": totals["files"],
         "error_files": totals["error_files"],
         "resources": resources,
+        "device_use": summarise_device_use(totals.get("encoders", {})),
         "versions": library_versions(),
         "started_at": started_iso,
         "finished_at": now_iso(),

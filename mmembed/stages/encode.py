@@ -7,14 +7,18 @@ ST's `encode` does after `preprocess`: forward, optional truncation and normalis
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
+import uuid
 from collections import defaultdict
 
 import numpy as np
 import pyarrow as pa
 
 from mmembed.batching import Budget, plan_batches, row_cost
+from mmembed.device_decode import JPEG_KEY
+from mmembed.device_use import STATS_COLUMN, DeviceUse
 from mmembed.features import collate, feature_rows, signature
 from mmembed.models import ModelSpec, load_model, resolve_device
 
@@ -23,6 +27,16 @@ log = logging.getLogger(__name__)
 
 QUANTIZED = ("int8", "uint8", "binary", "ubinary")
 FLOAT_COLUMN = "embedding_float"
+# How the encoder moves a batch to the GPU (--copy-mode): reused pinned buffers copied on a side
+# stream, a fresh pinned copy per tensor, or a plain blocking `.to(device)`.
+COPY_MODES = ("staged", "pinned", "plain")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A device allocation failure: worth splitting the batch, unlike a bad record."""
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 def stored_dim(dim: int, precision: str) -> int:
@@ -82,8 +96,15 @@ class EncodeStage:
         max_batch_patches: int | None = None,
         compile: bool = False,
         passthrough: tuple[str, ...] = (),
+        copy_mode: str = "staged",
+        decode_on_device: bool = False,
     ):
-        self._setup(model, device, batch_size, max_batch_tokens, max_batch_patches, passthrough)
+        self._setup(model, device, batch_size, max_batch_tokens, max_batch_patches, passthrough, copy_mode)
+        self._jpeg_decoder = None
+        if decode_on_device:
+            from mmembed.device_decode import DeviceImageDecoder
+
+            self._jpeg_decoder = DeviceImageDecoder(self.model)
         self.forward_kwargs = {"task": task} if task else {}
         self.normalize = normalize
         self.truncate_dim = truncate_dim if truncate_dim is not None else getattr(self.model, "truncate_dim", None)
@@ -99,7 +120,7 @@ class EncodeStage:
             self._compile()
 
     def _setup(self, model: ModelSpec, device: str, batch_size: int, max_batch_tokens: int | None,
-               max_batch_patches: int | None, passthrough: tuple[str, ...] = ()):
+               max_batch_patches: int | None, passthrough: tuple[str, ...] = (), copy_mode: str = "staged"):
         """What every encoder actor holds, EncodeStage's and ScoreStage's alike: one model load on its
         device, the batch budget, the counters and the columns carried through."""
         import torch
@@ -116,6 +137,16 @@ class EncodeStage:
         self.token_counts = [0, 0]
         # Ray may run several calls at once on this actor's threads (--calls-per-encoder).
         self._counts_lock = threading.Lock()
+        if copy_mode not in COPY_MODES:
+            raise ValueError(f"copy_mode {copy_mode!r} is not one of {COPY_MODES}")
+        self.copy_mode = copy_mode
+        self._staging = None
+        if self.model.device.type == "cuda" and copy_mode == "staged":
+            from mmembed.staging import PinnedStaging
+
+            self._staging = PinnedStaging(self.model.device)
+        # Time in forward over wall time, utilisation and memory, for the run's manifest.
+        self.device_use = DeviceUse(self.model.device, actor=uuid.uuid4().hex[:12])
 
     def _set_padding(self, tokenizer):
         """collate pads as the model's tokenizer does (ST sets left padding on load for causal models)."""
@@ -137,6 +168,7 @@ class EncodeStage:
                         child.compile(dynamic=True)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        call = self.device_use.call_started()
         rows = feature_rows(batch)
         carried = [batch.column(name) for name in self.passthrough]
         embeddings: dict[int, np.ndarray] = {}
@@ -156,12 +188,20 @@ class EncodeStage:
         # Results stay on the device until every batch is queued: the host collates the next
         # batch while the GPU runs the previous one, and waits once per call.
         for idxs, emb in pending:
-            for i, v in zip(idxs, self._to_host(emb)):
-                embeddings[i] = v
+            self._collect(rows, idxs, emb, embeddings, errors)
+        self.device_use.call_finished(call)
         out = self._output(rows, embeddings, errors)
         for name, column in zip(self.passthrough, carried):
             out = out.append_column(name, column)
-        return out
+        return self._with_stats(out)
+
+    def _with_stats(self, out: pa.Table) -> pa.Table:
+        stats = [None] * out.num_rows
+        if stats:
+            with self._counts_lock:
+                snapshot = {**self.device_use.snapshot(), "tokens": list(self.token_counts)}
+            stats[0] = json.dumps(snapshot)
+        return out.append_column(STATS_COLUMN, pa.array(stats, pa.string()))
 
     def _count_tokens(self, costs):
         lengths = [c[0] for c in costs]
@@ -175,36 +215,93 @@ class EncodeStage:
         return 1.0 - real / padded if padded else 0.0
 
     def _encode_chunk(self, rows, idxs, pending, errors):
+        """Queue one batch's forward; a batch that fails is split until the offending record fails alone.
+
+        Out of device memory, the batch is halved (and the allocator's cache released) until the
+        halves fit, so a budget set too high costs retries, not records; any other failure is
+        isolated record by record. Only a record that fails on its own becomes an error row.
+        """
         try:
-            emb = self.embed(self.to_device(self.collate([rows[i] for i in idxs])))
+            emb = self.embed(self.features([rows[i] for i in idxs]))
         except Exception as exc:  # noqa: BLE001 - isolate the offending record below
-            if len(idxs) == 1:
-                errors[idxs[0]] = f"encode failed: {type(exc).__name__}: {exc}"
-                return
-            for i in idxs:
-                self._encode_chunk(rows, [i], pending, errors)
+            self._split(rows, idxs, exc, errors, lambda part: self._encode_chunk(rows, part, pending, errors))
             return
         pending.append((idxs, emb))
 
+    def _collect(self, rows, idxs, emb, embeddings, errors):
+        """Bring one queued batch's results to the host.
+
+        CUDA reports some failures only when the host waits for the results, out of memory among
+        them: such a batch is run again here, split as at queue time, each part collected at once.
+        """
+        try:
+            vectors = self._to_host(emb)
+        except Exception as exc:  # noqa: BLE001
+            if not is_out_of_memory(exc):
+                raise  # an asynchronous device fault leaves the context unusable: let the actor restart
+
+            def again(part):
+                queued: list = []
+                self._encode_chunk(rows, part, queued, errors)
+                for sub, sub_emb in queued:
+                    self._collect(rows, sub, sub_emb, embeddings, errors)
+
+            self._split(rows, idxs, exc, errors, again)
+            return
+        for i, v in zip(idxs, vectors):
+            embeddings[i] = v
+
+    def _split(self, rows, idxs, exc, errors, retry):
+        if len(idxs) == 1:
+            errors[idxs[0]] = f"encode failed: {type(exc).__name__}: {exc}"
+            return
+        if is_out_of_memory(exc):
+            self.device_use.out_of_memory(len(idxs))
+            self._release_memory()
+            half = len(idxs) // 2
+            parts = [idxs[:half], idxs[half:]]
+        else:
+            parts = [[i] for i in idxs]
+        del exc  # its traceback holds the failed batch's tensors
+        for part in parts:
+            retry(part)
+
+    def _release_memory(self):
+        if self.model.device.type == "cuda":
+            self.torch.cuda.empty_cache()
+
     def forward(self, rows: list[dict]) -> np.ndarray:
         """Collate rows of one signature and run ST's forward, pooling and normalisation."""
-        return self._to_host(self.embed(self.to_device(self.collate(rows))))
+        return self._to_host(self.embed(self.features(rows)))
+
+    def features(self, rows: list[dict]) -> dict:
+        """Rows of one signature as the model's input on its device: collated and copied, or, for
+        JPEGs left to this stage (--decode-on-device), decoded and preprocessed on the device."""
+        if rows[0]["feat_keys"] == [JPEG_KEY]:
+            if self._jpeg_decoder is None:
+                raise RuntimeError("a JPEG row reached an encoder without --decode-on-device")
+            return self._jpeg_decoder([r["feat_data"][0] for r in rows], self.model.device)
+        return self.to_device(self.collate(rows))
 
     def collate(self, rows: list[dict]) -> dict:
         return collate(rows, pad_token_id=self.pad_token_id, padding_side=self.padding_side)
 
     def to_device(self, features: dict) -> dict:
-        """Move collated features to the model's device.
+        """Move collated features to the model's device, by --copy-mode.
 
-        On CUDA, tensors go through pinned host memory with non-blocking copies, so the copy
-        overlaps the host's work on the next batch instead of stalling it.
+        staged: each tensor is copied into a pinned host buffer this actor keeps and reuses (sized
+        by class), then to the device on a side stream that the compute stream waits on, so the
+        copy overlaps the host's work on the next batch and no batch pays for pinning fresh memory.
+        pinned: a freshly pinned copy per tensor, non-blocking. plain: a blocking `.to(device)`.
         """
         from sentence_transformers.util import batch_to_device
 
         device = self.model.device
-        if device.type != "cuda":
+        if device.type != "cuda" or self.copy_mode == "plain":
             return batch_to_device(features, device)
         torch = self.torch
+        if self._staging is not None:
+            return {k: self._staging.to_device(v) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
         return {
             k: v.pin_memory().to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
             for k, v in features.items()
@@ -217,7 +314,7 @@ class EncodeStage:
         GPU benchmark times on its own as the forward-only ceiling.
         """
         torch = self.torch
-        with torch.inference_mode():
+        with torch.inference_mode(), self.device_use.forward():
             out = self.model(dict(features), **self.forward_kwargs)
             emb = out["sentence_embedding"]
             if self.truncate_dim:

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow as pa
 
 from mmembed.decode import DecodeError, decode_image, decode_text, reuse_image_memory
+from mmembed.device_decode import encoded_row, jpeg_for_device
 from mmembed.features import FEATURE_FIELDS, pack, same_features, split_batch
 from mmembed.media import default_decoders, prepare_for_st
 from mmembed.models import ModelSpec, label_modality, load_model, modality_label, resolve_prompt
@@ -57,8 +58,11 @@ class PreprocessStage:
         decoders: dict | None = None,
         fetch_threads: int = 8,
         passthrough: tuple[str, ...] = (),
+        decode_on_device: bool = False,
     ):
         self.spec = model
+        # Image-only records whose JPEG the encoder can decode on its device leave here as bytes.
+        self.decode_on_device = decode_on_device
         # Input columns copied to the output unchanged (row i out is record i in): reembed's content hash.
         self.passthrough = tuple(passthrough)
         self.model = load_model(model, weights=False)
@@ -84,6 +88,9 @@ class PreprocessStage:
         for i, (st_input, label, processing_kwargs, error) in enumerate(built):
             if error is not None:
                 results[i] = (None, error)
+                continue
+            if isinstance(st_input, _DeviceJpeg):
+                results[i] = (encoded_row(st_input.data), None)
                 continue
             if processing_kwargs is None and self._batching.get(label, True):
                 batchable[label].append((i, st_input))
@@ -141,6 +148,8 @@ class PreprocessStage:
         try:
             st_input, label = self._build_input(row)
             self._check_supported(label)
+            if isinstance(st_input, _DeviceJpeg):
+                return st_input, label, None, None
             st_input, processing_kwargs = self._prepare(st_input)
             return st_input, label, processing_kwargs, None
         except Exception as exc:  # noqa: BLE001 - never let one record kill the job
@@ -157,9 +166,12 @@ class PreprocessStage:
                 raise RecordError("empty text")
             parts["text"] = text
         for m in MEDIA_MODALITIES:
-            value = self._media(row, m)
+            value = self._media(row, m, device_ok=self.decode_on_device)
             if value is not None:
                 parts[m] = value
+        if len(parts) > 1 and isinstance(parts.get("image"), _DeviceJpeg):
+            # Only a record that is one photo goes to the device whole; in a combined record the CPU decodes it.
+            parts["image"] = decode_image(parts["image"].data, max_pixels=self.max_image_pixels)
         messages = row.get("messages")
         if messages is not None:
             if parts:
@@ -172,7 +184,7 @@ class PreprocessStage:
             return next(iter(parts.values())), label
         return parts, label
 
-    def _media(self, row: dict, modality: str):
+    def _media(self, row: dict, modality: str, device_ok: bool = False):
         uri, data, struct = row.get(f"{modality}_uri"), row.get(f"{modality}_bytes"), row.get(f"{modality}_struct")
         if uri is None and data is None and struct is None:
             return None
@@ -183,6 +195,8 @@ class PreprocessStage:
         elif not data:
             raise RecordError(f"zero-byte {modality} cell")
         if modality == "image":
+            if device_ok and jpeg_for_device(data, max_pixels=self.max_image_pixels):
+                return _DeviceJpeg(data)
             return decode_image(data, max_pixels=self.max_image_pixels)
         decoder = self.decoders.get(modality)
         if decoder is None:
@@ -243,6 +257,15 @@ class PreprocessStage:
         if processing_kwargs:
             kwargs["processing_kwargs"] = processing_kwargs
         return self.model.preprocess(st_inputs, prompt=self.prompt, **kwargs)
+
+
+class _DeviceJpeg:
+    """A photo's bytes, left for the encoder to decode on its device (--decode-on-device)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes):
+        self.data = data
 
 
 def _reason(exc: Exception) -> str:

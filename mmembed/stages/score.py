@@ -39,8 +39,9 @@ class ScoreStage(EncodeStage):
         batch_size: int = 32,
         max_batch_tokens: int | None = None,
         max_batch_patches: int | None = None,
+        copy_mode: str = "staged",
     ):
-        self._setup(model, device, batch_size, max_batch_tokens, max_batch_patches)
+        self._setup(model, device, batch_size, max_batch_tokens, max_batch_patches, copy_mode=copy_mode)
         if self.model.num_labels != 1:
             raise ValueError(f"{model.name_or_path} has {self.model.num_labels} labels; ranking needs one score")
         self._set_padding(getattr(self.model[0], "processor", None) or getattr(self.model, "tokenizer", None))
@@ -48,7 +49,7 @@ class ScoreStage(EncodeStage):
     def embed(self, features: dict):
         """CrossEncoder._inference's per-batch work; the scores stay on the device."""
         torch = self.torch
-        with torch.inference_mode():
+        with torch.inference_mode(), self.device_use.forward():
             scores = self.model(dict(features), **self.forward_kwargs)["scores"]
             if torch.is_floating_point(scores) and torch.finfo(scores.dtype).bits < 32:
                 scores = scores.float()

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401 - registers pa.compute
 import pyarrow.parquet as pq
 
+from mmembed.device_use import STATS_COLUMN, latest
 from mmembed.storage import filesystem, with_retries
 
 ERROR_SCHEMA = pa.schema([("id", pa.string()), ("stage", pa.string()), ("error", pa.string())])
@@ -56,7 +57,7 @@ class ShardWriter:
 
     def write(self, blocks: Iterable, ctx) -> dict:
         fs, root = filesystem(self.output, self.storage_options)
-        stats = {"files": [], "error_files": [], "written": 0, "errors": 0, "modalities": {}}
+        stats = {"files": [], "error_files": [], "written": 0, "errors": 0, "modalities": {}, "encoders": {}}
         pending: list[pa.Table] = []
         pending_errors: list[pa.Table] = []
         seq = [0]
@@ -80,6 +81,9 @@ class ShardWriter:
             table = block if isinstance(block, pa.Table) else _to_arrow(block)
             if table.num_rows == 0:
                 continue
+            if STATS_COLUMN in table.column_names:
+                column = table.column(STATS_COLUMN)
+                latest(stats["encoders"], column.filter(column.is_valid()).to_pylist())
             is_error = table.column("error").is_valid()
             ok = table.filter(pa.compute.invert(is_error))
             bad = table.filter(is_error)
@@ -111,10 +115,11 @@ class ShardWriter:
         with_retries(put)
 
     def on_write_complete(self, write_result) -> None:
-        totals = {"files": [], "error_files": [], "written": 0, "errors": 0, "modalities": {}}
+        totals = {"files": [], "error_files": [], "written": 0, "errors": 0, "modalities": {}, "encoders": {}}
         for r in write_result.write_returns:
             if not r:
                 continue
+            latest(totals["encoders"], r.get("encoders", {}).values())
             totals["files"] += r["files"]
             totals["error_files"] += r["error_files"]
             totals["written"] += r["written"]
