@@ -35,6 +35,8 @@ class DeviceUse:
         self.calls = 0
         self.first: float | None = None  # perf_counter at the first call's start
         self.last: float | None = None  # perf_counter at the latest call's end
+        self.first_at: float | None = None  # the same two instants in epoch seconds, comparable across actors
+        self.last_at: float | None = None
         self.busy_s = 0.0
         self.oom_splits = 0
         self._covered = float("-inf")  # end of the forward time counted so far (overlaps count once)
@@ -59,7 +61,7 @@ class DeviceUse:
         with self._lock:
             self.calls += 1
             if self.first is None:
-                self.first = now
+                self.first, self.first_at = now, time.time()
                 if self.cuda:
                     self._start_sampler()
         return now
@@ -68,6 +70,7 @@ class DeviceUse:
         now = time.perf_counter()
         with self._lock:
             self.last = max(self.last or now, now)
+            self.last_at = time.time()
             if self._events:
                 self._read_events()
 
@@ -109,6 +112,8 @@ class DeviceUse:
                 "calls": self.calls,
                 "forward_s": round(self.busy_s, 4),
                 "wall_s": round(wall, 4),
+                "first_at": self.first_at,
+                "last_at": self.last_at,
                 "oom_splits": self.oom_splits,
             }
         if self.cuda:
@@ -181,6 +186,11 @@ def summarise(snapshots: dict[str, dict]) -> dict | None:
         "busy_fraction": round(forward / wall, 4) if wall > 0 else None,
         "oom_splits": sum(s.get("oom_splits", 0) for s in snaps),
     }
+    starts = [s["first_at"] for s in snaps if s.get("first_at")]
+    ends = [s["last_at"] for s in snaps if s.get("last_at")]
+    if starts and ends:
+        # From the first encoder call to the last: the job's rate without start-up and model loading.
+        out["encode_window_s"] = round(max(ends) - min(starts), 3)
     samples = sum(s.get("util_samples", 0) for s in snaps)
     if any("peak_memory_bytes" in s for s in snaps):
         out["peak_memory_gib"] = round(max(s.get("peak_memory_bytes", 0) for s in snaps) / 2**30, 3)

@@ -166,6 +166,8 @@ def test_every_output_block_carries_the_actors_running_figures(tiny_clip, clip_r
     use = summarise(merged)
     assert use["encoders"] == 1 and use["forward_s"] == pytest.approx(snaps[1]["forward_s"], abs=1e-3)
     assert 0 < use["busy_fraction"] <= 1
+    assert use["encode_window_s"] == pytest.approx(snaps[1]["last_at"] - snaps[0]["first_at"], abs=1e-3)
+    assert use["encode_window_s"] >= use["forward_s"]
 
 
 def test_overlapping_forward_intervals_count_once():
