@@ -224,9 +224,12 @@ class EncodeStage:
         try:
             emb = self.embed(self.features([rows[i] for i in idxs]))
         except Exception as exc:  # noqa: BLE001 - isolate the offending record below
-            self._split(rows, idxs, exc, errors, lambda part: self._encode_chunk(rows, part, pending, errors))
+            # Without its traceback, whose frames hold the failed batch's tensors: retries need that memory.
+            failure = exc.with_traceback(None)
+        else:
+            pending.append((idxs, emb))
             return
-        pending.append((idxs, emb))
+        self._split(rows, idxs, failure, errors, lambda part: self._encode_chunk(rows, part, pending, errors))
 
     def _collect(self, rows, idxs, emb, embeddings, errors):
         """Bring one queued batch's results to the host.
@@ -239,17 +242,19 @@ class EncodeStage:
         except Exception as exc:  # noqa: BLE001
             if not is_out_of_memory(exc):
                 raise  # an asynchronous device fault leaves the context unusable: let the actor restart
-
-            def again(part):
-                queued: list = []
-                self._encode_chunk(rows, part, queued, errors)
-                for sub, sub_emb in queued:
-                    self._collect(rows, sub, sub_emb, embeddings, errors)
-
-            self._split(rows, idxs, exc, errors, again)
+            failure = exc.with_traceback(None)
+        else:
+            for i, v in zip(idxs, vectors):
+                embeddings[i] = v
             return
-        for i, v in zip(idxs, vectors):
-            embeddings[i] = v
+
+        def again(part):
+            queued: list = []
+            self._encode_chunk(rows, part, queued, errors)
+            for sub, sub_emb in queued:
+                self._collect(rows, sub, sub_emb, embeddings, errors)
+
+        self._split(rows, idxs, failure, errors, again)
 
     def _split(self, rows, idxs, exc, errors, retry):
         if len(idxs) == 1:
@@ -262,7 +267,6 @@ class EncodeStage:
             parts = [idxs[:half], idxs[half:]]
         else:
             parts = [[i] for i in idxs]
-        del exc  # its traceback holds the failed batch's tensors
         for part in parts:
             retry(part)
 
