@@ -79,8 +79,25 @@ def _weightless_from_pretrained():
             PreTrainedModel.from_pretrained = original
 
 
+class ModelPathError(FileNotFoundError):
+    """A model given as a local path that is not there."""
+
+
+def check_model_path(name: str) -> None:
+    """Raise ModelPathError for a name that can only be a local path and does not exist.
+
+    A hub id is `name` or `owner/name`; anything written as a path (absolute, ./ ../ ~, a trailing
+    slash, more than one /) is looked up on disk only, so a typo says so rather than failing as a
+    malformed hub id.
+    """
+    as_path = name.startswith(("/", "./", "../", "~", ".\\")) or name.endswith(("/", os.sep)) or name.count("/") > 1
+    if as_path and not os.path.exists(os.path.expanduser(name)):
+        raise ModelPathError(f"model path {name} does not exist (looked for {os.path.abspath(os.path.expanduser(name))})")
+
+
 def load_model(spec: ModelSpec, *, weights: bool = True, device: str | None = None):
     """Load the ST model class for the spec. Without weights, parameters live on `meta`."""
+    check_model_path(spec.name_or_path)
     with _collector_paused():
         if spec.kind == "reranker":
             from sentence_transformers import CrossEncoder as cls

@@ -33,11 +33,16 @@ import pyarrow as pa
 
 from mmembed.manifest import MANIFEST_NAME, now_iso, read_json, redact_options, write_json
 from mmembed.options import UsageError
+from mmembed.outputs import (  # noqa: F401 - RUN_NAME and LOCK_NAME are imported from here by the jobs
+    ERROR_GLOB,
+    ERRORS_DIR,
+    LEGACY_ERROR_GLOB,
+    LOCK_NAME,
+    RESULT_GLOB,
+    RUN_NAME,
+    TMP_GLOBS,
+)
 from mmembed.storage import filesystem, join_uri, protocol_of, unstrip, with_retries
-
-RUN_NAME = "_run.json"
-LOCK_NAME = "_lock.json"
-ERRORS_DIR = "_errors"
 
 # What decides the vectors; a rerun that differs in any of these is a different run.
 IDENTITY_KEYS = (
@@ -83,10 +88,11 @@ def committed_shards(output: str, storage_options: dict | None) -> tuple[list[st
     fs.invalidate_cache(root)
     fs.invalidate_cache(f"{root}/{ERRORS_DIR}")
 
-    def ls(pattern):
-        return sorted(unstrip(fs, p) for p in with_retries(lambda: fs.glob(pattern)))
+    def ls(*patterns):
+        return sorted({unstrip(fs, p) for pattern in patterns for p in with_retries(lambda: fs.glob(pattern))})
 
-    return ls(f"{root}/part-*.parquet"), ls(f"{root}/{ERRORS_DIR}/part-*.parquet")
+    errors = ls(f"{root}/{ERRORS_DIR}/{ERROR_GLOB}", f"{root}/{ERRORS_DIR}/{LEGACY_ERROR_GLOB}")
+    return ls(f"{root}/{RESULT_GLOB}"), errors
 
 
 def inspect_output(output: str, identity: dict, storage_options: dict | None, *, overwrite: bool) -> str:
@@ -120,25 +126,14 @@ def inspect_output(output: str, identity: dict, storage_options: dict | None, *,
     return "new"
 
 
-def clear_output(output: str, storage_options: dict | None) -> None:
-    """--overwrite: remove everything but our own lease."""
-    fs, root = filesystem(output, storage_options)
-    root = root.rstrip("/")
-    if not fs.exists(root):
-        return
-    for entry in fs.ls(root, detail=False):
-        if entry.rstrip("/").rsplit("/", 1)[-1] != LOCK_NAME:
-            fs.rm(entry, recursive=True)
-    fs.invalidate_cache(root)
-
-
 def begin_attempt(output: str, identity: dict, storage_options: dict | None, token: str, resumed: bool) -> dict:
     """Record this attempt in `_run.json` and drop half-written shards of killed attempts."""
     fs, root = filesystem(output, storage_options)
     root = root.rstrip("/")
     for sub in (root, f"{root}/{ERRORS_DIR}"):
         fs.invalidate_cache(sub)
-        for leftover in with_retries(lambda sub=sub: fs.glob(f"{sub}/.tmp-*")):
+        leftovers = {p for pattern in TMP_GLOBS for p in with_retries(lambda sub=sub, pattern=pattern: fs.glob(f"{sub}/{pattern}"))}
+        for leftover in sorted(leftovers):
             try:
                 fs.rm(leftover)
             except FileNotFoundError:

@@ -17,7 +17,7 @@ import uuid
 from mmembed import __version__
 from mmembed.device_use import summarise as summarise_device_use
 from mmembed.manifest import MANIFEST_NAME, command_line, library_versions, now_iso, read_json, report, write_json
-from mmembed.models import ModelSpec, load_model, model_revision, modality_label, resolve_prompt
+from mmembed.models import ModelPathError, ModelSpec, load_model, model_revision, modality_label, resolve_prompt
 from mmembed.options import (
     UsageError,
     add_embedding_options,
@@ -27,6 +27,7 @@ from mmembed.options import (
     fetch_kwargs,
     job_main,
 )
+from mmembed.outputs import check_output, clear_owned
 from mmembed.records import InputError, InputSpec, check_unique_ids, discover
 from mmembed.runstate import (
     RUN_NAME,
@@ -34,7 +35,6 @@ from mmembed.runstate import (
     RunLock,
     account,
     begin_attempt,
-    clear_output,
     committed_index,
     committed_shards,
     drop_error_shards,
@@ -146,6 +146,8 @@ def plan(args) -> dict:
     )
     try:
         meta_model = load_model(model_spec, weights=False)
+    except ModelPathError as exc:
+        raise UsageError(f"{exc}. Give the directory of a saved sentence-transformers model, or a hub id.") from None
     except Exception as exc:  # noqa: BLE001 - any load failure is a usage problem here
         raise UsageError(
             f"cannot load model {args.model!r}: {type(exc).__name__}: {exc}. Check the name or path, "
@@ -582,6 +584,8 @@ def init_ray(address: str | None):
 def run(args) -> int:
     started = time.time()
     started_iso = now_iso()
+    check_output("embed", args.output, args.storage_options, overwrite=args.overwrite,
+                 inputs={"--input": args.input, "--calibration-embeddings": getattr(args, "calibration_embeddings", None)})
     p = plan(args)
     if p["state"] == "complete":
         existing = read_json(join_uri(args.output, MANIFEST_NAME), args.storage_options)
@@ -621,7 +625,7 @@ def execute(args, p: dict, started: float, started_iso: str) -> int:
         q["ranges"] = calibrate(args, p, res)
         p["identity"]["quantization"] = q
     if args.overwrite:
-        clear_output(args.output, args.storage_options)
+        clear_owned("embed", args.output, args.storage_options)
     token = uuid.uuid4().hex[:8]
     run_state = begin_attempt(args.output, p["identity"], args.storage_options, token, p["state"] != "new")
     retried = 0
@@ -727,6 +731,10 @@ def execute(args, p: dict, started: float, started_iso: str) -> int:
     if totals["errors"]:
         print(f"  retry    once their cause is fixed (see _errors), rerun this command with --retry-errors to "
               f"embed the {totals['errors']:,} error record(s) again", flush=True)
+    if totals["errors"] and not totals["written"]:
+        print(f"mmembed embed: every record failed ({totals['errors']:,} error rows, no embeddings); see "
+              f"{args.output.rstrip('/')}/_errors", file=sys.stderr)
+        return EXIT_ERRORS
     if unaccounted is None:
         failed_fraction = totals["errors"] / max(totals["written"] + totals["errors"], 1)
     else:

@@ -79,6 +79,9 @@ def plan(args) -> dict:
     """Every check before the build. Raises UsageError."""
     from mmembed.index import INDEX_JOB, METRICS, EmbeddingSource, IndexOutput, IndexParams, require_faiss
 
+    from mmembed.outputs import check_output
+
+    check_output("index", args.output, args.storage_options, inputs={"--embeddings": args.embeddings})
     faiss = require_faiss()
     source = EmbeddingSource.open(args.embeddings, args.storage_options)
     if source.similarity not in METRICS:

@@ -291,6 +291,9 @@ def run(args) -> int:
     if args.precision in QUANTIZED:
         # Carried-over vectors would need the base snapshot's calibration ranges; not supported yet.
         raise UsageError(f"reembed stores float32 or float16 vectors; --precision {args.precision} is for `mmembed embed`.")
+    from mmembed.outputs import check_apart
+
+    check_apart(args.store, "--input", args.input, output_flag="--store")
     store = Store(args.store, args.storage_options, create=True)
     check_ray_address(args.address)
     _embed_defaults(args, store.root)
@@ -396,6 +399,10 @@ def execute(args, store: Store, p: dict, started: float, started_iso: str) -> in
         flush=True,
     )
     failed_fraction = (totals["errors"] + max(unaccounted, 0)) / max(records, 1)
+    if totals["errors"] and not totals["written"]:
+        print(f"mmembed reembed: every record failed ({totals['errors']:,} error rows, no embeddings); snapshot "
+              f"{snap.path} is kept but CURRENT was not moved. See {out.rstrip('/')}/_errors", file=sys.stderr)
+        return EXIT_ERRORS
     if failed_fraction > args.max_error_fraction:
         print(
             f"mmembed reembed: {failed_fraction:.1%} of records failed, above --max-error-fraction "

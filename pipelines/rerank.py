@@ -16,6 +16,7 @@ import sys
 import time
 
 from mmembed import __version__
+from mmembed.outputs import check_output, clear_owned
 from mmembed.device_use import summarise as summarise_device_use
 from mmembed.manifest import MANIFEST_NAME, command_line, library_versions, now_iso, read_json, report, write_json
 from mmembed.models import ModelSpec, load_model, model_revision, modality_label, resolve_prompt, unsupported_modalities
@@ -170,6 +171,8 @@ def plan(args) -> dict:
     """Every check that needs no cluster. Raises UsageError."""
     from mmembed.stages.read_pairs import check_cell_types, discover_candidates, missing_columns
 
+    check_output("rerank", args.output, args.storage_options, overwrite=args.overwrite,
+                 inputs={"--candidates": args.candidates, "--queries": args.queries, "--corpus": args.corpus})
     try:
         candidates = discover_candidates(args.candidates, args.storage_options)
     except InputError as exc:
@@ -286,11 +289,9 @@ def derive_args(parser: argparse.ArgumentParser, argv: list, args) -> argparse.N
     return ns
 
 
-def prepare_output(args) -> None:
+def prepare_output(args, job: str = "rerank") -> None:
     if args.overwrite:
-        fs, path = filesystem(args.output, args.storage_options)
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
+        clear_owned(job, args.output, args.storage_options)
 
 
 def write(ds, args, result_columns: list[str]) -> dict:
@@ -336,6 +337,10 @@ def finish(job: str, args, manifest: dict, records: int, totals: dict) -> int:
     """Write _manifest.json, print the report and turn the counts into an exit code."""
     write_json(join_uri(args.output, MANIFEST_NAME), manifest, args.storage_options)
     print(report(f"mmembed {job}", manifest, args.output), flush=True)
+    if totals["errors"] and not totals["written"]:
+        print(f"mmembed {job}: every record failed ({totals['errors']:,} error rows, no results); see "
+              f"{args.output.rstrip('/')}/_errors", file=sys.stderr)
+        return EXIT_ERRORS
     lost = max(manifest["counts"].get("unaccounted") or 0, 0)
     failed_fraction = (totals["errors"] + lost) / max(records, 1)
     if failed_fraction > args.max_error_fraction:

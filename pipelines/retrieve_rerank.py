@@ -68,6 +68,10 @@ def build_parser(prog: str = "mmembed retrieve-rerank") -> argparse.ArgumentPars
 def plan(args) -> dict:
     """The three steps' options, checked as far as possible before anything runs."""
     out = {step: join_uri(args.output, step) for step in STEPS}
+    from mmembed.outputs import check_output
+
+    check_output("retrieve-rerank", args.output, args.storage_options, overwrite=args.overwrite, inputs={
+        "--queries": args.queries, "--corpus": args.corpus, "--corpus-embeddings": args.corpus_embeddings})
     rerank.refuse_finished_output(args)
     trust = ["--trust-remote-code"] if args.trust_remote_code else []
     steps = {}
@@ -101,7 +105,7 @@ def plan(args) -> dict:
 def run(args) -> int:
     started, started_iso = time.time(), now_iso()
     p = plan(args)
-    rerank.prepare_output(args)
+    rerank.prepare_output(args, "retrieve-rerank")
     jobs = {"corpus_embeddings": embed, "candidates": search, "reranked": rerank}
     codes = {}
     for step, ns in p["steps"].items():

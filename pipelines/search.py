@@ -143,6 +143,10 @@ def query_embed_args(args, corpus_model: dict):
 
 
 def plan(args) -> dict:
+    from mmembed.outputs import check_output
+
+    check_output("search", args.output, args.storage_options, overwrite=args.overwrite, inputs={
+        "--queries": args.queries, "--corpus-embeddings": args.corpus_embeddings, "--index": args.index})
     if args.rescore_multiplier < 0:
         raise UsageError("--rescore-multiplier must be 0 (no rescoring) or more.")
     if args.index:
@@ -264,7 +268,7 @@ def run(args) -> int:
 
     started, started_iso = time.time(), now_iso()
     p = plan(args)
-    prepare_output(args)
+    prepare_output(args, "search")
     queries_uri, queries = args.queries, p["queries"]
     if p["embed_args"] is not None:
         rc = embed.run(p["embed_args"])

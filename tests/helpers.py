@@ -50,7 +50,7 @@ def read_output(out: Path | str) -> tuple[dict[str, np.ndarray], dict[str, dict]
     assert len(ids_seen) == len(emb), "duplicate ids in output shards"
     errors: dict[str, dict] = {}
     err_ids: list[str] = []
-    for p in sorted((out / "_errors").glob("part-*.parquet")):
+    for p in sorted((out / "_errors").glob("errors-*.parquet")):
         for row in pq.read_table(p).to_pylist():
             err_ids.append(row["id"])
             errors[row["id"]] = row

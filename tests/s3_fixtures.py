@@ -158,7 +158,7 @@ def read_output_s3(fs, root: str):
             seen += 1
     assert seen == len(emb), "duplicate ids in output shards"
     seen = 0
-    for p in sorted(fs.glob(f"{root}/_errors/part-*.parquet")):
+    for p in sorted(fs.glob(f"{root}/_errors/errors-*.parquet")):
         with fs.open(p, "rb") as f:
             for row in pq.read_table(f).to_pylist():
                 errors[row["id"]] = row

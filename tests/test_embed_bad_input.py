@@ -160,4 +160,4 @@ def test_missing_input_and_bad_model_fail_fast(tmp_path, minilm_path):
          str(tmp_path / "o"), "--model", str(tmp_path / "no-such-model")],
         capture_output=True, text=True, timeout=120, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
     )
-    assert proc.returncode == 2 and "cannot load model" in proc.stderr
+    assert proc.returncode == 2 and f"model path {tmp_path / 'no-such-model'} does not exist" in proc.stderr

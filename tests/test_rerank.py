@@ -49,7 +49,7 @@ def read_rerank(out: Path) -> tuple[dict, dict, dict]:
             assert key not in results, f"duplicate pair {key}"
             results[key] = (r["score"], r["rank"])
     errors = {}
-    for p in sorted((out / "_errors").glob("part-*.parquet")):
+    for p in sorted((out / "_errors").glob("errors-*.parquet")):
         for r in pq.read_table(p).to_pylist():
             errors[tuple(json.loads(r["id"]))] = r
     return results, errors, json.loads((out / "_manifest.json").read_text())

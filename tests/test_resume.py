@@ -168,7 +168,7 @@ def test_sigkill_driver_mid_run_then_resume_equals_uninterrupted_run(ray_session
         _kill_session(proc)
         log.close()
     assert not (out / "_manifest.json").exists(), "the driver was not killed mid-run"
-    first = {p.name for p in out.glob("part-*.parquet")} | {p.name for p in (out / "_errors").glob("part-*.parquet")}
+    first = {p.name for p in out.glob("part-*.parquet")} | {p.name for p in (out / "_errors").glob("errors-*.parquet")}
     committed_before = sum(pq.read_metadata(p).num_rows for p in out.glob("part-*.parquet"))
     assert 0 < committed_before < len(ids)
 
@@ -188,7 +188,7 @@ def test_sigkill_driver_mid_run_then_resume_equals_uninterrupted_run(ray_session
     assert manifest["counts"]["written"] == len(ids) and manifest["counts"]["unaccounted"] == 0
     assert manifest["counts"]["duplicate_ids"] == 0
     assert len(manifest["attempts"]) == 2
-    assert not list(out.glob(".tmp-*")) and not (out / "_lock.json").exists()
+    assert not list(out.glob(".*.tmp")) and not list(out.glob(".tmp-*")) and not (out / "_lock.json").exists()
 
 
 # -- a killed encoder actor -------------------------------------------------------------------------

@@ -71,7 +71,8 @@ def test_s3_manifest_and_media_to_s3_output_rerun_and_resume(ray_session, s3, ti
     lost_rows = pq.read_table(fs.open(f"{out}/{lost}", "rb")).num_rows
     fs.rm(f"{out}/_manifest.json")
     fs.rm(f"{out}/{lost}")
-    fs.pipe_file(f"{out}/.tmp-deadbeef-{lost}", b"half a parquet file")
+    fs.pipe_file(f"{out}/.tmp-deadbeef-{lost}", b"half a parquet file")  # an earlier version's naming
+    fs.pipe_file(f"{out}/.{lost}.cafef00d.tmp", b"half a parquet file")
     assert run_job("pipelines.embed", argv) == 0
     emb2, errors2, manifest2 = read_output_s3(fs, out)
     assert set(emb2) == set(emb) and set(errors2) == set(errors)
@@ -80,7 +81,7 @@ def test_s3_manifest_and_media_to_s3_output_rerun_and_resume(ray_session, s3, ti
     assert manifest2["counts"]["resumed_from_committed"] == 10 - lost_rows
     assert manifest2["counts"]["written"] == 8 and manifest2["counts"]["duplicate_ids"] == 0
     assert len(manifest2["attempts"]) == 2
-    assert not fs.glob(f"{out}/.tmp-*") and not fs.exists(f"{out}/_lock.json")
+    assert not fs.glob(f"{out}/.tmp-*") and not fs.glob(f"{out}/.*.tmp") and not fs.exists(f"{out}/_lock.json")
     for rid in emb:  # the same model on the same bytes
         assert abs(emb[rid] - emb2[rid]).max() <= 1e-5
 

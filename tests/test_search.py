@@ -50,7 +50,7 @@ def read_search(out: Path) -> tuple[dict, dict, dict]:
         for r in pq.read_table(p).to_pylist():
             results.setdefault(r["query_id"], []).append((r["doc_id"], r["score"], r["rank"]))
     errors = {}
-    for p in sorted((out / "_errors").glob("part-*.parquet")):
+    for p in sorted((out / "_errors").glob("errors-*.parquet")):
         for r in pq.read_table(p).to_pylist():
             errors[r["id"]] = r
     return {q: sorted(v, key=lambda x: x[2]) for q, v in results.items()}, errors, json.loads(

@@ -1,8 +1,9 @@
 """Stage 4, write: sharded Parquet for results and for error rows.
 
-Result rows go to `part-*.parquet`, error rows to `_errors/part-*.parquet`, each shard at
-most `shard_rows` rows. A shard is written under a hidden temporary name and renamed into
-place when complete, so a crash never leaves a half-written file that reads as output.
+Result rows go to `part-*.parquet`, error rows to `_errors/errors-*.parquet` (a
+`**/part-*.parquet` glob must see results alone), each shard at most `shard_rows` rows. A shard is
+written under a hidden temporary name that no `*.parquet` glob matches and renamed into place when
+complete, so a crash never leaves a half-written file that reads as output.
 The write tasks return only counts and file names; the driver turns them into the manifest.
 
 ShardWriter itself does not import Ray, so the in-process executor writes without paying for
@@ -20,6 +21,7 @@ import pyarrow.compute  # noqa: F401 - registers pa.compute
 import pyarrow.parquet as pq
 
 from mmembed.device_use import STATS_COLUMN, latest
+from mmembed.outputs import ERRORS_DIR, tmp_name
 from mmembed.storage import filesystem, with_retries
 
 ERROR_SCHEMA = pa.schema([("id", pa.string()), ("stage", pa.string()), ("error", pa.string())])
@@ -53,7 +55,7 @@ class ShardWriter:
     def on_write_start(self, schema=None) -> None:
         fs, path = filesystem(self.output, self.storage_options)
         fs.makedirs(path, exist_ok=True)
-        fs.makedirs(f"{path}/_errors", exist_ok=True)
+        fs.makedirs(f"{path}/{ERRORS_DIR}", exist_ok=True)
 
     def write(self, blocks: Iterable, ctx) -> dict:
         fs, root = filesystem(self.output, self.storage_options)
@@ -67,12 +69,12 @@ class ShardWriter:
             while rows >= self.shard_rows or (final and rows):
                 table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
                 head, tail = table.slice(0, self.shard_rows), table.slice(self.shard_rows)
-                name = f"part-{self.run_token}-{ctx.task_idx:06d}-{seq[0]:04d}.parquet"
+                name = f"{'errors' if errors else 'part'}-{self.run_token}-{ctx.task_idx:06d}-{seq[0]:04d}.parquet"
                 seq[0] += 1
-                sub = f"{root}/_errors" if errors else root
+                sub = f"{root}/{ERRORS_DIR}" if errors else root
                 self._write_atomic(fs, sub, name, head)
                 (stats["error_files"] if errors else stats["files"]).append(
-                    {"name": f"_errors/{name}" if errors else name, "rows": head.num_rows}
+                    {"name": f"{ERRORS_DIR}/{name}" if errors else name, "rows": head.num_rows}
                 )
                 tables[:] = [tail] if tail.num_rows else []
                 rows = tail.num_rows
@@ -104,7 +106,7 @@ class ShardWriter:
         return stats
 
     def _write_atomic(self, fs, directory: str, name: str, table: pa.Table) -> None:
-        tmp = f"{directory}/.tmp-{uuid.uuid4().hex[:8]}-{name}"
+        tmp = f"{directory}/{tmp_name(name, uuid.uuid4().hex[:8])}"
         final = f"{directory}/{name}"
 
         def put():
