@@ -28,8 +28,8 @@ LOCK_NAME = "_lock.json"
 ERRORS_DIR = "_errors"
 RESULT_GLOB = "part-*.parquet"
 ERROR_GLOB = "errors-*.parquet"
-LEGACY_ERROR_GLOB = "part-*.parquet"  # error shards before 0.2 (still read, resumed and counted)
-TMP_GLOBS = (".*.tmp", ".tmp-*")  # in-progress shards, now and before 0.2
+LEGACY_ERROR_GLOB = "part-*.parquet"  # error shards of earlier versions (still read, resumed and counted)
+TMP_GLOBS = (".*.tmp", ".tmp-*")  # in-progress shards, as named now and by earlier versions
 
 _RECORDS = (MANIFEST_NAME, RUN_NAME, LOCK_NAME)
 _SHARDS = (RESULT_GLOB, ERRORS_DIR, *TMP_GLOBS, *_RECORDS)

@@ -10,9 +10,10 @@ The protocol, for an output URI on any fsspec filesystem:
   and fingerprint) and every attempt. A rerun with another identity is refused: it would mix
   two runs' vectors in one output.
 - The committed output is exactly the shards that carry their final name (`part-*.parquet`,
-  `_errors/part-*.parquet`); the writer renames a shard into place only once it is complete.
+  `_errors/errors-*.parquet`, see mmembed/outputs.py); the writer renames a shard into place only
+  once it is complete.
   A rerun reads the ids of those shards, skips them, and writes only the rest, so each id ends
-  up in exactly one committed shard. Hidden `.tmp-*` leftovers of a killed writer are removed.
+  up in exactly one committed shard. Hidden `.*.tmp` leftovers of a killed writer are removed.
 - `_manifest.json` with status `complete` is written last and lists every shard of every attempt.
 
 Ray's `CheckpointConfig` is not used: it filters only file-based `Read` operators (not the
@@ -81,7 +82,7 @@ def _differences(mine: dict, theirs: dict) -> list[str]:
 
 
 def committed_shards(output: str, storage_options: dict | None) -> tuple[list[str], list[str]]:
-    """URIs of the result and error shards under their final names (never `.tmp-*` files)."""
+    """URIs of the result and error shards under their final names (never files in progress)."""
     fs, root = filesystem(output, storage_options)
     root = root.rstrip("/")
     # Other processes wrote here: a cached listing (s3fs keeps one per instance) would miss shards.
