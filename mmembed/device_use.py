@@ -39,6 +39,8 @@ class DeviceUse:
         self.last_at: float | None = None
         self.busy_s = 0.0
         self.oom_splits = 0
+        self.in_flight = 0  # calls running now on this actor's threads (--calls-per-encoder)
+        self.max_in_flight = 0
         self._covered = float("-inf")  # end of the forward time counted so far (overlaps count once)
         self._events: list = []  # CUDA (start, end) event pairs not yet read
         self._samples: list[tuple[float, float]] = []  # (perf_counter, utilisation %)
@@ -60,6 +62,8 @@ class DeviceUse:
         now = time.perf_counter()
         with self._lock:
             self.calls += 1
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
             if self.first is None:
                 self.first, self.first_at = now, time.time()
                 if self.cuda:
@@ -69,6 +73,7 @@ class DeviceUse:
     def call_finished(self, started: float) -> None:
         now = time.perf_counter()
         with self._lock:
+            self.in_flight -= 1
             self.last = max(self.last or now, now)
             self.last_at = time.time()
             if self._events:
@@ -115,6 +120,7 @@ class DeviceUse:
                 "first_at": self.first_at,
                 "last_at": self.last_at,
                 "oom_splits": self.oom_splits,
+                "max_concurrent_calls": self.max_in_flight,
             }
         if self.cuda:
             import torch
@@ -185,6 +191,8 @@ def summarise(snapshots: dict[str, dict]) -> dict | None:
         "forward_s": round(forward, 3),
         "busy_fraction": round(forward / wall, 4) if wall > 0 else None,
         "oom_splits": sum(s.get("oom_splits", 0) for s in snaps),
+        # Most calls one encoder ran at once: 2 shows --calls-per-encoder overlapping them.
+        "max_concurrent_calls": max(s.get("max_concurrent_calls", 1) for s in snaps),
     }
     starts = [s["first_at"] for s in snaps if s.get("first_at")]
     ends = [s["last_at"] for s in snaps if s.get("last_at")]

@@ -92,15 +92,17 @@ def test_unsupported_modality_fails_before_ray(minilm_path, tmp_path):
     (media / "x.png").write_bytes(image_bytes(4))
     (media / "y.txt").write_text("hello")
     t0 = time.time()
+    # The job's main() in a fresh process, which then says whether Ray was started before the refusal.
+    probe = ("import sys; from pipelines import embed; rc = embed.main(sys.argv[1:]); ray = sys.modules.get('ray'); "
+             "print('RAY STARTED' if ray is not None and ray.is_initialized() else 'NO RAY'); sys.exit(rc)")
     proc = subprocess.run(
-        [sys.executable, "-m", "pipelines.embed", "--input", str(media), "--output", str(tmp_path / "out"),
-         "--model", minilm_path],
+        [sys.executable, "-c", probe, "--input", str(media), "--output", str(tmp_path / "out"), "--model", minilm_path],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2, proc.stderr
     assert "image" in proc.stderr and minilm_path in proc.stderr and "--on-unsupported" in proc.stderr
-    assert "Started a local Ray instance" not in proc.stderr + proc.stdout
-    assert not (tmp_path / "out").exists()
+    assert proc.stdout.strip().endswith("NO RAY"), proc.stdout
+    assert not (tmp_path / "out").exists()  # refused before anything was written
     assert time.time() - t0 < 60
 
 

@@ -50,6 +50,19 @@ class RateLimitedEncoder(EncodeStage):
         return out
 
 
+class SlowDeviceEncoder(EncodeStage):
+    """`EncodeStage` whose every forward pass takes `delay` seconds more, as a busy GPU would:
+    long enough for calls to pile up, so tests can see whether an actor runs them at once."""
+
+    def __init__(self, model, *, delay: float, **kwargs):
+        super().__init__(model, **kwargs)
+        self.delay = float(delay)
+
+    def embed(self, features: dict):
+        time.sleep(self.delay)
+        return super().embed(features)
+
+
 class NullEncoder:
     """No host work and no device: embedding rows (zeros) for every feature row, errors passed on."""
 
