@@ -213,7 +213,8 @@ def _alive_actors(ray):
 
 
 @pytest.mark.slow
-def test_killed_encoder_actor_is_restarted_and_every_record_lands(ray_session, tiny_clip, tmp_path):
+@pytest.mark.parametrize("stage", ["EncodeStage", "PreprocessStage"])
+def test_killed_actor_is_restarted_and_every_record_lands(ray_session, tiny_clip, tmp_path, stage):
     ray = ray_session
     m = tmp_path / "m"
     # Enough records that encoding outlasts the killer's polling by seconds even on a loaded
@@ -227,7 +228,7 @@ def test_killed_encoder_actor_is_restarted_and_every_record_lands(ray_session, t
             deadline = time.time() + 600
             alive_since = None
             while time.time() < deadline and not killed:
-                encoders = [a for a in _alive_actors(ray) if "EncodeStage" in a[1]]
+                encoders = [a for a in _alive_actors(ray) if stage in a[1]]
                 if encoders and alive_since is None:
                     alive_since = time.time()
                 # Mid-run: the encoder is up and has had time to take batches, or already wrote some.
@@ -248,7 +249,7 @@ def test_killed_encoder_actor_is_restarted_and_every_record_lands(ray_session, t
     assert not failures, failures
     print("killed", killed, "shards at the end", len(list(out.glob("part-*.parquet"))))
     assert rc == 0
-    assert killed, "the encoder actor was not found alive mid-run"
+    assert killed, f"no {stage} actor was found alive mid-run"
     assert _restarts(ray, killed[0][0]) >= 1  # Ray restarted it (max_restarts=-1) and retried its work
     emb, errors, manifest = read_output(out)
     assert not errors
