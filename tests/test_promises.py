@@ -139,3 +139,32 @@ def test_attempts_name_their_shards(tiny_clip, tmp_path):
     assert all(by_attempt.values())  # each attempt's shards carry its token
     assert sum(len(v) for v in by_attempt.values()) == len(manifest["files"])
     assert lost.name not in {f["name"] for f in manifest["files"]}
+
+
+def test_a_retried_write_task_does_not_double_rows(tmp_path):
+    """Ray reruns a write task whose worker died with the same blocks and task index: the rerun must
+    commit the same shard names, replacing the first run's, so no row is written twice."""
+    from mmembed.local import TaskContext
+    from mmembed.stages.write import ShardWriter
+
+    def blocks():
+        for start in range(0, 10, 4):
+            n = min(4, 10 - start)
+            yield pa.table({
+                "id": [f"r{start + i}" for i in range(n)],
+                "embedding": pa.FixedSizeListArray.from_arrays(pa.array([0.5] * (2 * n), pa.float32()), 2),
+                "modality": ["text"] * n,
+                "stage": pa.nulls(n, pa.string()),
+                "error": pa.nulls(n, pa.string()),
+            })  # fmt: skip
+
+    out = tmp_path / "out"
+    writer = ShardWriter(str(out), result_columns=["id", "embedding", "modality"], shard_rows=3, run_token="tok")
+    writer.on_write_start()
+    first = writer.write(blocks(), TaskContext(task_idx=7))
+    names = sorted(p.name for p in out.glob("part-*.parquet"))
+    second = writer.write(blocks(), TaskContext(task_idx=7))  # the retry
+    assert [f["name"] for f in first["files"]] == [f["name"] for f in second["files"]]
+    assert sorted(p.name for p in out.glob("part-*.parquet")) == names
+    ids = [i for p in out.glob("part-*.parquet") for i in pq.read_table(p).column("id").to_pylist()]
+    assert sorted(ids) == sorted(f"r{i}" for i in range(10))
