@@ -14,7 +14,8 @@ not the model, is what is measured. Per run it records:
 - output shard count.
 
 Targets: driver RSS grows by at most 200 MB from 10k to 1M records, zero spill, and records/s
-that does not fall as the corpus grows.
+that does not fall as the corpus grows. The baseline is the smallest size of the same run: the
+figures are growth against it, not a ratio to another tool (none runs this job to compare with).
 
     python benchmarks/scale.py --diff-ids 1000000,3000000,10000000
 
