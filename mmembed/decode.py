@@ -59,6 +59,10 @@ def decode_image(data: bytes, *, max_pixels: int):
         img = ImageOps.exif_transpose(img)
     if img.mode != "RGB":
         img = img.convert("RGB")
+    # ST decodes a path with torchvision in RGB mode, which ignores a palette/grey/RGB PNG's
+    # transparent colour as it ignores an alpha channel. Left in `info`, that colour would make the
+    # processor composite every pixel of that colour onto white, unlike ST on the same file.
+    img.info.pop("transparency", None)
     return img
 
 
