@@ -5,7 +5,8 @@ mode (EXIF orientation applied, a PNG's alpha or transparent colour ignored). mm
 Pillow, so each kind of file where the two could part is written here and embedded from a directory
 listing and from a Parquet manifest of bytes, with tiny CLIP and tiny Qwen3-VL. Where ST cannot take
 the path (BMP, TIFF: torchvision refuses them) the reference is ST given the image as transformers'
-`load_image` decodes it. Max |diff| <= 1e-5 in fp32 on CPU.
+`load_image` decodes it; for a 16-bit greyscale PNG, where ST's own result is wrong, it is ST given
+torchvision's decode of the file scaled to 8 bits. Max |diff| <= 1e-5 in fp32 on CPU.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def variants() -> dict[str, bytes]:
     rgba.putalpha(Image.fromarray(rng.integers(0, 256, (48, 64), dtype=np.uint8)))
     return {
         "exif6.jpg": _save(photo, "JPEG", quality=90, exif=rotated.tobytes()),
+        # A scanner's or a medical/astronomy export's 16-bit greyscale, over the whole 16-bit range.
+        "grey16.png": _save(Image.fromarray(rng.integers(0, 65536, (48, 64), dtype=np.uint16)), "PNG"),
         # Index 3 is transparent: about one pixel in 16 carries the transparent colour.
         "palette_t.png": _save(photo.quantize(16), "PNG", transparency=3),
         "cmyk.jpg": _save(photo.convert("CMYK"), "JPEG", quality=90),
@@ -56,6 +59,15 @@ def st_reference(st, path: str) -> np.ndarray:
     """ST on the path; for files its image processor refuses, ST on the image load_image decodes."""
     from transformers.image_utils import load_image
 
+    if path.endswith("grey16.png"):
+        # ST on this path hands the processor torchvision's uint16 samples, which it rescales as if
+        # they were 8-bit (up to 257 where 1 is white). The reference is ST on the same decode
+        # scaled to 8 bits as torchvision scales it.
+        import torch
+        from torchvision.io import ImageReadMode, decode_image
+        from torchvision.transforms.v2.functional import to_dtype
+
+        return st.encode([to_dtype(decode_image(path, mode=ImageReadMode.RGB), torch.uint8, scale=True)])[0]
     if path.endswith((".bmp", ".tiff")):
         with pytest.raises(RuntimeError, match="Unsupported image file"):
             st.encode([path])
