@@ -12,8 +12,8 @@ sides), on the same files. The headline ratio is mmembed's preprocess against ST
 preprocess: the same work (decode, sample, process), no forward pass on either side.
   mmembed pre   PreprocessStage.__call__ on record batches (read file, torchcodec decode with
                 seeking, resample, processor, pack to Arrow): what one preprocess actor sustains;
-  st encode     SentenceTransformer.encode(paths / AudioDecoders) one clip per call, the user's
-                baseline (ST decodes, samples, preprocesses and runs the forward pass);
+  st encode     SentenceTransformer.encode(paths) one clip per call, the user's baseline (ST
+                decodes, samples or mixes down, preprocesses and runs the forward pass);
   st pre        SentenceTransformer.preprocess on the same inputs (no forward pass), for context;
   full decode   decoding every frame of each video with torchcodec, which is what a decoder
                 without seeking pays before it can sample.
@@ -101,16 +101,13 @@ def bench_st(model_dir: str, inputs: list):
     from sentence_transformers import SentenceTransformer
 
     st = SentenceTransformer(model_dir, device="cpu")
-    warm = inputs[0]() if callable(inputs[0]) else inputs[0]
-    st.encode([warm])  # warm-up, as for the pipeline
-    fresh = [x() if callable(x) else x for x in inputs]  # AudioDecoders are consumed once
+    st.encode([inputs[0]])  # warm-up, as for the pipeline
     start = time.perf_counter()
-    for x in fresh:
+    for x in inputs:
         st.preprocess([x])
     pre = rate(len(inputs), time.perf_counter() - start)
-    fresh = [x() if callable(x) else x for x in inputs]
     start = time.perf_counter()
-    embs = [st.encode([x])[0] for x in fresh]
+    embs = [st.encode([x])[0] for x in inputs]
     enc = rate(len(inputs), time.perf_counter() - start)
     return pre, enc, np.stack(embs)
 
@@ -137,7 +134,6 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(1)  # one preprocess actor's share
-    from torchcodec.decoders import AudioDecoder
 
     from mmembed.testing import tiny_model
 
@@ -152,7 +148,7 @@ def main(argv=None) -> int:
         v_pre, v_enc, v_ref = bench_st(qwen, [str(p) for p in videos])
         v_full = bench_full_decode(videos)
         a_pipe, a_emb = bench_pipeline(clap, "audio", tones)
-        a_pre, a_enc, a_ref = bench_st(clap, [lambda p=p: AudioDecoder(str(p), sample_rate=48_000) for p in tones])
+        a_pre, a_enc, a_ref = bench_st(clap, [str(p) for p in tones])
 
         v_diff = float(np.abs(np.asarray(v_emb) - v_ref[: len(v_emb)]).max())
         a_diff = float(np.abs(np.asarray(a_emb) - a_ref[: len(a_emb)]).max())

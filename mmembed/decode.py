@@ -52,14 +52,36 @@ def decode_image(data: bytes, *, max_pixels: int):
         raise DecodeError(f"image exceeds the pixel limit (--max-image-pixels): {exc}") from None
     except Exception as exc:  # noqa: BLE001 - any decoder failure is this record's problem
         raise DecodeError(f"undecodable image ({type(exc).__name__}: {exc})") from None
+    # A 16-bit grey PNG (also a 16-bit grey TIFF) opens as I;16 (as I in older Pillow).
+    sixteen_bit = img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PNG")
     if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
         # Upright, as ST's own image loading (transformers' load_image) turns a rotated phone photo.
         from PIL import ImageOps
 
         img = ImageOps.exif_transpose(img)
+    if sixteen_bit:
+        img = _high_byte(img)
     if img.mode != "RGB":
         img = img.convert("RGB")
+    # ST decodes a path with torchvision in RGB mode, which ignores a palette/grey/RGB PNG's
+    # transparent colour as it ignores an alpha channel. Left in `info`, that colour would make the
+    # processor composite every pixel of that colour onto white, unlike ST on the same file.
+    img.info.pop("transparency", None)
     return img
+
+
+def _high_byte(img):
+    """8-bit grey from 16-bit grey: the high byte of each sample.
+
+    Pillow's convert clips 16-bit values to 255, so all but the darkest pixels came out white. ST
+    on the path is no better: torchvision decodes the PNG to uint16 and the processor rescales that
+    as if it were 8-bit (values up to 257 where 1 is white). The high byte is what Pillow keeps of
+    a 16-bit RGB(A) PNG and what torchvision's to_dtype(uint8, scale=True) gives for the uint16.
+    """
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray((np.asarray(img) >> 8).astype(np.uint8))
 
 
 def decode_text(data: bytes) -> str:

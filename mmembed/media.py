@@ -9,8 +9,9 @@ take, so `model.preprocess` sees the same inputs as `SentenceTransformer.encode`
   frames are decoded: torchcodec seeks to them. The processor is then told not to sample again
   (``do_sample_frames=False``); the metadata keeps the original indices and fps, which is what
   timestamp-aware processors such as Qwen3-VL's put into the prompt.
-- audio: ``{"array": float32 mono [N], "sampling_rate": model rate}``. FFmpeg resamples while
-  decoding; channels are averaged as ST does for a torchcodec ``AudioDecoder``.
+- audio: ``{"array": float32 mono [N], "sampling_rate": model rate}``. FFmpeg mixes down to mono
+  and resamples while decoding, as transformers' ``load_audio`` does for the path or URL that ST is
+  given (FFmpeg's stereo downmix is (L + R) / sqrt(2), not the channel mean).
 
 torchcodec is imported lazily: it is an optional extra (``mmembed[audio]``/``mmembed[video]``)
 and must match the installed torch, so a text/image deployment never needs it.
@@ -161,7 +162,8 @@ def decode_audio(data: bytes | None = None, *, struct=None, row=None, sampling_r
         raise DecodeError("zero-length audio file")
     decoders = _torchcodec("audio")
     try:
-        samples = decoders.AudioDecoder(data, sample_rate=sampling_rate).get_all_samples()
+        # The call transformers' load_audio makes for ST: a mean of the channels would differ from it.
+        samples = decoders.AudioDecoder(data, sample_rate=sampling_rate, num_channels=1).get_all_samples()
     except Exception as exc:  # noqa: BLE001
         msg = _clean(exc)
         if "No audio frames were decoded" in str(exc):
@@ -169,8 +171,7 @@ def decode_audio(data: bytes | None = None, *, struct=None, row=None, sampling_r
         raise DecodeError(f"undecodable audio ({msg})") from None
     if samples.data.numel() == 0:
         raise DecodeError("zero-length audio: the file holds no audio samples")
-    # Same reduction ST applies to a torchcodec AudioDecoder input.
-    return {"array": samples.data.mean(dim=0).numpy(), "sampling_rate": int(samples.sample_rate)}
+    return {"array": samples.data[0].numpy(), "sampling_rate": int(samples.sample_rate)}
 
 
 def _audio_from_struct(struct, sampling_rate: int | None) -> dict:
@@ -180,24 +181,28 @@ def _audio_from_struct(struct, sampling_rate: int | None) -> dict:
         array = np.asarray(struct["array"], dtype=np.float32)
     except (TypeError, ValueError) as exc:
         raise DecodeError(f"audio struct array is not numeric: {exc}") from None
-    if array.ndim == 2:
-        array = array.mean(axis=0)
-    if array.ndim != 1 or array.size == 0:
+    if array.ndim == 2 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim not in (1, 2) or array.size == 0:
         raise DecodeError(f"audio struct array must be non-empty 1-D or [channels, samples], got shape {array.shape}")
     source_rate = struct.get("sampling_rate")
     if source_rate is None:
         raise DecodeError("audio struct has no sampling_rate")
     source_rate = int(source_rate)
-    if sampling_rate is None or source_rate == sampling_rate:
+    target_rate = source_rate if sampling_rate is None else int(sampling_rate)
+    if array.ndim == 1 and source_rate == target_rate:
         return {"array": array, "sampling_rate": source_rate}
-    return {"array": _resample(array, source_rate, sampling_rate), "sampling_rate": int(sampling_rate)}
+    # ST cannot take these as a dict (feature extractors take mono at their own rate only; CLAP's
+    # raises on another rate), so they embed as ST embeds the same samples in a file: mixed down
+    # and resampled by FFmpeg, like file cells.
+    return {"array": _ffmpeg_mono(array, source_rate, target_rate), "sampling_rate": target_rate}
 
 
-def _resample(array: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:
-    """FFmpeg's resampler, the one file inputs go through, on in-memory samples.
+def _ffmpeg_mono(array: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:
+    """FFmpeg's downmix and resampler, the ones file inputs go through, on in-memory samples.
 
     The samples take a lossless float round trip through WavPack (stored as 32-bit float), so
-    the only change is the resampling itself.
+    the only changes are the downmix and the resampling themselves.
     """
     import torch
 
@@ -206,11 +211,12 @@ def _resample(array: np.ndarray, source_rate: int, target_rate: int) -> np.ndarr
     from torchcodec.encoders import AudioEncoder
 
     try:
-        encoded = AudioEncoder(torch.from_numpy(array).unsqueeze(0), sample_rate=source_rate).to_tensor("wv")
-        out = AudioDecoder(encoded, sample_rate=target_rate).get_all_samples().data
+        samples = torch.from_numpy(np.ascontiguousarray(np.atleast_2d(array)))
+        encoded = AudioEncoder(samples, sample_rate=source_rate).to_tensor("wv")
+        out = AudioDecoder(encoded, sample_rate=target_rate, num_channels=1).get_all_samples().data
     except Exception as exc:  # noqa: BLE001
-        raise DecodeError(f"audio resampling {source_rate} -> {target_rate} Hz failed ({_clean(exc)})") from None
-    return out.mean(dim=0).numpy()
+        raise DecodeError(f"audio downmix/resampling {source_rate} -> {target_rate} Hz failed ({_clean(exc)})") from None
+    return out[0].numpy()
 
 
 def model_sampling_rate(model) -> int | None:

@@ -1,9 +1,10 @@
 """Audio and video: torchcodec decoding in the CPU pool, parity with ST, bad input as error rows.
 
 Media are generated on the spot (ffmpeg CLI for videos, torchcodec's encoder for tones). The
-references are ST itself loading the same files: for video, ST hands the path to transformers'
-processor, which decodes and samples it; for audio, ST reads a torchcodec AudioDecoder at the
-model's rate. The pipeline must equal them to max |diff| <= 1e-5 in fp32 on CPU.
+references are ST itself loading the same files by path: for video, ST hands the path to
+transformers' processor, which decodes and samples it; for audio, the processor reads the path with
+transformers' load_audio (FFmpeg mixes down and resamples to the model's rate). The pipeline must
+equal them to max |diff| <= 1e-5 in fp32 on CPU.
 """
 
 from __future__ import annotations
@@ -44,6 +45,16 @@ def make_tone(path: Path, *, seconds: float, rate: int, freq: float, channels: i
     t = torch.arange(int(seconds * rate), dtype=torch.float32) / rate
     wave = torch.stack([0.4 * torch.sin(2 * torch.pi * (freq + 37 * c) * t) for c in range(channels)])
     AudioEncoder(wave, sample_rate=rate).to_file(str(path))
+    return path
+
+
+def float_wav(path: Path, samples: np.ndarray, rate: int) -> Path:
+    """[channels, N] float32 samples, unchanged, in a 32-bit float WAV (the ffmpeg CLI writes it)."""
+    raw = path.with_suffix(".f32")
+    np.ascontiguousarray(samples.T, dtype="<f4").tofile(raw)
+    cmd = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-f", "f32le", "-ar", str(rate),
+           "-ac", str(samples.shape[0]), "-i", str(raw), "-c:a", "pcm_f32le", str(path)]  # fmt: skip
+    subprocess.run(cmd, check=True)
     return path
 
 
@@ -163,51 +174,83 @@ def test_processor_kwargs_control_frame_sampling(ray_session, tiny_qwen3vl, vide
 # --------------------------------------------------------------------------------------------
 # Audio
 # --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tones(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("tones")
+    return {
+        "stereo48": make_tone(d / "a.wav", seconds=1.5, rate=48_000, freq=440, channels=2),
+        "stereo44": make_tone(d / "b.wav", seconds=1.5, rate=44_100, freq=470, channels=2),
+        "mono16": make_tone(d / "c.wav", seconds=1.0, rate=16_000, freq=250),
+        "mono44": make_tone(d / "d.wav", seconds=0.8, rate=44_100, freq=330),
+        "mono48": make_tone(d / "e.wav", seconds=0.7, rate=48_000, freq=250),
+        "mono22": make_tone(d / "f.flac", seconds=2.0, rate=22_050, freq=660),
+        "mp3": make_tone(d / "g.mp3", seconds=1.2, rate=32_000, freq=520, channels=2),
+    }
+
+
 @pytest.mark.slow
-def test_audio_parity_with_st(ray_session, tiny_clap, tmp_path):
-    """Files at other rates and channel counts are resampled to 48 kHz and mixed to mono like ST."""
+def test_audio_bytes_equal_st_on_the_same_paths(ray_session, tiny_clap, tones, tmp_path):
+    """Audio cells as bytes: resampled to 48 kHz and mixed down to mono as ST does with the file's path."""
     from torchcodec.decoders import AudioDecoder
 
-    d = tmp_path / "media"
-    d.mkdir()
-    files = {
-        "stereo44": make_tone(d / "a.wav", seconds=1.5, rate=44_100, freq=440, channels=2),
-        "mono22": make_tone(d / "b.flac", seconds=2.0, rate=22_050, freq=660),
-        "mono48": make_tone(d / "c.wav", seconds=0.7, rate=48_000, freq=250),
-        "mp3": make_tone(d / "d.mp3", seconds=1.2, rate=32_000, freq=520, channels=2),
-    }
-    ids = list(files)
-    table = pa.table({"id": ids + ["t0"], "audio": [files[i].read_bytes() for i in ids] + [None],
+    ids = list(tones)
+    table = pa.table({"id": ids + ["t0"], "audio": [tones[i].read_bytes() for i in ids] + [None],
                       "text": [None] * len(ids) + ["a sine tone"]})  # fmt: skip
-    emb, errors, manifest = _embed(tmp_path, table, tiny_clap)
+    emb, errors, manifest = _embed(tmp_path, table, tiny_clap, "--executor", "local")
     assert not errors and set(emb) == set(ids) | {"t0"}
     st = _st(tiny_clap)
-    reference = np.stack([st.encode([AudioDecoder(str(files[i]), sample_rate=48_000)])[0] for i in ids])
+    reference = np.stack([st.encode([str(tones[i])])[0] for i in ids])
     assert max_abs_diff(emb, ids, reference) <= TOL
+    assert max_abs_diff(emb, ["mono16", "mono44", "mono48"], reference[2:5]) <= 1e-6
     assert max_abs_diff(emb, ["t0"], st.encode(["a sine tone"])) <= TOL
     assert np.abs(reference[0] - reference[1]).max() > 1e-3
+    # The mean of the channels (what ST does with an AudioDecoder object) is not what it does with a
+    # path, so this test sees a wrong downmix.
+    mean = st.encode([AudioDecoder(str(tones["stereo48"]), sample_rate=48_000)])[0]
+    assert np.abs(mean - reference[0]).max() > 1e-3
+
+
+@pytest.mark.slow
+def test_audio_paths_and_urls_equal_st_on_the_same_paths(ray_session, tiny_clap, tones, tmp_path):
+    from tests.helpers import media_server
+
+    names = ["stereo48", "stereo44", "mono16", "mono44", "mono48"]
+    payloads = {f"/{n}.wav": tones[n].read_bytes() for n in names}
+    with media_server(payloads) as base:
+        ids = [f"{n}.path" for n in names] + [f"{n}.url" for n in names]
+        cells = [str(tones[n]) for n in names] + [f"{base}/{n}.wav" for n in names]
+        table = pa.table({"id": ids, "audio": cells})
+        emb, errors, _ = _embed(tmp_path, table, tiny_clap, "--executor", "local", "--allow-http")
+    assert not errors and set(emb) == set(ids)
+    st = _st(tiny_clap)
+    reference = np.stack([st.encode([str(tones[n])])[0] for n in names])
+    assert max_abs_diff(emb, [f"{n}.path" for n in names], reference) <= TOL
+    assert max_abs_diff(emb, [f"{n}.url" for n in names], reference) <= TOL
 
 
 @pytest.mark.slow
 def test_audio_struct_column(ray_session, tiny_clap, tmp_path):
-    """{"array", "sampling_rate"} struct cells: at the model rate as given, else resampled by FFmpeg."""
-    from torchcodec.decoders import AudioDecoder
-
-    flac16 = make_tone(tmp_path / "t16.flac", seconds=1.0, rate=16_000, freq=300)
-    at16 = AudioDecoder(str(flac16)).get_all_samples().data[0].numpy()
-    t = np.arange(72_000, dtype=np.float32) / 48_000
-    at48 = np.stack([0.3 * np.sin(2 * np.pi * 800 * t), 0.2 * np.sin(2 * np.pi * 500 * t)]).astype(np.float32)
-    # One Arrow type per column: [channels, samples], so the 16 kHz mono cell is [1, N].
+    """{"array", "sampling_rate"} struct cells: mono at the model rate as given (as ST takes the same
+    dict); other rates and channel counts, which ST's CLAP feature extractor refuses in a dict, as
+    ST embeds the same samples in a file: mixed down and resampled by FFmpeg."""
+    rates = {"s48": 48_000, "s44": 44_100, "m48": 48_000, "m16": 16_000}
+    arrays = {}
+    for name, rate in rates.items():
+        t = np.arange(int(1.5 * rate), dtype=np.float32) / rate
+        channels = 2 if name.startswith("s") else 1
+        arrays[name] = np.stack([(0.3 - 0.1 * c) * np.sin(2 * np.pi * (800 - 300 * c) * t)
+                                 for c in range(channels)]).astype(np.float32)  # fmt: skip
+    # One Arrow type per column: [channels, samples], so mono cells are [1, N].
     cell = pa.struct([("array", pa.list_(pa.list_(pa.float32()))), ("sampling_rate", pa.int64())])
-    cells = [{"array": at48.tolist(), "sampling_rate": 48_000}, {"array": [at16.tolist()], "sampling_rate": 16_000}]
-    table = pa.table({"id": ["s48", "s16"], "audio": pa.array(cells, cell)})
-    emb, errors, _ = _embed(tmp_path, table, tiny_clap)
+    cells = [{"array": arrays[n].tolist(), "sampling_rate": rates[n]} for n in rates]
+    table = pa.table({"id": list(rates), "audio": pa.array(cells, cell)})
+    emb, errors, _ = _embed(tmp_path, table, tiny_clap, "--executor", "local")
     assert not errors
     st = _st(tiny_clap)
-    ref48 = st.encode([{"array": at48.mean(axis=0), "sampling_rate": 48_000}])
-    ref16 = st.encode([AudioDecoder(str(flac16), sample_rate=48_000)])
-    assert max_abs_diff(emb, ["s48"], ref48) <= TOL
-    assert max_abs_diff(emb, ["s16"], ref16) <= TOL
+    assert max_abs_diff(emb, ["m48"], st.encode([{"array": arrays["m48"][0], "sampling_rate": 48_000}])) <= 1e-6
+    for name in ("s48", "s44", "m16"):
+        path = float_wav(tmp_path / f"{name}.wav", arrays[name], rates[name])
+        assert max_abs_diff(emb, [name], st.encode([str(path)])) <= TOL, name
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,108 @@
+"""Images as phones, scanners and the web make them, against ST `encode` on the same files.
+
+ST hands an image path to the model's image processor, which decodes it with torchvision in RGB
+mode (EXIF orientation applied, a PNG's alpha or transparent colour ignored). mmembed decodes with
+Pillow, so each kind of file where the two could part is written here and embedded from a directory
+listing and from a Parquet manifest of bytes, with tiny CLIP and tiny Qwen3-VL. Where ST cannot take
+the path (BMP, TIFF: torchvision refuses them) the reference is ST given the image as transformers'
+`load_image` decodes it; for a 16-bit greyscale PNG, where ST's own result is wrong, it is ST given
+torchvision's decode of the file scaled to 8 bits. Max |diff| <= 1e-5 in fp32 on CPU.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from tests.conftest import run_job
+from tests.helpers import make_image, read_output
+
+TOL = 1e-5
+
+
+def _save(img, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def variants() -> dict[str, bytes]:
+    """File name -> bytes, one per kind of image that reaches a corpus."""
+    photo = make_image(7, size=(64, 48))
+    rng = np.random.default_rng(7)
+    rotated = Image.Exif()
+    rotated[0x0112] = 6  # a phone held upright: the sensor's image is turned 90 degrees on display
+    rgba = photo.copy()
+    rgba.putalpha(Image.fromarray(rng.integers(0, 256, (48, 64), dtype=np.uint8)))
+    return {
+        "exif6.jpg": _save(photo, "JPEG", quality=90, exif=rotated.tobytes()),
+        # A scanner's or a medical/astronomy export's 16-bit greyscale, over the whole 16-bit range.
+        "grey16.png": _save(Image.fromarray(rng.integers(0, 65536, (48, 64), dtype=np.uint16)), "PNG"),
+        # Index 3 is transparent: about one pixel in 16 carries the transparent colour.
+        "palette_t.png": _save(photo.quantize(16), "PNG", transparency=3),
+        "cmyk.jpg": _save(photo.convert("CMYK"), "JPEG", quality=90),
+        "grey.jpg": _save(photo.convert("L"), "JPEG", quality=90),
+        "rgba.png": _save(rgba, "PNG"),
+        "photo.webp": _save(photo, "WEBP", quality=80),
+        "web.gif": _save(photo, "GIF"),
+        "scan.bmp": _save(photo, "BMP"),
+        "scan.tiff": _save(photo, "TIFF"),
+    }
+
+
+def st_reference(st, path: str) -> np.ndarray:
+    """ST on the path; for files its image processor refuses, ST on the image load_image decodes."""
+    from transformers.image_utils import load_image
+
+    if path.endswith("grey16.png"):
+        # ST on this path hands the processor torchvision's uint16 samples, which it rescales as if
+        # they were 8-bit (up to 257 where 1 is white). The reference is ST on the same decode
+        # scaled to 8 bits as torchvision scales it.
+        import torch
+        from torchvision.io import ImageReadMode, decode_image
+        from torchvision.transforms.v2.functional import to_dtype
+
+        return st.encode([to_dtype(decode_image(path, mode=ImageReadMode.RGB), torch.uint8, scale=True)])[0]
+    if path.endswith((".bmp", ".tiff")):
+        with pytest.raises(RuntimeError, match="Unsupported image file"):
+            st.encode([path])
+        return st.encode([load_image(path)])[0]
+    return st.encode([path])[0]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("variants")
+    files = variants()
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    return root, files
+
+
+@pytest.mark.parametrize("model", ["tiny_clip", "tiny_qwen3vl"])
+@pytest.mark.parametrize("given", ["listing", "manifest"])
+def test_image_variants_equal_st_on_the_same_files(request, model, given, corpus, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    model_dir = request.getfixturevalue(model)
+    root, files = corpus
+    names = sorted(files)
+    if given == "listing":
+        source = root
+    else:
+        source = tmp_path / "manifest.parquet"
+        pq.write_table(pa.table({"id": names, "image": pa.array([files[n] for n in names], pa.binary())}), source)
+    out = tmp_path / "out"
+    argv = ["--input", source, "--output", out, "--model", model_dir, "--batch-size", 4, "--executor", "local"]
+    assert run_job("pipelines.embed", argv) == 0
+    emb, errors, _ = read_output(out)
+    assert not errors and set(emb) == set(names)
+
+    st = SentenceTransformer(model_dir, device="cpu")
+    diffs = {n: float(np.abs(emb[n] - st_reference(st, str(root / n))).max()) for n in names}
+    assert max(diffs.values()) <= TOL, diffs
