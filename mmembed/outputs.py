@@ -80,7 +80,7 @@ def check_output(job: str, output: str, storage_options: dict | None, *, inputs:
             f"wrote, and never removes what it did not write. Choose another --output, e.g. "
             f"{join_uri(output, 'mmembed-' + job)}."
         )
-    if overwrite and set(names) - {LOCK_NAME} and not _claimed(names):
+    if overwrite and set(names) - {LOCK_NAME} and not _claimed(fs, root, names):
         raise _unclaimed(output, names)
     manifest = read_json(join_uri(output, MANIFEST_NAME), storage_options)
     if manifest and manifest.get("job") not in (None, job):
@@ -95,10 +95,17 @@ def check_output(job: str, output: str, storage_options: dict | None, *, inputs:
         )
 
 
-def _claimed(names) -> bool:
+def _claimed(fs, root: str, names) -> bool:
     """A manifest or run record of ours says mmembed wrote this folder (a lease alone does not:
-    it is taken before anything else is written, so it vouches for no other file)."""
-    return MANIFEST_NAME in names or RUN_NAME in names
+    it is taken before anything else is written, so it vouches for no other file). A folder of
+    step outputs (retrieve-rerank's, before its own manifest) is claimed when each step's is."""
+    if MANIFEST_NAME in names or RUN_NAME in names:
+        return True
+    steps = [n for n in names if n != LOCK_NAME]
+    return bool(steps) and all(
+        fs.isdir(f"{root}/{n}") and (fs.exists(f"{root}/{n}/{MANIFEST_NAME}") or fs.exists(f"{root}/{n}/{RUN_NAME}"))
+        for n in steps
+    )
 
 
 def _unclaimed(output: str, names) -> UsageError:
@@ -122,7 +129,7 @@ def clear_owned(job: str, output: str, storage_options: dict | None) -> list[str
         return []
     entries = fs.ls(root, detail=False)
     names = {entry.rstrip("/").rsplit("/", 1)[-1]: entry for entry in entries}
-    if set(names) - {LOCK_NAME} and not _claimed(names):
+    if set(names) - {LOCK_NAME} and not _claimed(fs, root, names):
         raise _unclaimed(output, names)
     removed = []
     for name, entry in sorted(names.items()):
