@@ -255,7 +255,7 @@ def test_index_refusals(tmp_path, capsys, monkeypatch):
     assert build(unfinished, tmp_path / "o1") == 2
     assert "not a finished `mmembed embed` output" in capsys.readouterr().err
     assert build(cdir, cdir, "--overwrite") == 2  # would replace the embed output's manifest
-    assert "not an index" in capsys.readouterr().err
+    assert "is --embeddings" in capsys.readouterr().err  # an output must not be its own input
     assert build(cdir, tmp_path / "o1", "--kind", "hnsw", "--nlist", 4) == 2
     assert "--nlist do(es) not apply to --kind hnsw" in capsys.readouterr().err
     manhattan = write_embeddings(tmp_path / "manhattan", ["a"], rng.normal(size=(1, 4)), 1, "manhattan")
