@@ -103,7 +103,7 @@ class DeviceUse:
                 with self._lock:
                     self._count([(start, end)])
 
-    def out_of_memory(self, rows: int) -> None:
+    def out_of_memory(self) -> None:
         with self._lock:
             self.oom_splits += 1
 

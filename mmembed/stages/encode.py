@@ -261,7 +261,7 @@ class EncodeStage:
             errors[idxs[0]] = f"encode failed: {type(exc).__name__}: {exc}"
             return
         if is_out_of_memory(exc):
-            self.device_use.out_of_memory(len(idxs))
+            self.device_use.out_of_memory()
             self._release_memory()
             half = len(idxs) // 2
             parts = [idxs[:half], idxs[half:]]
