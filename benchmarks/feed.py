@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/feed.py [--workloads clip_photos,qwen3vl_shots] [--seconds 60] [--smoke]
 
 The encoder is replaced by stand-ins (mmembed/testing/standin.py) inside the real pipeline
-(`pipelines.embed`: manifest -> fetch/decode/preprocess pool -> encoder pool -> Parquet):
+(mmembed.jobs.embed: manifest -> fetch/decode/preprocess pool -> encoder pool -> Parquet):
 - P, preprocess only: a null encoder, so the job runs at the rate of its CPU stages;
 - R, encoder only: a rate-limited encoder that does the real host work (collate, copy to the
   device) and holds each batch for rows / R seconds, like an accelerator of forward rate R.
@@ -45,10 +45,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import gpu as shapes  # noqa: E402 - the GPU benchmark's corpora and model shapes
+from benchmarks import fixtures  # noqa: E402 - the corpora and models benchmarks/gpu.py measures too
 
 WORKLOADS = {
-    # name: model (benchmarks/gpu.py build_model), corpus kind, distinct files, pipeline options
+    # name: model (benchmarks/fixtures.py build_model), corpus kind, distinct files, pipeline options
     "clip_photos": {"model": "clip_b32", "corpus": "photos", "files": 1024, "pilot": 1200, "options": []},
     "qwen3vl_shots": {
         "model": "qwen3vl",
@@ -86,21 +86,23 @@ class Bench:
         return argv + self.spec["options"] + self.args.job_options
 
     def job(self, n: int, stage, kwargs: dict, label: str) -> dict:
-        """One `pipelines.embed` run over n records with the given encoder; wall time and counts."""
-        from pipelines import embed
+        """One embed job over n records with `stage` in place of the encoder; wall time and counts."""
+        from mmembed import cli
+        from mmembed.jobs.embed import EmbedJob
+        from mmembed.jobs.runner import run
+        from mmembed.stages.encode import EncodeStage
 
         manifest = write_manifest(self.work / f"manifest-{n}.parquet", self.files, n)
         out = self.work / f"out-{label}-{n}"
-        args = embed.build_parser().parse_args(self.argv(manifest, out, n))
-        args.encoder_stage, args.encoder_stage_kwargs = stage, kwargs
+        job = EmbedJob(cli.parse("embed", self.argv(manifest, out, n)), replacements={EncodeStage: (stage, kwargs)})
         t0 = time.perf_counter()
-        rc = embed.run(args)
+        rc = run(job)
         wall = time.perf_counter() - t0
         manifest_json = json.loads((out / "_manifest.json").read_text())
         counts = manifest_json["counts"]
         if rc != 0 or counts["written"] != n or counts["errors"]:
             raise SystemExit(f"feed.py: job {label} over {n} records failed: rc={rc} counts={counts}")
-        streaming = shapes.steady_rate(str(out), manifest_json["files"], wall)
+        streaming = fixtures.steady_rate(str(out), manifest_json["files"], wall)
         shutil.rmtree(out, ignore_errors=True)
         self.log(f"{label:>10} n={n:<7} {wall:7.1f} s  {n / wall:8.1f} rec/s whole job"
                  + (f", {streaming:8.1f} rec/s while shards stream" if streaming else ""))
@@ -276,15 +278,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     import ray
 
-    from pipelines import embed
+    from mmembed.cluster import init_ray
 
-    embed.init_ray(None)
+    init_ray(None)
     results = {}
     with mp.get_context("spawn").Pool(max(1, min(4, os.cpu_count() or 1))) as pool:
         for name in chosen:
             spec = WORKLOADS[name]
-            files = shapes.corpus(args.workdir, spec["corpus"], 8 if args.smoke else spec["files"], pool)
-            model_dir = shapes.build_model(args.workdir, spec["model"], True, "float32", "cpu")
+            files = fixtures.corpus(args.workdir, spec["corpus"], 8 if args.smoke else spec["files"], pool)
+            model_dir = fixtures.build_model(args.workdir, spec["model"], True, "float32", "cpu")
             results[name] = Bench(args, name, spec, model_dir, files).run()
     cpus = ray.cluster_resources().get("CPU")
     print(f"\nbenchmarks/feed.py  ({cpus:g} CPUs, stand-in encoders, marginal rates; {'smoke' if args.smoke else 'full'})")

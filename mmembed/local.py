@@ -1,8 +1,8 @@
 """The in-process executor: the same stages as on Ray, run by one process, for small inputs.
 
 A Ray job pays for its cluster before its first record: the runtime's start and, per actor, a
-fresh process that imports torch, transformers and sentence-transformers (measured on the 2-core
-CI machine: 4-10 s for `ray.init`, about 9 s per actor import). An input that would get a single
+fresh process that imports torch, transformers and sentence-transformers (seconds each:
+benchmarks/RESULTS.md, "A cold job's fixed cost"). An input that would get a single
 preprocess actor anyway gains nothing from that, so it runs here instead: the driver, which has
 those libraries loaded already, reads, preprocesses, encodes and writes the records itself,
 block by block. CPU stages run on a producer thread and the device stage on the calling
@@ -44,12 +44,13 @@ class WriteResult:
 
 
 class LocalExecutor:
-    """Runs `cpu_stages` then `device_stage` over a stream of Arrow blocks into a Datasink."""
+    """Runs `cpu_stages` (producer thread) then `device_stages` (calling thread) over a stream of Arrow
+    blocks into a Datasink. mmembed/pipeline.py's `run_local` builds both lists from a job's stages."""
 
-    def __init__(self, cpu_stages: list[Callable[[pa.Table], pa.Table]], device_stage: Callable[[pa.Table], pa.Table],
-                 *, queue_blocks: int = 2):
+    def __init__(self, cpu_stages: list[Callable[[pa.Table], pa.Table]],
+                 device_stages: list[Callable[[pa.Table], pa.Table]], *, queue_blocks: int = 2):
         self.cpu_stages = cpu_stages
-        self.device_stage = device_stage
+        self.device_stages = device_stages
         self.queue_blocks = queue_blocks
 
     def _produce(self, blocks: Iterable[pa.Table], out: queue.Queue, stop: threading.Event) -> None:
@@ -87,7 +88,9 @@ class LocalExecutor:
                     return
                 if isinstance(item, _Failed):
                     raise item.exc
-                yield self.device_stage(item)
+                for stage in self.device_stages:
+                    item = stage(item)
+                yield item
         finally:
             stop.set()
             producer.join(timeout=5)
