@@ -271,6 +271,38 @@ def add_embedding_options(p: argparse.ArgumentParser):
     return g
 
 
+def modality_list(text: str) -> tuple[str, ...]:
+    from mmembed.records import MODALITIES
+
+    values = tuple(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
+    bad = [v for v in values if v not in MODALITIES]
+    if bad or not values:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(MODALITIES)}; got {text!r}")
+    return values
+
+
+def add_input_options(p: argparse.ArgumentParser) -> None:
+    """Corpora as they arrive: which manifest column is which, and which modalities to embed."""
+    g = p.add_argument_group(
+        "input columns",
+        "A manifest's columns, named as your corpus names them: e.g. an img2dataset shard "
+        "`--id-column key --image-column jpg --text-column txt`. A Hugging Face datasets Image or Audio column "
+        "(struct of bytes and path) is read as it is. A named column the manifest lacks is refused before "
+        "anything runs. Recorded in _manifest.json and in the run's identity.",
+    )
+    for field, default in (("id", "id"), ("text", "text"), ("image", "image"), ("audio", "audio"), ("video", "video")):
+        g.add_argument(f"--{field}-column", default=default, metavar="NAME",
+                       help=f"The column holding each record's {field} (default: {default}).")
+    g.add_argument(
+        "--modalities",
+        type=modality_list,
+        default=None,
+        help="Embed only these modalities of each record, comma-separated (text, image, audio, video, message), "
+        "e.g. `image` to embed a shard's photos and not their captions; in a folder of media files, files of "
+        "other modalities are skipped. Default: every modality a record holds.",
+    )
+
+
 def add_embed_run_options(g) -> None:
     """The embed job's own: what a rerun into the same --output does, and --split-modalities."""
     g.add_argument(

@@ -15,6 +15,8 @@ import pyarrow.parquet as pq
 from mmembed.storage import filesystem, unstrip
 
 MODALITY_COLUMNS = ("text", "image", "audio", "video")
+# Every modality a record may hold; `--modalities` picks among them.
+MODALITIES = (*MODALITY_COLUMNS, "message")
 MEDIA_MODALITIES = ("image", "audio", "video")
 # `messages` is a chat-message list; it is its own modality in ST ("message").
 MESSAGE_COLUMN = "messages"
@@ -44,8 +46,43 @@ RECORD_SCHEMA = pa.schema(
         ("audio_bytes", pa.binary()),
         ("video_uri", pa.string()),
         ("video_bytes", pa.binary()),
+        ("cell_error", pa.string()),
     ]
 )
+# Why a cell could not become a record's input (e.g. a Hugging Face Image struct holding neither
+# bytes nor a path): set by the read stage, turned into the record's error row by preprocess.
+CELL_ERROR = "cell_error"
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which manifest column holds each field of a record (--id-column, --text-column, ...), and which
+    modalities to embed (--modalities; None: all). The defaults are mmembed's own manifest."""
+
+    id: str = "id"
+    text: str = "text"
+    image: str = "image"
+    audio: str = "audio"
+    video: str = "video"
+    modalities: tuple[str, ...] | None = None
+
+    def sources(self) -> dict[str, str]:
+        """record field -> manifest column"""
+        return {"id": self.id, "text": self.text, "image": self.image, "audio": self.audio, "video": self.video}
+
+    def custom(self) -> dict[str, str]:
+        """The fields mapped to a column of another name."""
+        return {k: v for k, v in self.sources().items() if k != v}
+
+    def keeps(self, modality: str) -> bool:
+        return self.modalities is None or modality in self.modalities
+
+    def describe(self) -> dict:
+        """For the manifest and the run identity."""
+        return {"columns": self.sources(), "modalities": list(self.modalities) if self.modalities else None}
+
+
+DEFAULT_COLUMNS = Columns()
 
 
 class InputError(ValueError):
@@ -64,6 +101,7 @@ class InputSpec:
     modalities: set[str] = field(default_factory=set)
     columns: list[str] = field(default_factory=list)
     fingerprint: str = ""
+    mapping: Columns = DEFAULT_COLUMNS  # which column is which, and the modalities kept
 
 
 def modality_of_extension(path: str) -> str | None:
@@ -74,7 +112,7 @@ def _is_glob(path: str) -> bool:
     return any(ch in path for ch in "*?[")
 
 
-def discover(uri: str, storage_options: dict | None = None) -> InputSpec:
+def discover(uri: str, storage_options: dict | None = None, columns: Columns = DEFAULT_COLUMNS) -> InputSpec:
     """Classify the input as a Parquet manifest or a media tree, and list its files."""
     fs, path = filesystem(uri, storage_options)
     # Listings with details: sizes and ETags for the fingerprint come with the listing pages,
@@ -98,8 +136,12 @@ def discover(uri: str, storage_options: dict | None = None) -> InputSpec:
     parquet = [p for p in found if p.endswith(".parquet")]
     if parquet:
         # Media files next to a manifest are what its relative paths point at, not records.
-        return _manifest_spec(uri, fs, parquet, root, infos)
-    media = [p for p in found if modality_of_extension(p)]
+        return _manifest_spec(uri, fs, parquet, root, infos, columns)
+    if columns.custom():
+        raise InputError(f"--{'/--'.join(f'{k}-column' for k in columns.custom())} name manifest columns, but {uri} "
+                         "is a folder of media files (no Parquet manifest); drop them")
+    # Files of a modality --modalities leaves out are not records of this run, like unknown extensions.
+    media = [p for p in found if modality_of_extension(p) and columns.keeps(modality_of_extension(p))]
     skipped = len(found) - len(media)
     spec = InputSpec(
         uri=uri,
@@ -108,6 +150,7 @@ def discover(uri: str, storage_options: dict | None = None) -> InputSpec:
         root=unstrip(fs, root),
         num_records=len(media),
         modalities={modality_of_extension(p) for p in media},
+        mapping=columns,
     )
     if not media:
         raise InputError(
@@ -131,7 +174,9 @@ def _fingerprint(paths: list[str], infos: dict[str, dict]) -> str:
     return h.hexdigest()[:16]
 
 
-def _manifest_spec(uri: str, fs, paths: list[str], root: str, infos: dict[str, dict]) -> InputSpec:
+def _manifest_spec(uri: str, fs, paths: list[str], root: str, infos: dict[str, dict],
+                   mapping: Columns = DEFAULT_COLUMNS) -> InputSpec:
+    sources = mapping.sources()
     columns: list[str] | None = None
     num_rows = 0
     non_null: set[str] = set()
@@ -143,10 +188,15 @@ def _manifest_spec(uri: str, fs, paths: list[str], root: str, infos: dict[str, d
         names = list(schema.names)
         if columns is None:
             columns = names
+            missing = {k: v for k, v in mapping.custom().items() if v not in names}
+            if missing:
+                flags = ", ".join(f"--{k}-column {v}" for k, v in missing.items())
+                raise InputError(f"manifest {p} has no column for {flags}; its columns: {', '.join(names)}")
         for col in MODALITY_COLUMNS:
-            if col in names and not pa.types.is_null(schema.field(col).type):
-                kind = "string" if pa.types.is_string(schema.field(col).type) or pa.types.is_large_string(
-                    schema.field(col).type) else str(schema.field(col).type)
+            src = sources[col]
+            if src in names and not pa.types.is_null(schema.field(src).type):
+                kind = "string" if pa.types.is_string(schema.field(src).type) or pa.types.is_large_string(
+                    schema.field(src).type) else str(schema.field(src).type)
                 first = types.setdefault(col, (kind, p))
                 if first[0] != kind:
                     # Ray unifies a dataset's schema, so mixed cell kinds would be cast and misread.
@@ -156,10 +206,11 @@ def _manifest_spec(uri: str, fs, paths: list[str], root: str, infos: dict[str, d
                     )
         num_rows += meta.num_rows
         for col in (*MODALITY_COLUMNS, MESSAGE_COLUMN):
-            if col not in names or col in non_null:
+            src = sources.get(col, col)
+            if src not in names or col in non_null:
                 continue
             # Row-group statistics give the null count without reading the column.
-            idx = names.index(col)
+            idx = names.index(src)
             for rg in range(meta.num_row_groups):
                 c = meta.row_group(rg).column(idx) if idx < meta.num_columns else None
                 stats = c.statistics if c is not None else None
@@ -167,15 +218,20 @@ def _manifest_spec(uri: str, fs, paths: list[str], root: str, infos: dict[str, d
                     non_null.add(col)
                     break
     columns = columns or []
-    if "id" not in columns:
-        raise InputError(f"manifest {uri} has no `id` column; found columns: {columns}")
-    present = [c for c in (*MODALITY_COLUMNS, MESSAGE_COLUMN) if c in columns]
+    if mapping.id not in columns:
+        raise InputError(f"manifest {uri} has no `{mapping.id}` column; found columns: {columns}. Name the id "
+                         "column with --id-column")
+    present = [c for c in (*MODALITY_COLUMNS, MESSAGE_COLUMN) if sources.get(c, c) in columns
+               and mapping.keeps("message" if c == MESSAGE_COLUMN else c)]
     if not present:
+        kept = f" among --modalities {','.join(mapping.modalities)}" if mapping.modalities else ""
         raise InputError(
-            f"manifest {uri} has no modality column; expected one or more of "
-            f"{list(MODALITY_COLUMNS) + [MESSAGE_COLUMN]}, found: {columns}"
+            f"manifest {uri} has no modality column{kept}; expected one or more of "
+            f"{[sources.get(c, c) for c in (*MODALITY_COLUMNS, MESSAGE_COLUMN)]}, found: {columns}. Name them with "
+            "--text-column, --image-column, --audio-column, --video-column"
         )
     modalities = {"message" if c == MESSAGE_COLUMN else c for c in non_null}
+    modalities = {m for m in modalities if mapping.keeps(m)}
     spec = InputSpec(
         uri=uri,
         kind="manifest",
@@ -184,6 +240,7 @@ def _manifest_spec(uri: str, fs, paths: list[str], root: str, infos: dict[str, d
         num_records=num_rows,
         modalities=modalities,
         columns=columns,
+        mapping=mapping,
     )
     spec.fingerprint = _fingerprint(paths, infos)
     return spec
@@ -206,7 +263,7 @@ def check_unique_ids(spec: InputSpec, storage_options: dict | None = None, show:
         with fs.open(fs._strip_protocol(p), "rb") as f:
             pf = pq.ParquetFile(f)
             for rg in range(pf.num_row_groups):
-                col = pf.read_row_group(rg, columns=["id"], use_threads=False).column(0)
+                col = pf.read_row_group(rg, columns=[spec.mapping.id], use_threads=False).column(0)
                 if col.null_count:
                     raise InputError(f"manifest {p} has {col.null_count} null ids; every record needs an id")
                 hashes.append(pd.util.hash_array(col.to_numpy(zero_copy_only=False).astype(object)))
@@ -222,7 +279,7 @@ def check_unique_ids(spec: InputSpec, storage_options: dict | None = None, show:
     wanted = set(dup_hashes.tolist())
     for p in spec.paths:
         with fs.open(fs._strip_protocol(p), "rb") as f:
-            ids = pq.read_table(f, columns=["id"], use_threads=False).column(0).to_pylist()
+            ids = pq.read_table(f, columns=[spec.mapping.id], use_threads=False).column(0).to_pylist()
         for i, h in zip(ids, pd.util.hash_array(np.array(ids, dtype=object))):
             if int(h) in wanted:
                 dups[i] = dups.get(i, 0) + 1

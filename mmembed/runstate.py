@@ -44,12 +44,14 @@ from mmembed.outputs import (  # noqa: F401 - RUN_NAME and LOCK_NAME are importe
     TMP_GLOBS,
 )
 from mmembed.storage import filesystem, join_uri, protocol_of, unstrip, with_retries
+from mmembed.records import DEFAULT_COLUMNS
 from mmembed.stages.write import empty_totals
 
 # What decides the vectors; a rerun that differs in any of these is a different run.
 IDENTITY_KEYS = (
     "model", "revision", "prompt", "task", "prompt_name", "normalize", "truncate_dim", "precision",
     "model_kwargs", "processor_kwargs", "split_modalities", "input_uri", "input_fingerprint", "quantization",
+    "input_columns",
 )
 
 
@@ -71,6 +73,8 @@ def run_identity(cfg, p: dict) -> dict:
         "input_fingerprint": spec.fingerprint,
         # Only quantised runs carry it, so outputs written before it existed still resume.
         **({"quantization": p["quantization"]} if p.get("quantization") else {}),
+        # Likewise only runs that name columns or modalities carry which.
+        **({"input_columns": spec.mapping.describe()} if spec.mapping != DEFAULT_COLUMNS else {}),
     }
 
 

@@ -23,6 +23,7 @@ import re
 import uuid
 from dataclasses import dataclass, field
 
+from mmembed.records import DEFAULT_COLUMNS
 from mmembed.manifest import MANIFEST_NAME, now_iso, read_json, write_json
 from mmembed.options import UsageError
 from mmembed.runstate import LOCK_NAME
@@ -62,6 +63,8 @@ def embedding_settings(args, p: dict) -> dict:
         "model_kwargs": args.model_kwargs,
         "processor_kwargs": args.processor_kwargs,
         "transport_dtype": args.transport_dtype,
+        # Only a store fed other columns or fewer modalities records which: earlier versions keep their ids.
+        **({"input_columns": p["input"].mapping.describe()} if p["input"].mapping != DEFAULT_COLUMNS else {}),
     }
 
 

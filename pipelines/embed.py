@@ -13,6 +13,7 @@ from mmembed.options import (
     add_embed_run_options,
     add_embedding_options,
     add_executor_options,
+    add_input_options,
     add_io_options,
     add_model_options,
     add_runtime_options,
@@ -35,6 +36,7 @@ def build_parser(prog: str = "mmembed embed") -> argparse.ArgumentParser:
     )
     p.add_argument("--input", required=True, help="Manifest or media directory/glob: local path or fsspec URI.")
     p.add_argument("--output", required=True, help="Output directory: local path or fsspec URI (e.g. s3://b/p).")
+    add_input_options(p)
     add_model_options(p)
     add_embed_run_options(add_embedding_options(p))
     add_executor_options(add_runtime_options(p))

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import argparse
 
-from mmembed.options import add_embedding_options, add_io_options, add_model_options, add_runtime_options, job_main
+from mmembed.options import (
+    add_embedding_options,
+    add_input_options,
+    add_io_options,
+    add_model_options,
+    add_runtime_options,
+    job_main,
+)
 
 
 def build_parser(prog: str = "mmembed reembed") -> argparse.ArgumentParser:
@@ -34,6 +41,7 @@ def build_parser(prog: str = "mmembed reembed") -> argparse.ArgumentParser:
         required=True,
         help="Embedding store root: local path or fsspec URI. A missing or empty directory becomes a new store.",
     )
+    add_input_options(p)
     add_model_options(p)
     add_embedding_options(p)
     g = p.add_argument_group("versions")

@@ -87,7 +87,25 @@ class EmbeddingOptions:
 
 
 @dataclass(frozen=True, kw_only=True)
-class EmbedConfig(ModelOptions, EmbeddingOptions, ComputeOptions, StorageOptions):
+class InputOptions:
+    """Which manifest column is which, and which modalities of a record to embed."""
+
+    id_column: str = "id"
+    text_column: str = "text"
+    image_column: str = "image"
+    audio_column: str = "audio"
+    video_column: str = "video"
+    modalities: tuple[str, ...] | None = None
+
+    def columns(self):
+        from mmembed.records import Columns
+
+        return Columns(id=self.id_column, text=self.text_column, image=self.image_column, audio=self.audio_column,
+                       video=self.video_column, modalities=tuple(self.modalities) if self.modalities else None)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbedConfig(ModelOptions, EmbeddingOptions, InputOptions, ComputeOptions, StorageOptions):
     input: str
     output: str
     overwrite: bool = False
@@ -132,7 +150,7 @@ class SearchConfig(ModelOptions, ComputeOptions, StorageOptions):
 
 
 @dataclass(frozen=True, kw_only=True)
-class ReembedConfig(ModelOptions, EmbeddingOptions, ComputeOptions, StorageOptions):
+class ReembedConfig(ModelOptions, EmbeddingOptions, InputOptions, ComputeOptions, StorageOptions):
     input: str
     store: str
     activate: bool = False

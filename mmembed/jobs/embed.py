@@ -33,7 +33,7 @@ def plan(cfg: EmbedConfig, *, standin: bool = False) -> dict:
     from mmembed.runstate import RUN_NAME, inspect_output, run_identity
 
     try:
-        spec = discover(cfg.input, cfg.storage_options)
+        spec = discover(cfg.input, cfg.storage_options, cfg.columns())
         check_unique_ids(spec, cfg.storage_options)
     except InputError as exc:
         raise UsageError(str(exc)) from None
@@ -358,7 +358,7 @@ class EmbedJob(Job):
                 "modalities": [modality_label(m) for m in p["modalities"]],
             },
             "input": {"uri": cfg.input, "kind": p["input"].kind, "fingerprint": p["input"].fingerprint,
-                      "records": records},
+                      "records": records, **p["input"].mapping.describe()},
             "output": {"uri": cfg.output, "shard_rows": cfg.shard_rows},
             "counts": {
                 "records": records,

@@ -157,6 +157,8 @@ class PreprocessStage:
 
     def _build_input(self, row: dict):
         """The ST input for a record: a string, a PIL image, a dict of modalities or messages."""
+        if row.get("cell_error"):
+            raise RecordError(row["cell_error"])
         parts: dict = {}
         text = row.get("text")
         if text is None and row.get("text_uri") is not None:
