@@ -102,6 +102,10 @@ class InputSpec:
     columns: list[str] = field(default_factory=list)
     fingerprint: str = ""
     mapping: Columns = DEFAULT_COLUMNS  # which column is which, and the modalities kept
+    # WebDataset shards are not counted before they are read: num_records is an estimate from the
+    # first shard's records per byte, for sizing pools only; the manifest counts what was read.
+    estimated: bool = False
+    labels: set[str] = field(default_factory=set)  # modality labels of a sample of records (shards)
 
 
 def modality_of_extension(path: str) -> str | None:
@@ -117,7 +121,19 @@ def discover(uri: str, storage_options: dict | None = None, columns: Columns = D
     fs, path = filesystem(uri, storage_options)
     # Listings with details: sizes and ETags for the fingerprint come with the listing pages,
     # not from a request per file.
-    if _is_glob(path):
+    if "{" in path:  # a brace range of shards, `shards-{000000..000099}.tar`
+        from mmembed.webdataset import expand_braces
+
+        try:
+            listed = expand_braces(path)
+        except ValueError as exc:
+            raise InputError(f"{uri}: {exc}") from None
+        missing = [p for p in listed if not fs.exists(p)]
+        if missing:
+            raise InputError(f"{len(missing)} of the {len(listed)} files of {uri} are missing, e.g. {missing[0]}")
+        infos = {p: fs.info(p) for p in listed}
+        root = path.split("{", 1)[0].rsplit("/", 1)[0] if "/" in path else ""
+    elif _is_glob(path):
         infos = {p: i for p, i in fs.glob(path, detail=True).items() if i.get("type") != "directory"}
         root = path.split("*", 1)[0].rsplit("/", 1)[0] if "/" in path else ""
     elif fs.isdir(path):
@@ -140,6 +156,9 @@ def discover(uri: str, storage_options: dict | None = None, columns: Columns = D
     if columns.custom():
         raise InputError(f"--{'/--'.join(f'{k}-column' for k in columns.custom())} name manifest columns, but {uri} "
                          "is a folder of media files (no Parquet manifest); drop them")
+    tars = [p for p in found if p.endswith(".tar")]
+    if tars:
+        return _webdataset_spec(uri, fs, tars, root, infos, columns, skipped=len(found) - len(tars))
     # Files of a modality --modalities leaves out are not records of this run, like unknown extensions.
     media = [p for p in found if modality_of_extension(p) and columns.keeps(modality_of_extension(p))]
     skipped = len(found) - len(media)
@@ -159,6 +178,30 @@ def discover(uri: str, storage_options: dict | None = None, columns: Columns = D
         )
     spec.skipped_files = skipped  # type: ignore[attr-defined]
     spec.fingerprint = _fingerprint(media, infos)
+    return spec
+
+
+def _webdataset_spec(uri: str, fs, tars: list[str], root: str, infos: dict[str, dict], mapping: Columns,
+                     skipped: int) -> InputSpec:
+    from mmembed.webdataset import sample_shard
+
+    first = unstrip(fs, tars[0])
+    labels, records, nbytes = sample_shard(first, fs, mapping)
+    total = sum(int(infos[p].get("size") or 0) for p in tars)
+    estimate = max(len(tars), int(total * records / nbytes) if records and nbytes else len(tars))
+    spec = InputSpec(
+        uri=uri,
+        kind="webdataset",
+        paths=[unstrip(fs, p) for p in tars],
+        root=unstrip(fs, root),
+        num_records=estimate,
+        modalities={m for label in labels for m in label.split("+")},
+        mapping=mapping,
+        estimated=True,
+        labels=labels,
+    )
+    spec.skipped_files = skipped  # type: ignore[attr-defined]
+    spec.fingerprint = _fingerprint(tars, infos)
     return spec
 
 

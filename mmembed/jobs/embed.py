@@ -68,8 +68,9 @@ def plan(cfg: EmbedConfig, *, standin: bool = False) -> dict:
                 f"the input has records combining {', '.join(combined)} (several modality cells in one row), "
                 f"but model {cfg.model} cannot embed modalities together: it does not support `message` "
                 "inputs. Pass --split-modalities to embed each modality separately (one row per id and "
-                "modality, ids `<id>#<modality>`), use a model that supports messages (e.g. a Qwen3-VL "
-                "embedder), or pass --on-unsupported error-row to write such records as error rows."
+                "modality, ids `<id>#<modality>`), --modalities to embed only some of them (e.g. `image`), use a "
+                "model that supports messages (e.g. a Qwen3-VL embedder), or pass --on-unsupported error-row to "
+                "write such records as error rows."
             )
     try:
         prompt = resolve_prompt(meta_model, cfg.task, cfg.prompt_name, cfg.prompt)
@@ -336,9 +337,11 @@ class EmbedJob(Job):
         # Every committed shard counts, this attempt's and earlier ones'.
         totals = ex.call(account, *committed_shards(cfg.output, cfg.storage_options), cfg.storage_options)
         totals["encoders"] = written.get("encoders", {})  # this attempt's encoders only
-        records = p["input"].num_records
+        spec = p["input"]
+        # Shards are counted as they are read: each record, and each shard's fault, is a row.
+        records = totals["written"] + totals["errors"] if spec.estimated else spec.num_records
         # With --split-modalities a record yields one row per modality: rows no longer count records.
-        unaccounted = None if cfg.split_modalities else records - totals["written"] - totals["errors"]
+        unaccounted = None if cfg.split_modalities or spec.estimated else records - totals["written"] - totals["errors"]
         manifest = {
             "model": {
                 "name": cfg.model,
@@ -358,7 +361,8 @@ class EmbedJob(Job):
                 "modalities": [modality_label(m) for m in p["modalities"]],
             },
             "input": {"uri": cfg.input, "kind": p["input"].kind, "fingerprint": p["input"].fingerprint,
-                      "records": records, **p["input"].mapping.describe()},
+                      "records": records, **p["input"].mapping.describe(),
+                      **({"shards": len(spec.paths)} if spec.kind == "webdataset" else {})},
             "output": {"uri": cfg.output, "shard_rows": cfg.shard_rows},
             "counts": {
                 "records": records,

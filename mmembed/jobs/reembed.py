@@ -170,7 +170,8 @@ class ReembedJob(Job):
         changes["embedded"] = totals["written"] - counts[UNCHANGED]
         p["changes"] = changes
         spec = p["input"]
-        records = spec.num_records
+        # Shards are counted as they are read (mmembed/webdataset.py), other inputs before.
+        records = totals["written"] + totals["errors"] if spec.estimated else spec.num_records
         manifest = {
             "store": {
                 "root": store.root,
@@ -188,7 +189,7 @@ class ReembedJob(Job):
                 "records": records,
                 "written": totals["written"],
                 "errors": totals["errors"],
-                "unaccounted": records - totals["written"] - totals["errors"],
+                "unaccounted": None if spec.estimated else records - totals["written"] - totals["errors"],
                 "by_modality": totals["modalities"],
             },
         }

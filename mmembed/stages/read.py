@@ -143,7 +143,30 @@ class ReadStage:
 
         if self.spec.kind == "manifest":
             return self._manifest()
+        if self.spec.kind == "webdataset":
+            return self._shards(ray.data)
         return self._listing(ray.data)
+
+    def _shard_rows(self) -> list[dict]:
+        root = self.spec.root.rstrip("/")
+        return [{"uri": p, "shard": _relative_id(p, root)} for p in self.spec.paths]
+
+    def _shards(self, data):
+        """One read task per shard, streaming its records out block by block (mmembed/webdataset.py)."""
+        from mmembed.webdataset import read_shards
+
+        shards = self._shard_rows()
+        ds = data.from_items(shards, override_num_blocks=len(shards)).map_batches(
+            read_shards,
+            fn_kwargs={"storage_options": self.storage_options, "mapping": self.spec.mapping,
+                       "block_rows": self.block_rows or LISTING_BLOCK_ROWS},
+            batch_size=1,
+            batch_format="pyarrow",
+            num_cpus=self.read_cpus,
+        )
+        if self.block_rows:
+            ds = ds.repartition(target_num_rows_per_block=self.block_rows)
+        return ds
 
     def _manifest(self):
         import ray.data
@@ -193,6 +216,13 @@ class ReadStage:
         For the in-process executor: a manifest is read one row batch at a time, so memory holds
         a block, not the file.
         """
+        if self.spec.kind == "webdataset":
+            from mmembed.webdataset import read_shard
+
+            for shard in self._shard_rows():
+                yield from read_shard(shard["uri"], shard["shard"], self.storage_options, mapping=self.spec.mapping,
+                                      block_rows=self.block_rows or LISTING_BLOCK_ROWS)
+            return
         if self.spec.kind != "manifest":
             yield from self._listing_tables()
             return
@@ -276,6 +306,8 @@ def sample_record_modalities(spec: InputSpec, storage_options: dict | None = Non
 
     from mmembed.records import MESSAGE_COLUMN, MODALITY_COLUMNS, record_modality
 
+    if spec.kind == "webdataset":
+        return set(spec.labels)
     if spec.kind != "manifest" or not spec.paths:
         return set()
     fs, _ = filesystem(spec.uri, storage_options)
