@@ -301,6 +301,18 @@ def add_input_options(p: argparse.ArgumentParser) -> None:
         "e.g. `image` to embed a shard's photos and not their captions; in a folder of media files, files of "
         "other modalities are skipped. Default: every modality a record holds.",
     )
+    d = p.add_argument_group(
+        "documents",
+        "Each PDF (a .pdf file of a folder, or a `pdf` manifest column of paths, URIs or bytes) is one record per "
+        "page, id `<document id>#page=<n>`, rendered with pypdfium2 (pip install \"mmembed[pdf]\") in the CPU "
+        "pool at the size the model's image processor keeps: a CLIP-style processor's shortest edge, a "
+        "Qwen-VL-style processor's max_pixels. A document that cannot be opened (corrupt, password-protected, "
+        "empty, over --max-bytes) is one error row; a page over --max-image-pixels is an error row of its own.",
+    )
+    d.add_argument("--pdf-dpi", type=positive_float, default=None,
+                   help="Render pages at this resolution instead (72 = one pixel per PDF point).")
+    d.add_argument("--max-pages", type=positive_int, default=None,
+                   help="Take at most the first N pages of each document (default: every page).")
 
 
 def add_embed_run_options(g) -> None:

@@ -25,12 +25,16 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 AUDIO_EXTENSIONS = {".wav", ".mp3", ".flac", ".ogg", ".m4a", ".opus", ".aac"}
 VIDEO_EXTENSIONS = {".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v"}
 TEXT_EXTENSIONS = {".txt", ".md"}
+# A document is not a record: each of its pages is one, id `<document id>#page=<n>` (mmembed/pdf.py).
+DOCUMENT_EXTENSIONS = {".pdf"}
+PAGE_MARK = "#page="
 
 EXTENSION_MODALITY = {
     **{ext: "image" for ext in IMAGE_EXTENSIONS},
     **{ext: "audio" for ext in AUDIO_EXTENSIONS},
     **{ext: "video" for ext in VIDEO_EXTENSIONS},
     **{ext: "text" for ext in TEXT_EXTENSIONS},
+    **{ext: "pdf" for ext in DOCUMENT_EXTENSIONS},
 }
 
 # The columns every stage after `read` sees. Media cells are URIs (`*_uri`) or bytes
@@ -46,6 +50,8 @@ RECORD_SCHEMA = pa.schema(
         ("audio_bytes", pa.binary()),
         ("video_uri", pa.string()),
         ("video_bytes", pa.binary()),
+        ("pdf_uri", pa.string()),
+        ("pdf_bytes", pa.binary()),
         ("cell_error", pa.string()),
     ]
 )
@@ -75,7 +81,8 @@ class Columns:
         return {k: v for k, v in self.sources().items() if k != v}
 
     def keeps(self, modality: str) -> bool:
-        return self.modalities is None or modality in self.modalities
+        # A PDF's pages are images.
+        return self.modalities is None or ("image" if modality == "pdf" else modality) in self.modalities
 
     def describe(self) -> dict:
         """For the manifest and the run identity."""
@@ -105,6 +112,7 @@ class InputSpec:
     # WebDataset shards are not counted before they are read: num_records is an estimate from the
     # first shard's records per byte, for sizing pools only; the manifest counts what was read.
     estimated: bool = False
+    documents: int = 0  # PDFs among the records: each becomes its pages
     labels: set[str] = field(default_factory=set)  # modality labels of a sample of records (shards)
 
 
@@ -168,9 +176,12 @@ def discover(uri: str, storage_options: dict | None = None, columns: Columns = D
         paths=[unstrip(fs, p) for p in media],
         root=unstrip(fs, root),
         num_records=len(media),
-        modalities={modality_of_extension(p) for p in media},
+        modalities={_as_input(modality_of_extension(p)) for p in media},
         mapping=columns,
+        documents=sum(1 for p in media if modality_of_extension(p) == "pdf"),
     )
+    if spec.documents:
+        spec.estimated = True  # pages are counted as they are rendered
     if not media:
         raise InputError(
             f"no media files with a known extension under {uri} ({skipped} other files). Known: "
@@ -179,6 +190,11 @@ def discover(uri: str, storage_options: dict | None = None, columns: Columns = D
     spec.skipped_files = skipped  # type: ignore[attr-defined]
     spec.fingerprint = _fingerprint(media, infos)
     return spec
+
+
+def _as_input(modality: str) -> str:
+    """What a model must take for a record: a PDF's pages are images."""
+    return "image" if modality == "pdf" else modality
 
 
 def _webdataset_spec(uri: str, fs, tars: list[str], root: str, infos: dict[str, dict], mapping: Columns,
@@ -224,6 +240,7 @@ def _manifest_spec(uri: str, fs, paths: list[str], root: str, infos: dict[str, d
     num_rows = 0
     non_null: set[str] = set()
     types: dict[str, tuple[str, str]] = {}
+    documents: int | None = 0  # rows with a `pdf` cell, from row-group statistics (None: not recorded)
     for p in paths:
         with fs.open(p, "rb") as f:
             meta = pq.ParquetFile(f).metadata
@@ -248,7 +265,15 @@ def _manifest_spec(uri: str, fs, paths: list[str], root: str, infos: dict[str, d
                         "per column (URI/path strings or raw bytes), e.g. split the manifest in two runs"
                     )
         num_rows += meta.num_rows
-        for col in (*MODALITY_COLUMNS, MESSAGE_COLUMN):
+        if "pdf" in names and documents is not None and mapping.keeps("pdf"):
+            idx = names.index("pdf")
+            for rg in range(meta.num_row_groups):
+                stats = meta.row_group(rg).column(idx).statistics
+                if stats is None or not stats.has_null_count:
+                    documents = None
+                    break
+                documents += meta.row_group(rg).num_rows - stats.null_count
+        for col in (*MODALITY_COLUMNS, MESSAGE_COLUMN, "pdf"):
             src = sources.get(col, col)
             if src not in names or col in non_null:
                 continue
@@ -264,7 +289,7 @@ def _manifest_spec(uri: str, fs, paths: list[str], root: str, infos: dict[str, d
     if mapping.id not in columns:
         raise InputError(f"manifest {uri} has no `{mapping.id}` column; found columns: {columns}. Name the id "
                          "column with --id-column")
-    present = [c for c in (*MODALITY_COLUMNS, MESSAGE_COLUMN) if sources.get(c, c) in columns
+    present = [c for c in (*MODALITY_COLUMNS, MESSAGE_COLUMN, "pdf") if sources.get(c, c) in columns
                and mapping.keeps("message" if c == MESSAGE_COLUMN else c)]
     if not present:
         kept = f" among --modalities {','.join(mapping.modalities)}" if mapping.modalities else ""
@@ -274,7 +299,7 @@ def _manifest_spec(uri: str, fs, paths: list[str], root: str, infos: dict[str, d
             "--text-column, --image-column, --audio-column, --video-column"
         )
     modalities = {"message" if c == MESSAGE_COLUMN else c for c in non_null}
-    modalities = {m for m in modalities if mapping.keeps(m)}
+    modalities = {_as_input(m) for m in modalities if mapping.keeps(m)}
     spec = InputSpec(
         uri=uri,
         kind="manifest",
@@ -284,6 +309,9 @@ def _manifest_spec(uri: str, fs, paths: list[str], root: str, infos: dict[str, d
         modalities=modalities,
         columns=columns,
         mapping=mapping,
+        # A manifest's documents are not counted before their pages are rendered.
+        estimated="pdf" in non_null,
+        documents=documents or 0,
     )
     spec.fingerprint = _fingerprint(paths, infos)
     return spec
@@ -347,4 +375,8 @@ def record_modality(row: dict) -> str:
             parts.append(m)
     if row.get(MESSAGE_COLUMN) is not None:
         parts.append("message")
+    if row.get("pdf_uri") is not None or row.get("pdf_bytes") is not None:
+        parts.append("pdf")
+    if row.get("image_page") is not None:
+        parts.append("image")
     return "+".join(sorted(parts))

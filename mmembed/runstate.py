@@ -44,14 +44,14 @@ from mmembed.outputs import (  # noqa: F401 - RUN_NAME and LOCK_NAME are importe
     TMP_GLOBS,
 )
 from mmembed.storage import filesystem, join_uri, protocol_of, unstrip, with_retries
-from mmembed.records import DEFAULT_COLUMNS
+from mmembed.records import DEFAULT_COLUMNS, PAGE_MARK
 from mmembed.stages.write import empty_totals
 
 # What decides the vectors; a rerun that differs in any of these is a different run.
 IDENTITY_KEYS = (
     "model", "revision", "prompt", "task", "prompt_name", "normalize", "truncate_dim", "precision",
     "model_kwargs", "processor_kwargs", "split_modalities", "input_uri", "input_fingerprint", "quantization",
-    "input_columns",
+    "input_columns", "documents",
 )
 
 
@@ -75,6 +75,7 @@ def run_identity(cfg, p: dict) -> dict:
         **({"quantization": p["quantization"]} if p.get("quantization") else {}),
         # Likewise only runs that name columns or modalities carry which.
         **({"input_columns": spec.mapping.describe()} if spec.mapping != DEFAULT_COLUMNS else {}),
+        **({"documents": p["documents"]} if p.get("documents") else {}),
     }
 
 
@@ -390,7 +391,7 @@ def account(paths: list[str], error_paths: list[str], storage_options: dict | No
 
     from mmembed.changes import id_keys
 
-    totals = {**empty_totals(), "duplicate_ids": 0}
+    totals = {**empty_totals(), "duplicate_ids": 0, "pages": 0}
     his, los = [], []
     for kind, group in (("files", paths), ("error_files", error_paths)):
         for uri in group:
@@ -409,6 +410,8 @@ def account(paths: list[str], error_paths: list[str], storage_options: dict | No
                 vc = pc.value_counts(t.column("modality"))
                 for m, n in zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist()):
                     totals["modalities"][m] = totals["modalities"].get(m, 0) + n
+            # PDF pages (ids `<document>#page=<n>`), written or failed.
+            totals["pages"] += pc.sum(pc.match_substring(t.column("id"), PAGE_MARK)).as_py() or 0
             hi, lo = id_keys(t.column("id"))
             his.append(hi)
             los.append(lo)

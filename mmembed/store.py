@@ -65,6 +65,7 @@ def embedding_settings(args, p: dict) -> dict:
         "transport_dtype": args.transport_dtype,
         # Only a store fed other columns or fewer modalities records which: earlier versions keep their ids.
         **({"input_columns": p["input"].mapping.describe()} if p["input"].mapping != DEFAULT_COLUMNS else {}),
+        **({"documents": p["documents"]} if p.get("documents") else {}),
     }
 
 

@@ -96,6 +96,8 @@ class InputOptions:
     audio_column: str = "audio"
     video_column: str = "video"
     modalities: tuple[str, ...] | None = None
+    pdf_dpi: float | None = None
+    max_pages: int | None = None
 
     def columns(self):
         from mmembed.records import Columns

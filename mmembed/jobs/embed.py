@@ -105,6 +105,8 @@ def plan(cfg: EmbedConfig, *, standin: bool = False) -> dict:
         before = recorded.get("quantization") or {}
         if {k: v for k, v in before.items() if k != "ranges"} == {k: v for k, v in quantization.items() if k != "ranges"}:
             quantization["ranges"] = before.get("ranges")
+    if cfg.pdf_dpi or cfg.max_pages:
+        out["documents"] = {"pdf_dpi": cfg.pdf_dpi, "max_pages": cfg.max_pages}
     out["executor"] = choose_executor(cfg, spec, standin=standin)
     if quantization and quantization["calibration"] and quantization["ranges"] is None and cfg.executor == "auto":
         out["executor"] = "ray"  # calibration is a pass of the Ray pipeline of its own
@@ -212,6 +214,7 @@ def stages(cfg: EmbedConfig, p: dict, res: dict, *, skip=None, limit: int | None
         PreprocessStage, args=(p["model_spec"],),
         kwargs={"task": cfg.task, "prompt_name": cfg.prompt_name, "prompt": cfg.prompt,
                 "decode_on_device": decode_on_device, **fetch_kwargs(cfg),
+                "pdf_dpi": cfg.pdf_dpi, "max_pages": cfg.max_pages, "skip": skip,
                 **({"passthrough": tuple(passthrough)} if passthrough else {})},
         pool=CPU, batch_size=cfg.preprocess_batch_size, actors=res["num_preprocessors"], resources=cpu_pool(cfg, res),
     ))
@@ -362,7 +365,8 @@ class EmbedJob(Job):
             },
             "input": {"uri": cfg.input, "kind": p["input"].kind, "fingerprint": p["input"].fingerprint,
                       "records": records, **p["input"].mapping.describe(),
-                      **({"shards": len(spec.paths)} if spec.kind == "webdataset" else {})},
+                      **({"shards": len(spec.paths)} if spec.kind == "webdataset" else {}),
+                      **({"documents": spec.documents} if spec.documents else {})},
             "output": {"uri": cfg.output, "shard_rows": cfg.shard_rows},
             "counts": {
                 "records": records,
@@ -371,6 +375,9 @@ class EmbedJob(Job):
                 "unaccounted": unaccounted,
                 "by_modality": totals["modalities"],
                 "duplicate_ids": totals["duplicate_ids"],
+                # PDFs: documents in the input, and their pages written or failed.
+                **({"documents": spec.documents, "pages": totals["pages"]} if spec.documents or totals.get("pages")
+                   else {}),
                 "resumed_from_committed": already,
                 "retried_errors": retried,
             },

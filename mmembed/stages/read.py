@@ -37,6 +37,8 @@ def _mapped(table: pa.Table, mapping: Columns) -> pa.Table:
         cols["text_uri"] = table.column("text_uri")
     if "messages" in table.column_names and mapping.keeps("message"):
         cols["messages"] = table.column("messages")
+    if "pdf" in table.column_names and mapping.keeps("pdf"):
+        cols["pdf"] = table.column("pdf")
     return pa.table(cols) if cols else table.select([])
 
 
@@ -96,6 +98,12 @@ def normalize_manifest_table(table: pa.Table, root: str, mapping: Columns = DEFA
         out[f"{m}_bytes"] = data
     if "messages" in names:
         out["messages"] = table.column("messages")
+    if "pdf" in names:
+        col = table.column("pdf")
+        if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
+            out["pdf_bytes"] = col.cast(pa.binary())
+        elif pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+            out["pdf_uri"] = _resolve(col.cast(pa.string()), root)
     out[CELL_ERROR] = cell_error
     return _conform(pa.table(out))
 
@@ -208,6 +216,7 @@ class ReadStage:
             for m in MEDIA_MODALITIES:
                 cols[f"{m}_uri"] = pa.array([p if mm == m else None for p, mm in zip(chunk, mods)], pa.string())
             cols["text_uri"] = pa.array([p if mm == "text" else None for p, mm in zip(chunk, mods)], pa.string())
+            cols["pdf_uri"] = pa.array([p if mm == "pdf" else None for p, mm in zip(chunk, mods)], pa.string())
             yield _conform(pa.table(cols))
 
     def tables(self):
