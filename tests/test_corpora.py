@@ -137,7 +137,6 @@ def test_modalities_skip_other_files_of_a_media_folder(tmp_path, tiny_clip, st_c
 @pytest.mark.slow
 def test_hugging_face_parquet_on_s3(ray_session, s3, tiny_clip, st_clip):
     """The same Image structs read from S3, a path resolved against the manifest's prefix, on the Ray executor."""
-    from tests.s3_fixtures import s3fs_for
 
     server, bucket, opts = s3
     fs = s3fs_for(server)
