@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 
-from mmembed.options import UsageError
+from mmembed.errors import UsageError
 
 # Records one preprocess actor should have to itself before another is worth starting: an actor
 # start costs seconds of imports and model load, which a few thousand images or tens of

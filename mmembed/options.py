@@ -11,11 +11,7 @@ import json
 import os
 
 
-class UsageError(ValueError):
-    """A configuration mmembed refuses before Ray starts; the message says what to do."""
-
-
-EXIT_USAGE = 2
+from mmembed.errors import EXIT_USAGE, UsageError  # noqa: F401 - re-exported: jobs raise it from here
 
 
 def job_main(name: str, parser: argparse.ArgumentParser, run, argv: list[str] | None) -> int:

@@ -17,7 +17,7 @@ from typing import Iterator
 
 import pyarrow as pa
 
-from mmembed.records import CELL_ERROR, DEFAULT_COLUMNS, RECORD_SCHEMA, Columns
+from mmembed.schema import CELL_ERROR, DEFAULT_COLUMNS, RECORD_SCHEMA, Columns
 from mmembed.storage import filesystem
 
 TAR_SUFFIX = ".tar"
