@@ -43,9 +43,9 @@ from mmembed.outputs import (  # noqa: F401 - RUN_NAME and LOCK_NAME are importe
     RUN_NAME,
     TMP_GLOBS,
 )
-from mmembed.storage import filesystem, join_uri, protocol_of, unstrip, with_retries
-from mmembed.records import DEFAULT_COLUMNS, PAGE_MARK
+from mmembed.schema import DEFAULT_COLUMNS, PAGE_MARK
 from mmembed.stages.write import empty_totals
+from mmembed.storage import filesystem, join_uri, protocol_of, unstrip, with_retries
 
 # What decides the vectors; a rerun that differs in any of these is a different run.
 IDENTITY_KEYS = (
