@@ -176,3 +176,11 @@ def test_pdfs_on_ray_resume_without_rendering_committed_pages(ray_session, tmp_p
     emb, errors, manifest = read_output(out)
     assert sorted(emb) == [f"a.pdf#page={n}" for n in (1, 2, 3)] and not errors
     assert manifest["counts"]["resumed_from_committed"] == 1 and manifest["counts"]["pages"] == 3
+
+
+def test_reembed_refuses_pdfs_before_anything_is_written(tmp_path, tiny_clip, capsys):
+    (tmp_path / "docs").mkdir()
+    make_pdf(tmp_path / "docs" / "a.pdf", 1)
+    rc = run_job("pipelines.reembed", ["--input", tmp_path / "docs", "--store", tmp_path / "store", "--model", tiny_clip])
+    assert rc == 2 and "reembed does not take yet" in capsys.readouterr().err
+    assert not any((tmp_path / "store").glob("*/*"))

@@ -124,7 +124,12 @@ class ReembedJob(Job):
         # --output in the plan's checks (a store root never holds a run manifest). Options such as
         # --split-modalities stay off: a store keys its content hashes by record id.
         ecfg = derive(EmbedConfig, cfg, output=self.store.root)
-        return {**embed.plan(ecfg), "embed_cfg": ecfg}
+        p = embed.plan(ecfg)
+        if p["input"].documents or "pdf" in p["input"].columns:
+            # A store diffs records by id and content hash; a PDF's records are its pages, known only once rendered.
+            raise UsageError(f"--input {cfg.input} holds PDFs, which reembed does not take yet (a document's pages "
+                             "are its records); embed them with `mmembed embed`.")
+        return {**p, "embed_cfg": ecfg}
 
     def lease(self, p: dict):
         # One lease for the whole store root, not per version: CURRENT is store-wide, and two runs of
