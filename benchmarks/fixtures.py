@@ -6,7 +6,9 @@ steady-rate reading of an embed job's shards.
   (`corpus`);
 - models: mmembed's tiny test models (mmembed.testing) grown to the real shapes of CLIP B/32,
   CLIP L/14 and Qwen3-VL-2B with random weights, or kept tiny for smoke runs (`build_model`);
-- `steady_rate`: rows per second while an embed job's shards stream out.
+- `steady_rate`: rows per second while an embed job's shards stream out;
+- documents and shards: PDFs with one screenshot per page (`pdf_corpus`), WebDataset tar shards
+  (`make_shard`), and a moto S3 server for a benchmark's own run (`moto_s3`).
 
 benchmarks/gpu.py and benchmarks/feed.py use them. Imports stay light (numpy at import; Pillow,
 torch and transformers inside the functions that need them): gpu.py runs on a bare GPU node.
@@ -14,10 +16,18 @@ torch and transformers inside the functions that need them): gpu.py runs on a ba
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.request
 
 import numpy as np
 
@@ -156,6 +166,136 @@ def corpus(root: str, kind: str, count: int, pool, unique: int | None = None) ->
                 os.link(sources[i % unique], path)
         open(os.path.join(directory, ".done"), "w").close()
     return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# Documents and shards: the same pictures as PDF pages and as WebDataset tar members
+# ---------------------------------------------------------------------------------------------
+def make_pdf(images: list[bytes]) -> bytes:
+    """A PDF with one page per image, written by Pillow at 72 dpi: a w x h image is a page of
+    w x h points, so a page is the image's size. Pillow stores RGB pages as JPEG (DCTDecode)."""
+    from PIL import Image
+
+    pages = [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
+    buf = io.BytesIO()
+    pages[0].save(buf, "PDF", save_all=True, append_images=pages[1:], resolution=72.0)
+    return buf.getvalue()
+
+
+def _write_pdf(job) -> int:
+    path, sources = job
+    pictures = []
+    for source in sources:
+        with open(source, "rb") as f:
+            pictures.append(f.read())
+    data = make_pdf(pictures)
+    with open(path + ".part", "wb") as f:
+        f.write(data)
+    os.replace(path + ".part", path)
+    return len(data)
+
+
+def pdf_corpus(root: str, sources: list[str], pages: int, pool) -> list[str]:
+    """PDFs of `pages` pages each, page k of document d being sources[(d * pages + k) % len(sources)]
+    (made once under root/corpus, reused by later runs): len(sources) // pages documents, at least one."""
+    count = max(1, len(sources) // pages)
+    directory = os.path.join(root, "corpus", f"pdf-{os.path.basename(os.path.dirname(sources[0]))}-{pages}p")
+    paths = [os.path.join(directory, f"d{d:06d}.pdf") for d in range(count)]
+    if not os.path.exists(os.path.join(directory, ".done")):
+        os.makedirs(directory, exist_ok=True)
+        jobs = [(p, [sources[(d * pages + k) % len(sources)] for k in range(pages)])
+                for d, p in enumerate(paths) if not os.path.exists(p)]
+        if jobs:
+            pool.map(_write_pdf, jobs, chunksize=1)
+        open(os.path.join(directory, ".done"), "w").close()
+    return paths
+
+
+def make_shard(records: list[tuple[str, dict[str, bytes]]]) -> bytes:
+    """A WebDataset tar: members `key.ext` in record order, as webdataset's ShardWriter and
+    img2dataset write them."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for key, members in records:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+# Dummy credentials the moto server accepts (as tests/s3_fixtures.py).
+MOTO_KEY, MOTO_SECRET, MOTO_REGION = "AKIAMMEMBEDBENCHKEY1", "mmembed-bench-secret", "us-east-1"
+
+
+def _free_port() -> int:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def moto_s3(timeout_s: float = 60.0):
+    """A moto S3 server on 127.0.0.1 for the duration of the block; yields fsspec storage options
+    (endpoint, dummy credentials). The AWS credential variables are set meanwhile, for clients
+    that read the standard chain; the server's process group is ended on the way out."""
+    here = os.path.join(os.path.dirname(sys.executable), "moto_server")
+    exe = here if os.path.exists(here) else (shutil.which("moto_server") or "moto_server")
+    port = _free_port()
+    creds = {"AWS_ACCESS_KEY_ID": MOTO_KEY, "AWS_SECRET_ACCESS_KEY": MOTO_SECRET, "AWS_DEFAULT_REGION": MOTO_REGION}
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, **creds}, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in creds}
+    try:
+        deadline = time.time() + timeout_s
+        while True:
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).read()
+                break
+            except Exception:  # noqa: BLE001 - not up yet
+                if time.time() > deadline or proc.poll() is not None:
+                    raise RuntimeError(f"moto_server did not come up at {endpoint} in {timeout_s} s") from None
+                time.sleep(0.2)
+        os.environ.update(creds)
+        yield {"endpoint_url": endpoint, "key": MOTO_KEY, "secret": MOTO_SECRET,
+               "client_kwargs": {"region_name": MOTO_REGION}}
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+
+
+def s3_bucket(storage_options: dict, bucket: str) -> None:
+    """Make `bucket` on `moto_s3`'s server unless it is there (boto3: s3fs's mkdir sends a location
+    constraint that us-east-1 refuses)."""
+    import boto3
+
+    o = storage_options
+    client = boto3.client("s3", endpoint_url=o["endpoint_url"], aws_access_key_id=o["key"],
+                          aws_secret_access_key=o["secret"], region_name=o["client_kwargs"]["region_name"])
+    with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+        client.create_bucket(Bucket=bucket)
+
+
+def s3_filesystem(storage_options: dict):
+    """An s3fs filesystem for `moto_s3`'s storage options (uploads from the benchmark's process)."""
+    import s3fs
+
+    o = storage_options
+    return s3fs.S3FileSystem(key=o["key"], secret=o["secret"], endpoint_url=o["endpoint_url"],
+                             client_kwargs=o["client_kwargs"], skip_instance_cache=True)
 
 
 # ---------------------------------------------------------------------------------------------
