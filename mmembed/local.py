@@ -16,7 +16,7 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import pyarrow as pa
 
@@ -53,22 +53,27 @@ class LocalExecutor:
         self.device_stages = device_stages
         self.queue_blocks = queue_blocks
 
+    def _through(self, block: pa.Table, stages: list) -> Iterator[pa.Table]:
+        """`block` through `stages`; a stage may return a table or, as Ray Data allows, a generator of them."""
+        if not stages or block.num_rows == 0:
+            yield block
+            return
+        out = stages[0](block)
+        for piece in ([out] if isinstance(out, pa.Table) else out):
+            yield from self._through(piece, stages[1:])
+
     def _produce(self, blocks: Iterable[pa.Table], out: queue.Queue, stop: threading.Event) -> None:
         try:
-            for block in blocks:
-                for stage in self.cpu_stages:
-                    if block.num_rows == 0:
-                        break
-                    block = stage(block)
-                if block.num_rows:
-                    while not stop.is_set():
+            for source in blocks:
+                for block in self._through(source, self.cpu_stages):
+                    while block.num_rows and not stop.is_set():
                         try:
                             out.put(block, timeout=0.5)
                             break
                         except queue.Full:
                             continue
-                if stop.is_set():
-                    return
+                    if stop.is_set():
+                        return
         except BaseException as exc:  # noqa: BLE001 - re-raised on the consuming thread
             out.put(_Failed(exc))
             return
@@ -88,9 +93,7 @@ class LocalExecutor:
                     return
                 if isinstance(item, _Failed):
                     raise item.exc
-                for stage in self.device_stages:
-                    item = stage(item)
-                yield item
+                yield from self._through(item, self.device_stages)
         finally:
             stop.set()
             producer.join(timeout=5)

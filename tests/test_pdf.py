@@ -144,7 +144,10 @@ def test_committed_pages_are_never_rendered_again(tiny_clip, monkeypatch):
     monkeypatch.setattr(pdfium.PdfPage, "render", lambda self, **kw: renders.append(1) or real(self, **kw))
     stage = PreprocessStage(ModelSpec(tiny_clip), pdf_dpi=72, skip=committed, fetch_threads=1)
     batch = normalize_manifest_table(pa.table({"id": ["doc"], "pdf": pa.array([data], pa.binary())}), "")
-    out = stage(batch)
+    pieces = list(stage(batch))
+    # A batch of one document leaves in tables of one page: a long PDF never makes one huge block.
+    assert [t.num_rows for t in pieces] == [1, 1]
+    out = pa.concat_tables(pieces)
     assert out.column("id").to_pylist() == ["doc#page=2", "doc#page=4"] and len(renders) == 2
     assert out.column("error").to_pylist() == [None, None]
 

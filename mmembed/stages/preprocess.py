@@ -92,16 +92,19 @@ class PreprocessStage:
         # are not rendered again.
         self.skip = skip
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def __call__(self, batch: pa.Table):
+        """The batch's feature rows: one table, or for a batch holding PDFs, a generator of tables of
+        at most a batch's worth of pages each (Ray Data and the local executor take either), so a
+        300-page document never sits in memory, or in one block, whole."""
         rows = batch.to_pylist()
         if any(r.get("pdf_uri") is not None or r.get("pdf_bytes") is not None for r in rows):
-            # A document's pages are processed a batch's worth at a time, so memory holds a batch of pages.
-            types = {name: batch.schema.field(name).type for name in self.passthrough}
-            pages, step, tables = self._pages(rows), max(len(rows), 1), []
-            while chunk := list(itertools.islice(pages, step)):
-                tables.append(self._process(chunk, types))
-            return pa.concat_tables(tables) if tables else self._process([], types)
+            return self._page_tables(rows, {name: batch.schema.field(name).type for name in self.passthrough})
         return self._process(rows, None, batch)
+
+    def _page_tables(self, rows: list[dict], types: dict):
+        pages, step = self._pages(rows), max(len(rows), 1)
+        while chunk := list(itertools.islice(pages, step)):
+            yield self._process(chunk, types)
 
     def _pages(self, rows: list[dict]):
         """Records, with each PDF record replaced by its pages (ids `<id>#page=<n>`) or its error row."""
