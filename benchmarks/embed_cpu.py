@@ -5,8 +5,8 @@
 Workload: a tiny random-weight CLIP (built locally) over generated 640x480 JPEG photos on disk.
 - baseline: ST's own loop, decoding each file with Pillow and calling `encode` (batch 32);
   the model is loaded inside the timing, the `import sentence_transformers` before it;
-- mmembed: `pipelines.embed` from the files on disk to Parquet on disk, called in this
-  process as a library user would, with the default `--executor auto`: an input of at most
+- mmembed: `mmembed embed` (mmembed.cli.main) from the files on disk to Parquet on disk, called in
+  this process as a library user would, with the default `--executor auto`: an input of at most
   2,000 photos runs in-process (mmembed/local.py), a larger one on an in-process Ray.
 
 Figures, each against a baseline measured in the same run:
@@ -102,8 +102,9 @@ def main() -> int:
     ap.add_argument("--pairs", type=int, default=3, help="alternating ST/mmembed end-to-end pairs (default 3)")
     args = ap.parse_args()
 
+    from mmembed import cli
+    from mmembed.cluster import init_ray, plan_resources
     from mmembed.testing import tiny_model
-    from pipelines import embed
 
     n = args.images
     work = Path(args.workdir or tempfile.mkdtemp(prefix="mmembed-bench-"))
@@ -135,8 +136,8 @@ def main() -> int:
     # mmembed sizes its preprocess pool to the input; the steady-state pair runs the pool a
     # corpus-scale input gets on this machine, the same for both jobs, so their difference is
     # a rate and not a change of configuration.
-    corpus_plan = embed.plan_resources(os.cpu_count(), 0, embed.build_parser().parse_args(
-        ["--input", "-", "--output", "-", "--model", clip, *extra]))
+    corpus_plan = plan_resources(os.cpu_count(), 0, cli.parse(
+        "embed", ["--input", "-", "--output", "-", "--model", clip, *extra]))
     steady = ["--num-preprocessors", str(corpus_plan["num_preprocessors"])]
     jobs = [  # name, input, extra options, records
         ("warm", sets["warm"], extra, 16),
@@ -150,7 +151,7 @@ def main() -> int:
         out = work / f"out-{name}"
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()
-        assert embed.main(["--input", str(src), "--output", str(out), "--model", clip, *job_extra]) == 0
+        assert cli.main(["embed", "--input", str(src), "--output", str(out), "--model", clip, *job_extra]) == 0
         seconds = time.perf_counter() - t0
         manifest = json.loads((out / "_manifest.json").read_text())
         assert manifest["counts"]["written"] == want, manifest["counts"]
@@ -169,7 +170,7 @@ def main() -> int:
     st_2n, _ = st_baseline(clip, photos, args.batch_size)
     for name, src, job_extra, want in jobs[2:]:
         if name == "n-steady":
-            embed.init_ray(None)  # the steady-state pair runs on Ray, whose start is no part of either job
+            init_ray(None)  # the steady-state pair runs on Ray, whose start is no part of either job
         if name == "n-steady" and resources["n"]["num_preprocessors"] == corpus_plan["num_preprocessors"]:
             times[name], resources[name] = times["n"], resources["n"]  # the same job
             continue

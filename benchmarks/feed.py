@@ -1,9 +1,10 @@
 """Do the CPU stages keep an accelerator busy? Measured without one, in one run.
 
     .venv/bin/python benchmarks/feed.py [--workloads clip_photos,qwen3vl_shots] [--seconds 60] [--smoke]
+    .venv/bin/python benchmarks/feed.py --workloads pdf_pages,wds_s3 [--seconds 30] [--repeats 2] [--smoke]
 
 The encoder is replaced by stand-ins (mmembed/testing/standin.py) inside the real pipeline
-(`pipelines.embed`: manifest -> fetch/decode/preprocess pool -> encoder pool -> Parquet):
+(mmembed.jobs.embed: manifest -> fetch/decode/preprocess pool -> encoder pool -> Parquet):
 - P, preprocess only: a null encoder, so the job runs at the rate of its CPU stages;
 - R, encoder only: a rate-limited encoder that does the real host work (collate, copy to the
   device) and holds each batch for rows / R seconds, like an accelerator of forward rate R.
@@ -26,6 +27,21 @@ Inputs are Parquet manifests cycling over generated files, the same
 files for every job: CLIP-shape photos (640x480 JPEG, 224 crop, a tiny random-weight CLIP) and
 Qwen3-VL-shape screenshots (1280x800 PNG, 360,000-pixel budget, a tiny random-weight Qwen3-VL
 with the real processor settings).
+
+Two comparisons, selected by name and not in the default run (which already takes about 30
+minutes on 2 CPUs), put two forms of one corpus through the same pipeline with the null encoder,
+so each side runs at the rate of its CPU stages. The sides alternate, A, B, A, B (--repeats
+rounds), every job gets the same --num-preprocessors, and the medians and each pair's B/A ratio
+are printed, from the rate while shards stream and from the whole job:
+- pdf_pages: the qwen3vl_shots screenshots as PNG records (A, screenshots/s) against PDFs built
+  from them (benchmarks/fixtures.py pdf_corpus), 8 pages each, one screenshot per page at 72 dpi,
+  so a page is the screenshot's size (B, pages/s: pypdfium2 renders each page at the processor's
+  max_pixels, then the processor runs). Pillow stores the pages as JPEG, so B decodes JPEG where
+  A decodes PNG. One PreprocessStage call in this process on each side is printed too.
+- wds_s3: the clip_photos JPEGs on a moto S3 server that the benchmark starts, once as one object
+  per image behind a Parquet manifest of s3:// URIs (A), once packed into WebDataset tar shards
+  of --shard-records records with jpg + txt members (B), both with `--modalities image`;
+  records/s of each.
 """
 
 from __future__ import annotations
@@ -45,10 +61,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import gpu as shapes  # noqa: E402 - the GPU benchmark's corpora and model shapes
+from benchmarks import fixtures  # noqa: E402 - the corpora and models benchmarks/gpu.py measures too
 
 WORKLOADS = {
-    # name: model (benchmarks/gpu.py build_model), corpus kind, distinct files, pipeline options
+    # name: model (benchmarks/fixtures.py build_model), corpus kind, distinct files, pipeline options
     "clip_photos": {"model": "clip_b32", "corpus": "photos", "files": 1024, "pilot": 1200, "options": []},
     "qwen3vl_shots": {
         "model": "qwen3vl",
@@ -62,14 +78,14 @@ WORKLOADS = {
 R_FACTORS = (0.5, 1.0, 2.0)
 
 
-def write_manifest(path: Path, files: list[str], n: int) -> Path:
+def write_manifest(path: Path, files: list[str], n: int, column: str = "image") -> Path:
     """`n` records cycling over `files`: every job reads the same bytes, only more of them."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     if not path.exists():
         ids = [f"r{i:08d}" for i in range(n)]
-        pq.write_table(pa.table({"id": ids, "image": [files[i % len(files)] for i in range(n)]}), path)
+        pq.write_table(pa.table({"id": ids, column: [files[i % len(files)] for i in range(n)]}), path)
     return path
 
 
@@ -79,28 +95,35 @@ class Bench:
         self.work = Path(args.workdir) / "feed" / name
         self.work.mkdir(parents=True, exist_ok=True)
 
-    def argv(self, manifest: Path, out: Path, n: int) -> list[str]:
+    def argv(self, manifest: Path | str, out: Path, n: int, extra: tuple = ()) -> list[str]:
         argv = ["--input", str(manifest), "--output", str(out), "--model", self.model_dir, "--device", "cpu",
                 "--batch-size", str(self.args.batch_size), "--shard-rows", str(max(8, n // 40)), "--overwrite",
                 "--calls-per-encoder", str(self.args.calls_per_encoder)]
-        return argv + self.spec["options"] + self.args.job_options
+        return argv + list(extra) + self.spec["options"] + self.args.job_options
 
     def job(self, n: int, stage, kwargs: dict, label: str) -> dict:
-        """One `pipelines.embed` run over n records with the given encoder; wall time and counts."""
-        from pipelines import embed
-
+        """One embed job over n records with `stage` in place of the encoder; wall time and counts."""
         manifest = write_manifest(self.work / f"manifest-{n}.parquet", self.files, n)
+        return self.execute(str(manifest), n, stage, kwargs, label)
+
+    def execute(self, source: str, n: int, stage, kwargs: dict, label: str, extra: tuple = ()) -> dict:
+        """One embed job over `source` (any --input), which must write n rows, with `extra` options."""
+        from mmembed import cli
+        from mmembed.jobs.embed import EmbedJob
+        from mmembed.jobs.runner import run
+        from mmembed.stages.encode import EncodeStage
+
         out = self.work / f"out-{label}-{n}"
-        args = embed.build_parser().parse_args(self.argv(manifest, out, n))
-        args.encoder_stage, args.encoder_stage_kwargs = stage, kwargs
+        job = EmbedJob(cli.parse("embed", self.argv(source, out, n, extra)),
+                       replacements={EncodeStage: (stage, kwargs)})
         t0 = time.perf_counter()
-        rc = embed.run(args)
+        rc = run(job)
         wall = time.perf_counter() - t0
         manifest_json = json.loads((out / "_manifest.json").read_text())
         counts = manifest_json["counts"]
         if rc != 0 or counts["written"] != n or counts["errors"]:
             raise SystemExit(f"feed.py: job {label} over {n} records failed: rc={rc} counts={counts}")
-        streaming = shapes.steady_rate(str(out), manifest_json["files"], wall)
+        streaming = fixtures.steady_rate(str(out), manifest_json["files"], wall)
         shutil.rmtree(out, ignore_errors=True)
         self.log(f"{label:>10} n={n:<7} {wall:7.1f} s  {n / wall:8.1f} rec/s whole job"
                  + (f", {streaming:8.1f} rec/s while shards stream" if streaming else ""))
@@ -233,6 +256,214 @@ class Bench:
         return load_model(ModelSpec(self.model_dir), weights=False).get_embedding_dimension()
 
 
+# -- comparisons: two forms of the same corpus through the same CPU pool --------------------------
+class Comparison(Bench):
+    """Side A and side B, the same records in two forms, through the real pipeline with the null
+    encoder (so at the CPU stages' rate), alternating A, B, A, B for --repeats rounds, every job
+    with the same --num-preprocessors. The rate is rows written per second: while shards stream
+    (as P above) and over the whole job."""
+
+    sides: tuple[str, str] = ("A", "B")
+    unit = "rows"
+
+    def __init__(self, args, name, spec, model_dir, files, *, pool_size: int, extra: dict):
+        super().__init__(args, name, spec, model_dir, files)
+        self.pool_size, self.extra = pool_size, extra
+
+    def setup(self) -> tuple[int, dict, dict]:
+        """(rows per job, {side: (--input, extra options)}, notes for the report)."""
+        raise NotImplementedError
+
+    def in_process_rate(self, stage, records, rows: int, repeats: int = 2) -> float:
+        """Rows per second of one PreprocessStage call in this process (no Ray, one core's worth):
+        the best of `repeats` calls, after the stage has seen one of these records."""
+        stage(records.slice(0, 1))
+        best = None
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            table = stage(records)
+            dt = time.perf_counter() - t0
+            assert table.num_rows == rows and table.column("error").null_count == rows, "preprocess errors"
+            best = dt if best is None else min(best, dt)
+        return rows / best
+
+    def run(self) -> dict:
+        import statistics
+
+        from mmembed.testing.standin import NullEncoder
+
+        n, inputs, notes = self.setup()
+        null = (NullEncoder, {"dim": self._dim()})
+        pool = ("--num-preprocessors", str(self.pool_size))
+        runs: dict[str, list] = {side: [] for side in self.sides}
+        for _ in range(1 if self.args.smoke else self.args.repeats):
+            for side in self.sides:
+                source, extra = inputs[side]
+                runs[side].append(self.execute(source, n, *null, side, (*pool, *extra)))
+        out = {"rows": n, "unit": self.unit, "sides": list(self.sides), "num_preprocessors": self.pool_size,
+               **notes, "by_side": {}}
+        for side in self.sides:
+            streaming = [r["streaming_rate"] for r in runs[side]]
+            out["by_side"][side] = {
+                "runs": runs[side],
+                "streaming": streaming,
+                "whole_job": [r["rate"] for r in runs[side]],
+                "median_streaming": statistics.median(streaming) if all(streaming) else None,
+                "median_whole_job": statistics.median(r["rate"] for r in runs[side]),
+                "preprocessors": sorted({r["resources"].get("num_preprocessors") for r in runs[side]}),
+            }
+        a, b = (out["by_side"][side] for side in self.sides)
+        for key in ("streaming", "whole_job"):
+            ma, mb = a[f"median_{key}"], b[f"median_{key}"]
+            out[f"ratio_{key}"] = mb / ma if ma and mb else None
+            out[f"pair_ratios_{key}"] = [y / x if x and y else None for x, y in zip(a[key], b[key])]
+        if a["preprocessors"] != b["preprocessors"]:
+            raise SystemExit(f"feed.py: {self.name}: the two sides ran different pools: {a['preprocessors']} "
+                             f"vs {b['preprocessors']}")
+        self.log(f"{self.sides[1]} / {self.sides[0]}: {_fmt(out['ratio_streaming'], '.3f')} while shards stream "
+                 f"(pairs: {', '.join(_fmt(r, '.3f') for r in out['pair_ratios_streaming'])}), "
+                 f"{_fmt(out['ratio_whole_job'], '.3f')} whole job")
+        return out
+
+
+def _fmt(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+class PdfPages(Comparison):
+    """The screenshots of qwen3vl_shots (A: one PNG a record) against PDFs made of them (B: each
+    page one screenshot at 72 dpi, so a page is the screenshot's size), Qwen3-VL's processor: P in
+    screenshots/s against P in pages/s (rendering at max_pixels with pypdfium2, then the processor)."""
+
+    sides = ("screenshots", "pdf_pages")
+    unit = "images or pages"
+
+    def setup(self):
+        import pyarrow.parquet as pq
+
+        from mmembed.models import ModelSpec
+        from mmembed.stages.preprocess import PreprocessStage
+        from mmembed.stages.read import normalize_manifest_table
+
+        pages, pdfs = self.spec["pages_per_pdf"], self.extra["pdfs"]
+        # One process: sizes the jobs and gives the per-core cost without Ray around it.
+        k = 2 * pages if self.args.smoke else 4 * pages
+        opts = self.spec["options"]
+        transport = opts[opts.index("--transport-dtype") + 1] if "--transport-dtype" in opts else None
+        stage = PreprocessStage(ModelSpec(self.model_dir), transport_dtype=transport)
+        shots_records = normalize_manifest_table(
+            pq.read_table(write_manifest(self.work / f"manifest-{k}.parquet", self.files, k)), "")
+        pdf_records = normalize_manifest_table(pq.read_table(
+            write_manifest(self.work / f"pdf-manifest-{k // pages}.parquet", pdfs, k // pages, "pdf")), "")
+        shots_rate = self.in_process_rate(stage, shots_records, k)
+        pages_rate = self.in_process_rate(stage, pdf_records, k)
+        self.log(f"one process: {shots_rate:.1f} screenshots/s, {pages_rate:.1f} PDF pages/s "
+                 f"(ratio {pages_rate / shots_rate:.3f}; {len(pdfs)} PDFs of {pages} pages)")
+        n = 2 * pages if self.args.smoke else max(8 * pages, int(self.args.seconds * shots_rate))
+        n = -(-n // pages) * pages
+        docs = write_manifest(self.work / f"pdf-manifest-{n // pages}.parquet", pdfs, n // pages, "pdf")
+        shots = write_manifest(self.work / f"manifest-{n}.parquet", self.files, n)
+        notes = {"pages_per_pdf": pages, "documents_per_job": n // pages, "distinct_pdfs": len(pdfs),
+                 "one_process": {"screenshots_per_s": shots_rate, "pages_per_s": pages_rate,
+                                 "ratio": pages_rate / shots_rate}}
+        return n, {"screenshots": (str(shots), ()), "pdf_pages": (str(docs), ())}, notes
+
+
+class WdsS3(Comparison):
+    """The CLIP photos on a moto S3 server, once one object per image behind a Parquet manifest of
+    s3:// URIs (A), once packed into WebDataset tar shards of --shard-records records, jpg + txt
+    members (B); records/s of each, `--modalities image` on both (the shards' captions stay out)."""
+
+    sides = ("objects", "wds_shards")
+    unit = "records"
+
+    def setup(self):
+        import pyarrow.parquet as pq
+
+        from mmembed.models import ModelSpec
+        from mmembed.stages.preprocess import PreprocessStage
+        from mmembed.stages.read import normalize_manifest_table
+
+        opts = self.extra["s3"]
+        per_shard = 8 if self.args.smoke else self.args.shard_records
+        if self.args.smoke:
+            n = 2 * per_shard
+        else:
+            k = 64
+            records = normalize_manifest_table(
+                pq.read_table(write_manifest(self.work / f"manifest-{k}.parquet", self.files, k)), "")
+            rate = self.in_process_rate(PreprocessStage(ModelSpec(self.model_dir)), records, k)
+            self.log(f"one process, local files: {rate:.1f} photos/s (sizes the jobs)")
+            n = max(4 * per_shard, int(self.args.seconds * rate))
+        n = -(-n // per_shard) * per_shard
+        shards = n // per_shard
+        fs, bucket = fixtures.s3_filesystem(opts), "feed-bench"
+        fixtures.s3_bucket(opts, bucket)
+        photos = [Path(p).read_bytes() for p in self.files]
+        t0 = time.perf_counter()
+        # A: one object per distinct image; the manifest cycles over them as every workload here does.
+        objects = [f"s3://{bucket}/objects/p{i:06d}.jpg" for i in range(min(n, len(photos)))]
+        fs.pipe({u[len("s3://"):]: photos[i] for i, u in enumerate(objects)})
+        manifest = write_manifest(self.work / f"objects-manifest-{n}.parquet", objects, n)
+        fs.put_file(str(manifest), f"{bucket}/objects-manifest-{n}.parquet")
+        # B: the same n images in order, per_shard records to a tar, as img2dataset writes them.
+        for s_ in range(shards):
+            recs = [(f"{i:09d}", {"jpg": photos[i % len(photos)], "txt": f"photo {i}".encode()})
+                    for i in range(s_ * per_shard, (s_ + 1) * per_shard)]
+            fs.pipe_file(f"{bucket}/shards-{n}/{s_:05d}.tar", fixtures.make_shard(recs))
+        upload = time.perf_counter() - t0
+        self.log(f"uploaded {len(objects)} objects + manifest and {shards} shards of {per_shard} records "
+                 f"to moto S3 in {upload:.1f} s")
+        extra = ("--storage-options", json.dumps(opts), "--modalities", "image")
+        inputs = {"objects": (f"s3://{bucket}/objects-manifest-{n}.parquet", extra),
+                  "wds_shards": (f"s3://{bucket}/shards-{n}/{{{0:05d}..{shards - 1:05d}}}.tar", extra)}
+        notes = {"records_per_shard": per_shard, "shards": shards, "distinct_objects": len(objects),
+                 "upload_s": upload}
+        return n, inputs, notes
+
+
+COMPARISONS = {
+    # name: class, model (benchmarks/fixtures.py build_model), corpus kind, distinct files, pipeline options
+    "pdf_pages": {"class": PdfPages, "model": "qwen3vl", "corpus": "shots", "files": 256, "pages_per_pdf": 8,
+                  "options": WORKLOADS["qwen3vl_shots"]["options"]},
+    "wds_s3": {"class": WdsS3, "model": "clip_b32", "corpus": "photos", "files": 1024, "options": []},
+}
+
+
+def comparison_table(comparisons: dict) -> str:
+    lines = [f"{'comparison':<11} {'side':<12} {'rows':>6} {'pool':>4} {'rows/s while streaming':>30} "
+             f"{'median':>7} {'whole-job':>9}"]
+    for name, c in comparisons.items():
+        for side in c["sides"]:
+            s = c["by_side"][side]
+            runs = ", ".join(_fmt(x, ".1f") for x in s["streaming"])
+            lines.append(f"{name:<11} {side:<12} {c['rows']:>6} {','.join(map(str, s['preprocessors'])):>4} "
+                         f"{runs:>30} {_fmt(s['median_streaming'], '.1f'):>7} {s['median_whole_job']:>9.1f}")
+        b, a = c["sides"][1], c["sides"][0]
+        pairs = ", ".join(_fmt(r, ".3f") for r in c["pair_ratios_streaming"])
+        line = (f"{name:<11} ratio {b} / {a}: {_fmt(c['ratio_streaming'], '.3f')} while streaming (pairs: {pairs}), "
+                f"{_fmt(c['ratio_whole_job'], '.3f')} whole job")
+        if "one_process" in c:
+            o = c["one_process"]
+            line += (f"; one process: {o['pages_per_s']:.1f} pages/s vs {o['screenshots_per_s']:.1f} "
+                     f"screenshots/s = {o['ratio']:.3f}")
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def pool_size(args, cpus: float, model_dir: str) -> int:
+    """--num-preprocessors for both sides of a comparison: the flag, else what mmembed's planner
+    gives this cluster for a job of unknown size."""
+    if args.num_preprocessors:
+        return args.num_preprocessors
+    from mmembed import cli
+    from mmembed.cluster import plan_resources
+
+    cfg = cli.parse("embed", ["--input", "-", "--output", "-", "--model", model_dir, "--device", "cpu",
+                              "--calls-per-encoder", str(args.calls_per_encoder), *args.job_options])
+    return plan_resources(cpus, 0, cfg)["num_preprocessors"]
+
+
 def table(results: dict) -> str:
     lines = [
         f"{'workload':<14} {'R/P':>4} {'P rec/s':>8} {'R rec/s':>8} {'R alone':>8} {'E rec/s':>8} "
@@ -250,7 +481,9 @@ def table(results: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated subset of {', '.join(WORKLOADS)}")
+    ap.add_argument("--workloads", default=",".join(WORKLOADS),
+                    help=f"comma-separated subset of {', '.join(WORKLOADS)} (the default) and the comparisons "
+                    f"{', '.join(COMPARISONS)}")
     ap.add_argument("--seconds", type=float, default=60.0, help="target wall time of each larger job (default 60)")
     ap.add_argument("--check-seconds", type=float, default=5.0, help="how long the stand-in is timed alone (default 5)")
     ap.add_argument("--batch-size", type=int, default=32, help="encoder batch (default 32, mmembed's default)")
@@ -260,6 +493,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--calls-per-encoder", type=int, default=2,
                     help="the jobs' --calls-per-encoder (default 2, mmembed's default on a GPU, which the stand-in "
                     "models; 1 shows what the overlap is worth)")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="comparisons: rounds of A, B jobs (default 2: A, B, A, B; medians over the rounds)")
+    ap.add_argument("--num-preprocessors", type=int, default=None,
+                    help="comparisons: the preprocess pool of every job, both sides alike (default: what mmembed's "
+                    "planner gives this cluster)")
+    ap.add_argument("--shard-records", type=int, default=256, help="wds_s3: records per tar shard (default 256)")
     ap.add_argument("--json", default=None, help="write the results here as JSON")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks that every measurement runs")
     return ap
@@ -269,28 +508,47 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="mmembed-feed-")
     chosen = [w.strip() for w in args.workloads.split(",") if w.strip()]
-    unknown = sorted(set(chosen) - set(WORKLOADS))
+    unknown = sorted(set(chosen) - set(WORKLOADS) - set(COMPARISONS))
     if unknown:
-        print(f"feed.py: unknown workloads {unknown}; choose from {list(WORKLOADS)}", file=sys.stderr)
+        print(f"feed.py: unknown workloads {unknown}; choose from {list(WORKLOADS) + list(COMPARISONS)}",
+              file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING)
+    import contextlib
+
     import ray
 
-    from pipelines import embed
+    from mmembed.cluster import init_ray
 
-    embed.init_ray(None)
-    results = {}
-    with mp.get_context("spawn").Pool(max(1, min(4, os.cpu_count() or 1))) as pool:
-        for name in chosen:
-            spec = WORKLOADS[name]
-            files = shapes.corpus(args.workdir, spec["corpus"], 8 if args.smoke else spec["files"], pool)
-            model_dir = shapes.build_model(args.workdir, spec["model"], True, "float32", "cpu")
-            results[name] = Bench(args, name, spec, model_dir, files).run()
-    cpus = ray.cluster_resources().get("CPU")
+    results, comparisons = {}, {}
+    with contextlib.ExitStack() as stack:
+        # The S3 server starts before Ray, so Ray's workers see its (dummy) credentials too.
+        s3 = stack.enter_context(fixtures.moto_s3()) if "wds_s3" in chosen else None
+        init_ray(None)
+        cpus = ray.cluster_resources().get("CPU")
+        with mp.get_context("spawn").Pool(max(1, min(4, os.cpu_count() or 1))) as pool:
+            for name in chosen:
+                spec = WORKLOADS.get(name) or COMPARISONS[name]
+                files = fixtures.corpus(args.workdir, spec["corpus"], 8 if args.smoke else spec["files"], pool)
+                model_dir = fixtures.build_model(args.workdir, spec["model"], True, "float32", "cpu")
+                if name in WORKLOADS:
+                    results[name] = Bench(args, name, spec, model_dir, files).run()
+                    continue
+                extra = {"s3": s3}
+                if "pages_per_pdf" in spec:
+                    extra["pdfs"] = fixtures.pdf_corpus(args.workdir, files, spec["pages_per_pdf"], pool)
+                comparisons[name] = spec["class"](args, name, spec, model_dir, files, extra=extra,
+                                                  pool_size=pool_size(args, cpus, model_dir)).run()
     print(f"\nbenchmarks/feed.py  ({cpus:g} CPUs, stand-in encoders, marginal rates; {'smoke' if args.smoke else 'full'})")
-    print(table(results))
+    if results:
+        print(table(results))
+    if comparisons:
+        print(("\n" if results else "") + comparison_table(comparisons))
     if args.json:
-        Path(args.json).write_text(json.dumps({"cpus": cpus, "smoke": args.smoke, "results": results}, indent=2))
+        report = {"cpus": cpus, "smoke": args.smoke, "results": results}
+        if comparisons:
+            report["comparisons"] = comparisons
+        Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
 
 

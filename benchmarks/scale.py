@@ -3,10 +3,10 @@
     python benchmarks/scale.py                          # 10k, 100k, 1M short texts + 20k small images
     python benchmarks/scale.py --sizes 10000,100000 --images 20000 --json scale.json
 
-Each corpus is generated on local disk and embedded by `pipelines.embed` in a fresh driver process
-with its own Ray runtime (2 CPUs, 1.5 GB object store, as on the 2-core CI machine), with a tiny
-offline random-weight CLIP (text tower for texts, vision tower for images) so that the pipeline,
-not the model, is what is measured. Per run it records:
+Each corpus is generated on local disk and embedded by `mmembed embed` (mmembed.cli.main) in a
+fresh driver process with its own Ray runtime (2 CPUs, 1.5 GB object store, as on the 2-core CI
+machine), with a tiny offline random-weight CLIP (text tower for texts, vision tower for images)
+so that the pipeline, not the model, is what is measured. Per run it records:
 
 - peak driver RSS (the driver process alone, its VmHWM): nothing may collect the corpus there;
 - bytes spilled from the object store to disk (Ray's memory summary): blocks must stay small;
@@ -19,7 +19,7 @@ figures are growth against it, not a ratio to another tool (none runs this job t
 
     python benchmarks/scale.py --diff-ids 1000000,3000000,10000000
 
-measures reembed's diff alone (`pipelines.reembed.diff_buckets`, the change pass after hashing) on
+measures reembed's diff alone (`mmembed.jobs.reembed.diff_buckets`, the change pass after hashing) on
 synthetic (id, content_hash) input shards against a synthetic base snapshot of as many rows (1% of
 ids changed, 1% new, 1% deleted, 4-dim embeddings), each size in a fresh driver as above, and checks
 the counts. Target: driver RSS grows by at most 200 MB from the smallest to the largest size.
@@ -96,11 +96,11 @@ def worker(argv: list[str], object_store: int) -> dict:
     ray.init(num_cpus=2, object_store_memory=object_store, include_dashboard=False, logging_level="WARNING")
     from ray.data import DataContext
 
-    from pipelines import embed
+    from mmembed import cli
 
     DataContext.get_current().enable_progress_bars = False
     started = time.time()
-    rc = embed.main(argv)
+    rc = cli.main(["embed", *argv])
     wall = time.time() - started
     from ray._private.internal_api import get_memory_info_reply, get_state_from_address
 
@@ -182,7 +182,8 @@ def diff_worker(spec: dict, object_store: int) -> dict:
 
     from mmembed.changes import num_buckets
     from mmembed.stages.encode import embedding_schema
-    from pipelines.reembed import _read_parquet, diff_buckets
+    from mmembed.jobs.reembed import diff_buckets
+    from mmembed.stages.read_pairs import read_parquet
 
     DataContext.get_current().enable_progress_bars = False
     ready = _status_mb("VmRSS")  # Ray started and the code imported: what the diff adds comes after
@@ -191,7 +192,7 @@ def diff_worker(spec: dict, object_store: int) -> dict:
     schema = embedding_schema(4).append(pa.field("content_hash", pa.string()))
     started = time.time()
     buckets = num_buckets(spec["n"])
-    counts, _ = diff_buckets(_read_parquet(new, {}), base, [], buckets, spec["out"], schema, {})
+    counts, _ = diff_buckets(read_parquet(new, new[0], {}), base, [], buckets, spec["out"], schema, {})
     wall = time.time() - started
     ray.shutdown()
     return {"counts": counts, "buckets": buckets, "wall_s": round(wall, 1),

@@ -20,6 +20,26 @@ COMMANDS = {
 }
 
 
+# subcommand -> its configuration class in mmembed/jobs/config.py, for parse().
+CONFIGS = {
+    "embed": "EmbedConfig",
+    "rerank": "RerankConfig",
+    "search": "SearchConfig",
+    "index": "IndexConfig",
+    "retrieve-rerank": "RetrieveRerankConfig",
+    "reembed": "ReembedConfig",
+}
+
+
+def parse(command: str, argv: list) -> object:
+    """The typed configuration that `mmembed <command> <argv>` runs with: for code that runs a job
+    from a command line of its own (benchmarks, notebooks) through mmembed.jobs."""
+    from mmembed.jobs import config
+
+    parser = importlib.import_module(COMMANDS[command][0]).build_parser()
+    return config.from_args(getattr(config, CONFIGS[command]), parser.parse_args([str(a) for a in argv]))
+
+
 def usage() -> str:
     width = max(len(k) for k in COMMANDS)
     lines = ["usage: mmembed <command> [options]   (mmembed <command> --help for its options)", "", "commands:"]

@@ -15,9 +15,8 @@ def reuse_image_memory() -> None:
 
     By default Pillow frees every decoded image's pixel buffer back to the system and maps a new
     one for the next, so each photo pays for faulting in fresh pages (a 640x480 photo: 1.2 MB).
-    With a preprocess block's photos alive at once, that was a fifth of the preprocess time on
-    the 2-core CI machine: a 2,000-photo CLIP preprocess over 128-photo blocks took 7.8 s on average
-    against 6.2 s with 256 buffers kept (3 alternating runs each). Pixels are the same either way.
+    With a preprocess block's photos alive at once, that was a fifth of the preprocess time
+    (benchmarks/RESULTS.md, "Decode memory reuse"). Pixels are the same either way.
     The cache holds only buffers that were alive at once before, so memory stays at the stage's
     own high-water mark. An explicit PILLOW_BLOCKS_MAX in the environment is left as set.
     """

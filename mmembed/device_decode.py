@@ -1,7 +1,7 @@
 """--decode-on-device: JPEG photos decoded and preprocessed by the encoder, on its device.
 
-CLIP-sized models on a GPU node are bound by the CPU pool's decode (the H200 anchors: ~3,000
-photos/s from 16 cores against ~28,000/s of forward passes). With this option the CPU pool only
+CLIP-sized models on a GPU node are bound by the CPU pool's decode, which runs at a tenth of the
+forward pass's rate (benchmarks/RESULTS.md, "GPU"). With this option the CPU pool only
 fetches a photo's bytes and checks its header; the encoder decodes a batch with nvJPEG
 (`torchvision.io.decode_jpeg(device="cuda")`) and hands the decoded tensors to the model's own
 image processor with `device=`, so resizing, cropping and normalising are the processor's own

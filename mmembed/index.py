@@ -184,7 +184,7 @@ class IndexParams:
     }
 
     def resolve(self, n: int, dim: int) -> "IndexParams":
-        """Defaults by corpus size (README "Approximate search")."""
+        """Defaults by corpus size (measured in benchmarks/RESULTS.md, "Approximate search at 1M")."""
         p = IndexParams(**asdict(self))
         if p.kind is None:
             ivf_given = p.nlist or p.nprobe or p.train_size

@@ -1,8 +1,8 @@
 """The in-process executor: the same stages as on Ray, run by one process, for small inputs.
 
 A Ray job pays for its cluster before its first record: the runtime's start and, per actor, a
-fresh process that imports torch, transformers and sentence-transformers (measured on the 2-core
-CI machine: 4-10 s for `ray.init`, about 9 s per actor import). An input that would get a single
+fresh process that imports torch, transformers and sentence-transformers (seconds each:
+benchmarks/RESULTS.md, "A cold job's fixed cost"). An input that would get a single
 preprocess actor anyway gains nothing from that, so it runs here instead: the driver, which has
 those libraries loaded already, reads, preprocesses, encodes and writes the records itself,
 block by block. CPU stages run on a producer thread and the device stage on the calling
@@ -16,7 +16,7 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import pyarrow as pa
 
@@ -44,30 +44,36 @@ class WriteResult:
 
 
 class LocalExecutor:
-    """Runs `cpu_stages` then `device_stage` over a stream of Arrow blocks into a Datasink."""
+    """Runs `cpu_stages` (producer thread) then `device_stages` (calling thread) over a stream of Arrow
+    blocks into a Datasink. mmembed/pipeline.py's `run_local` builds both lists from a job's stages."""
 
-    def __init__(self, cpu_stages: list[Callable[[pa.Table], pa.Table]], device_stage: Callable[[pa.Table], pa.Table],
-                 *, queue_blocks: int = 2):
+    def __init__(self, cpu_stages: list[Callable[[pa.Table], pa.Table]],
+                 device_stages: list[Callable[[pa.Table], pa.Table]], *, queue_blocks: int = 2):
         self.cpu_stages = cpu_stages
-        self.device_stage = device_stage
+        self.device_stages = device_stages
         self.queue_blocks = queue_blocks
+
+    def _through(self, block: pa.Table, stages: list) -> Iterator[pa.Table]:
+        """`block` through `stages`; a stage may return a table or, as Ray Data allows, a generator of them."""
+        if not stages or block.num_rows == 0:
+            yield block
+            return
+        out = stages[0](block)
+        for piece in ([out] if isinstance(out, pa.Table) else out):
+            yield from self._through(piece, stages[1:])
 
     def _produce(self, blocks: Iterable[pa.Table], out: queue.Queue, stop: threading.Event) -> None:
         try:
-            for block in blocks:
-                for stage in self.cpu_stages:
-                    if block.num_rows == 0:
-                        break
-                    block = stage(block)
-                if block.num_rows:
-                    while not stop.is_set():
+            for source in blocks:
+                for block in self._through(source, self.cpu_stages):
+                    while block.num_rows and not stop.is_set():
                         try:
                             out.put(block, timeout=0.5)
                             break
                         except queue.Full:
                             continue
-                if stop.is_set():
-                    return
+                    if stop.is_set():
+                        return
         except BaseException as exc:  # noqa: BLE001 - re-raised on the consuming thread
             out.put(_Failed(exc))
             return
@@ -87,7 +93,7 @@ class LocalExecutor:
                     return
                 if isinstance(item, _Failed):
                     raise item.exc
-                yield self.device_stage(item)
+                yield from self._through(item, self.device_stages)
         finally:
             stop.set()
             producer.join(timeout=5)

@@ -114,8 +114,8 @@ def _collector_paused():
     """No cyclic garbage collection while ST, transformers and torch import and build a model.
 
     Those imports create millions of long-lived objects, and the collector's passes over them as
-    they grow cost about 0.9 s of a cold `import sentence_transformers` on the 2-core CI machine
-    (median of 5: 5.4 s paused, 6.4 s not), paid by the driver and by every actor. Nothing they
+    they grow are a measurable share of a cold import (benchmarks/RESULTS.md, "A cold job's fixed cost"), paid by the
+    driver and by every actor. Nothing they
     build is garbage worth collecting meanwhile; the collector resumes as it was afterwards.
     """
     was_enabled = gc.isenabled()

@@ -11,11 +11,7 @@ import json
 import os
 
 
-class UsageError(ValueError):
-    """A configuration mmembed refuses before Ray starts; the message says what to do."""
-
-
-EXIT_USAGE = 2
+from mmembed.errors import EXIT_USAGE, UsageError  # noqa: F401 - re-exported: jobs raise it from here
 
 
 def job_main(name: str, parser: argparse.ArgumentParser, run, argv: list[str] | None) -> int:
@@ -36,8 +32,8 @@ def exit_process(code: int):
     """sys.exit(code) for a job run as its own process (console script, `python -m`, `python pipelines/...`).
 
     Interpreter shutdown runs a full cyclic garbage collection over every object torch,
-    transformers and ST built at import: 1.7 s of a cold job on the 2-core CI machine, for memory
-    the process is about to give back anyway. Freezing moves those objects out of the collector's
+    transformers and ST built at import (seconds on a small machine: benchmarks/RESULTS.md, "A cold job's fixed cost"),
+    for memory the process is about to give back anyway. Freezing moves those objects out of the collector's
     sight; shutdown is otherwise unchanged (atexit handlers such as ray.shutdown run, streams
     flush). Outputs never depend on it: every shard, manifest and lease is closed explicitly
     before a job returns. Not for in-process callers of main(), whose later garbage must stay
@@ -81,12 +77,13 @@ def positive_float(text: str) -> float:
     return value
 
 
-def add_model_options(p: argparse.ArgumentParser) -> None:
+def add_model_options(p: argparse.ArgumentParser, *, required: bool = True, purpose: str = "") -> None:
+    """--model and how to load it; `purpose` starts --model's help (e.g. search's raw queries)."""
     g = p.add_argument_group("model (as in sentence-transformers)")
     g.add_argument(
         "--model",
-        required=True,
-        help="Hub name (e.g. sentence-transformers/clip-ViT-B-32, Qwen/Qwen3-VL-Embedding-2B) or a local "
+        required=required,
+        help=purpose + "Hub name (e.g. sentence-transformers/clip-ViT-B-32, Qwen/Qwen3-VL-Embedding-2B) or a local "
         "directory. Set HF_HUB_OFFLINE=1 to load only from the local cache.",
     )
     g.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of the model.")
@@ -111,7 +108,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_runtime_options(p: argparse.ArgumentParser) -> None:
+def add_runtime_options(p: argparse.ArgumentParser):
+    """Ray, pools and batches; returns the group, for a job's own compute options."""
     g = p.add_argument_group("compute")
     g.add_argument(
         "--address",
@@ -220,6 +218,7 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
         "on GPU). For flash attention pass --model-kwargs '{\"attn_implementation\": \"flash_attention_2\"}' "
         "with the flash-attn package installed.",
     )
+    return g
 
 
 def add_embedding_options(p: argparse.ArgumentParser):
@@ -266,6 +265,115 @@ def add_embedding_options(p: argparse.ArgumentParser):
     )
     add_on_unsupported_option(g, "embed", "records")
     return g
+
+
+def modality_list(text: str) -> tuple[str, ...]:
+    from mmembed.records import MODALITIES
+
+    values = tuple(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
+    bad = [v for v in values if v not in MODALITIES]
+    if bad or not values:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(MODALITIES)}; got {text!r}")
+    return values
+
+
+def add_input_options(p: argparse.ArgumentParser) -> None:
+    """Corpora as they arrive: which manifest column is which, and which modalities to embed."""
+    g = p.add_argument_group(
+        "input columns",
+        "A manifest's columns, named as your corpus names them: e.g. an img2dataset shard "
+        "`--id-column key --image-column jpg --text-column txt`. A Hugging Face datasets Image or Audio column "
+        "(struct of bytes and path) is read as it is. A named column the manifest lacks is refused before "
+        "anything runs. Recorded in _manifest.json and in the run's identity.",
+    )
+    for field, default in (("id", "id"), ("text", "text"), ("image", "image"), ("audio", "audio"), ("video", "video")):
+        g.add_argument(f"--{field}-column", default=default, metavar="NAME",
+                       help=f"The column holding each record's {field} (default: {default}).")
+    g.add_argument(
+        "--modalities",
+        type=modality_list,
+        default=None,
+        help="Embed only these modalities of each record, comma-separated (text, image, audio, video, message), "
+        "e.g. `image` to embed a shard's photos and not their captions; in a folder of media files, files of "
+        "other modalities are skipped. Default: every modality a record holds.",
+    )
+    d = p.add_argument_group(
+        "documents",
+        "Each PDF (a .pdf file of a folder, or a `pdf` manifest column of paths, URIs or bytes) is one record per "
+        "page, id `<document id>#page=<n>`, rendered with pypdfium2 (pip install \"mmembed[pdf]\") in the CPU "
+        "pool at the size the model's image processor keeps: a CLIP-style processor's shortest edge, a "
+        "Qwen-VL-style processor's max_pixels. A document that cannot be opened (corrupt, password-protected, "
+        "empty, over --max-bytes) is one error row; a page over --max-image-pixels is an error row of its own.",
+    )
+    d.add_argument("--pdf-dpi", type=positive_float, default=None,
+                   help="Render pages at this resolution instead (72 = one pixel per PDF point).")
+    d.add_argument("--max-pages", type=positive_int, default=None,
+                   help="Take at most the first N pages of each document (default: every page).")
+
+
+def add_embed_run_options(g) -> None:
+    """The embed job's own: what a rerun into the same --output does, and --split-modalities."""
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Discard whatever --output holds (a finished run, or an unfinished one of another model, prompt "
+        "or input) and start afresh. Without it, rerunning the same command resumes an interrupted run "
+        "(committed shards are kept, only the rest is embedded) or does nothing if it finished.",
+    )
+    g.add_argument(
+        "--retry-errors",
+        action="store_true",
+        help="Embed again the records that earlier attempts at this output wrote as error rows (a fetch "
+        "that timed out, a file uploaded since), finished run or not; their old error rows are dropped "
+        "first, and whatever fails again becomes a new error row. Without it, a rerun keeps error rows "
+        "as they are.",
+    )
+    g.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=60.0,
+        help="Lease on --output (`_lock.json`) that keeps a second run from writing into it; the running job "
+        "renews it every quarter of this. A lease of a crashed run on another host is taken over once it "
+        "is this old; on the same host, as soon as its process is gone (default: 60).",
+    )
+    g.add_argument(
+        "--split-modalities",
+        action="store_true",
+        help="Embed each modality of a record on its own, as CLIP-style models need: a record with text "
+        "and an image gives two rows. Every output id becomes `<id>#<modality>` (modality: text, image, "
+        "audio, video or message; the source id is everything before the last `#`). Without it, a "
+        "record with several modality cells is one multimodal input, which needs a model that supports "
+        "`message` (e.g. a Qwen3-VL embedder). Such records in the first 1,000 rows of a manifest fail the job "
+        "before Ray starts; later ones become error rows that say so.",
+    )
+
+
+def add_executor_options(compute) -> None:
+    """The embed job's own compute options: where the stages run, and decoding on the device."""
+    from mmembed.cluster import RECORDS_PER_PREPROCESSOR
+
+    compute.add_argument(
+        "--executor",
+        choices=["auto", "ray", "local"],
+        default="auto",
+        help="Where the stages run. ray: a Ray Data pipeline with CPU and GPU actor pools (on --address, "
+        "or an in-process Ray). local: in this process, without Ray: for small inputs, which a Ray job "
+        "would spend most of its time starting (Ray itself, then one process per actor importing torch "
+        "and sentence-transformers). auto (default): local when no cluster is given (no --address, no "
+        "$RAY_ADDRESS, Ray not already started in this process), no pool size is set, and the input is "
+        f"no bigger than one preprocess actor's share ({RECORDS_PER_PREPROCESSOR['media']:,} media or "
+        f"{RECORDS_PER_PREPROCESSOR['text']:,} text records); ray otherwise. Outputs are the same either way.",
+    )
+    compute.add_argument(
+        "--decode-on-device",
+        action="store_true",
+        help="JPEG photos are decoded (nvJPEG) and preprocessed by the encoders on their GPU, with the model's "
+        "own image processor; the CPU pool only fetches their bytes and reads their headers. For CLIP-style "
+        "models, whose rate on a GPU node is otherwise the CPU pool's decode rate. PNG, WebP, grey, CMYK, "
+        "progressive and EXIF-rotated images are still decoded by the CPU pool, record by record. Embeddings "
+        "match ST's within JPEG decoder rounding (cosine >= 0.999). Refused for models whose image features "
+        "are not CLIP-style pixel_values. On a CPU encoder the same code runs on the CPU.",
+    )
 
 
 def add_on_unsupported_option(g, verb: str, rows: str) -> None:
@@ -329,16 +437,3 @@ def add_io_options(p: argparse.ArgumentParser) -> None:
         help="Exit non-zero when more than this fraction of records fail (output and error rows are "
         "still written; default: 1.0, never).",
     )
-
-
-def fetch_kwargs(args) -> dict:
-    """The io options as the preprocess stages' keyword arguments (embed, rerank and search alike)."""
-    return {
-        "storage_options": args.storage_options,
-        "max_bytes": args.max_bytes,
-        "fetch_threads": args.fetch_threads,
-        "max_image_pixels": args.max_image_pixels,
-        "allow_http": args.allow_http,
-        "http_timeout_s": args.http_timeout,
-        "transport_dtype": args.transport_dtype,
-    }

@@ -171,3 +171,13 @@ def check_apart(output: str, flag: str, uri: str, *, output_flag: str = "--outpu
         "every input (a rerun would read the output as input, and --overwrite would remove inputs). "
         f"Choose an {output_flag} outside the input."
     )
+
+
+def refuse_finished(output: str, storage_options: dict | None, overwrite: bool) -> None:
+    """Refuse an --output that holds a finished run, unless --overwrite replaces it."""
+    existing = read_json(join_uri(output, MANIFEST_NAME), storage_options)
+    if existing and not overwrite:
+        raise UsageError(
+            f"{output} already holds a finished run ({existing.get('job')}, {existing.get('finished_at')}). "
+            "Choose another --output, or pass --overwrite to replace it."
+        )

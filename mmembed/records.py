@@ -1,4 +1,5 @@
-"""What an input record is, and how an input URI is recognised before Ray starts.
+"""How an input URI is recognised before Ray starts: a Parquet manifest, a folder of media files or
+PDFs, or WebDataset tar shards (what a record is: mmembed/schema.py).
 
 A record is one row with a string ``id`` and one or more modality cells. A manifest row with
 ``text`` and ``image`` set is one multimodal record, like ST's ``{"text": ..., "image": ...}``.
@@ -12,40 +13,24 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mmembed.storage import filesystem, unstrip
-
-MODALITY_COLUMNS = ("text", "image", "audio", "video")
-MEDIA_MODALITIES = ("image", "audio", "video")
-# `messages` is a chat-message list; it is its own modality in ST ("message").
-MESSAGE_COLUMN = "messages"
-
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-AUDIO_EXTENSIONS = {".wav", ".mp3", ".flac", ".ogg", ".m4a", ".opus", ".aac"}
-VIDEO_EXTENSIONS = {".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v"}
-TEXT_EXTENSIONS = {".txt", ".md"}
-
-EXTENSION_MODALITY = {
-    **{ext: "image" for ext in IMAGE_EXTENSIONS},
-    **{ext: "audio" for ext in AUDIO_EXTENSIONS},
-    **{ext: "video" for ext in VIDEO_EXTENSIONS},
-    **{ext: "text" for ext in TEXT_EXTENSIONS},
-}
-
-# The columns every stage after `read` sees. Media cells are URIs (`*_uri`) or bytes
-# (`*_bytes`), kept apart so that one Arrow type holds per column.
-RECORD_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("text", pa.string()),
-        ("text_uri", pa.string()),
-        ("image_uri", pa.string()),
-        ("image_bytes", pa.binary()),
-        ("audio_uri", pa.string()),
-        ("audio_bytes", pa.binary()),
-        ("video_uri", pa.string()),
-        ("video_bytes", pa.binary()),
-    ]
+from mmembed.schema import (  # noqa: F401 - the record definition, re-exported for the readers
+    MODALITY_COLUMNS,
+    MODALITIES,
+    MEDIA_MODALITIES,
+    MESSAGE_COLUMN,
+    IMAGE_EXTENSIONS,
+    AUDIO_EXTENSIONS,
+    VIDEO_EXTENSIONS,
+    TEXT_EXTENSIONS,
+    DOCUMENT_EXTENSIONS,
+    PAGE_MARK,
+    EXTENSION_MODALITY,
+    RECORD_SCHEMA,
+    CELL_ERROR,
+    Columns,
+    DEFAULT_COLUMNS,
 )
+from mmembed.storage import filesystem, unstrip
 
 
 class InputError(ValueError):
@@ -64,6 +49,12 @@ class InputSpec:
     modalities: set[str] = field(default_factory=set)
     columns: list[str] = field(default_factory=list)
     fingerprint: str = ""
+    mapping: Columns = DEFAULT_COLUMNS  # which column is which, and the modalities kept
+    # WebDataset shards are not counted before they are read: num_records is an estimate from the
+    # first shard's records per byte, for sizing pools only; the manifest counts what was read.
+    estimated: bool = False
+    documents: int = 0  # PDFs among the records: each becomes its pages
+    labels: set[str] = field(default_factory=set)  # modality labels of a sample of records (shards)
 
 
 def modality_of_extension(path: str) -> str | None:
@@ -74,12 +65,24 @@ def _is_glob(path: str) -> bool:
     return any(ch in path for ch in "*?[")
 
 
-def discover(uri: str, storage_options: dict | None = None) -> InputSpec:
+def discover(uri: str, storage_options: dict | None = None, columns: Columns = DEFAULT_COLUMNS) -> InputSpec:
     """Classify the input as a Parquet manifest or a media tree, and list its files."""
     fs, path = filesystem(uri, storage_options)
     # Listings with details: sizes and ETags for the fingerprint come with the listing pages,
     # not from a request per file.
-    if _is_glob(path):
+    if "{" in path:  # a brace range of shards, `shards-{000000..000099}.tar`
+        from mmembed.webdataset import expand_braces
+
+        try:
+            listed = expand_braces(path)
+        except ValueError as exc:
+            raise InputError(f"{uri}: {exc}") from None
+        missing = [p for p in listed if not fs.exists(p)]
+        if missing:
+            raise InputError(f"{len(missing)} of the {len(listed)} files of {uri} are missing, e.g. {missing[0]}")
+        infos = {p: fs.info(p) for p in listed}
+        root = path.split("{", 1)[0].rsplit("/", 1)[0] if "/" in path else ""
+    elif _is_glob(path):
         infos = {p: i for p, i in fs.glob(path, detail=True).items() if i.get("type") != "directory"}
         root = path.split("*", 1)[0].rsplit("/", 1)[0] if "/" in path else ""
     elif fs.isdir(path):
@@ -98,8 +101,15 @@ def discover(uri: str, storage_options: dict | None = None) -> InputSpec:
     parquet = [p for p in found if p.endswith(".parquet")]
     if parquet:
         # Media files next to a manifest are what its relative paths point at, not records.
-        return _manifest_spec(uri, fs, parquet, root, infos)
-    media = [p for p in found if modality_of_extension(p)]
+        return _manifest_spec(uri, fs, parquet, root, infos, columns)
+    if columns.custom():
+        raise InputError(f"--{'/--'.join(f'{k}-column' for k in columns.custom())} name manifest columns, but {uri} "
+                         "is a folder of media files (no Parquet manifest); drop them")
+    tars = [p for p in found if p.endswith(".tar")]
+    if tars:
+        return _webdataset_spec(uri, fs, tars, root, infos, columns, skipped=len(found) - len(tars))
+    # Files of a modality --modalities leaves out are not records of this run, like unknown extensions.
+    media = [p for p in found if modality_of_extension(p) and columns.keeps(modality_of_extension(p))]
     skipped = len(found) - len(media)
     spec = InputSpec(
         uri=uri,
@@ -107,8 +117,12 @@ def discover(uri: str, storage_options: dict | None = None) -> InputSpec:
         paths=[unstrip(fs, p) for p in media],
         root=unstrip(fs, root),
         num_records=len(media),
-        modalities={modality_of_extension(p) for p in media},
+        modalities={_as_input(modality_of_extension(p)) for p in media},
+        mapping=columns,
+        documents=sum(1 for p in media if modality_of_extension(p) == "pdf"),
     )
+    if spec.documents:
+        spec.estimated = True  # pages are counted as they are rendered
     if not media:
         raise InputError(
             f"no media files with a known extension under {uri} ({skipped} other files). Known: "
@@ -116,6 +130,35 @@ def discover(uri: str, storage_options: dict | None = None) -> InputSpec:
         )
     spec.skipped_files = skipped  # type: ignore[attr-defined]
     spec.fingerprint = _fingerprint(media, infos)
+    return spec
+
+
+def _as_input(modality: str) -> str:
+    """What a model must take for a record: a PDF's pages are images."""
+    return "image" if modality == "pdf" else modality
+
+
+def _webdataset_spec(uri: str, fs, tars: list[str], root: str, infos: dict[str, dict], mapping: Columns,
+                     skipped: int) -> InputSpec:
+    from mmembed.webdataset import sample_shard
+
+    first = unstrip(fs, tars[0])
+    labels, records, nbytes = sample_shard(first, fs, mapping)
+    total = sum(int(infos[p].get("size") or 0) for p in tars)
+    estimate = max(len(tars), int(total * records / nbytes) if records and nbytes else len(tars))
+    spec = InputSpec(
+        uri=uri,
+        kind="webdataset",
+        paths=[unstrip(fs, p) for p in tars],
+        root=unstrip(fs, root),
+        num_records=estimate,
+        modalities={m for label in labels for m in label.split("+")},
+        mapping=mapping,
+        estimated=True,
+        labels=labels,
+    )
+    spec.skipped_files = skipped  # type: ignore[attr-defined]
+    spec.fingerprint = _fingerprint(tars, infos)
     return spec
 
 
@@ -131,11 +174,14 @@ def _fingerprint(paths: list[str], infos: dict[str, dict]) -> str:
     return h.hexdigest()[:16]
 
 
-def _manifest_spec(uri: str, fs, paths: list[str], root: str, infos: dict[str, dict]) -> InputSpec:
+def _manifest_spec(uri: str, fs, paths: list[str], root: str, infos: dict[str, dict],
+                   mapping: Columns = DEFAULT_COLUMNS) -> InputSpec:
+    sources = mapping.sources()
     columns: list[str] | None = None
     num_rows = 0
     non_null: set[str] = set()
     types: dict[str, tuple[str, str]] = {}
+    documents: int | None = 0  # rows with a `pdf` cell, from row-group statistics (None: not recorded)
     for p in paths:
         with fs.open(p, "rb") as f:
             meta = pq.ParquetFile(f).metadata
@@ -143,10 +189,15 @@ def _manifest_spec(uri: str, fs, paths: list[str], root: str, infos: dict[str, d
         names = list(schema.names)
         if columns is None:
             columns = names
+            missing = {k: v for k, v in mapping.custom().items() if v not in names}
+            if missing:
+                flags = ", ".join(f"--{k}-column {v}" for k, v in missing.items())
+                raise InputError(f"manifest {p} has no column for {flags}; its columns: {', '.join(names)}")
         for col in MODALITY_COLUMNS:
-            if col in names and not pa.types.is_null(schema.field(col).type):
-                kind = "string" if pa.types.is_string(schema.field(col).type) or pa.types.is_large_string(
-                    schema.field(col).type) else str(schema.field(col).type)
+            src = sources[col]
+            if src in names and not pa.types.is_null(schema.field(src).type):
+                kind = "string" if pa.types.is_string(schema.field(src).type) or pa.types.is_large_string(
+                    schema.field(src).type) else str(schema.field(src).type)
                 first = types.setdefault(col, (kind, p))
                 if first[0] != kind:
                     # Ray unifies a dataset's schema, so mixed cell kinds would be cast and misread.
@@ -155,11 +206,20 @@ def _manifest_spec(uri: str, fs, paths: list[str], root: str, infos: dict[str, d
                         "per column (URI/path strings or raw bytes), e.g. split the manifest in two runs"
                     )
         num_rows += meta.num_rows
-        for col in (*MODALITY_COLUMNS, MESSAGE_COLUMN):
-            if col not in names or col in non_null:
+        if "pdf" in names and documents is not None and mapping.keeps("pdf"):
+            idx = names.index("pdf")
+            for rg in range(meta.num_row_groups):
+                stats = meta.row_group(rg).column(idx).statistics
+                if stats is None or not stats.has_null_count:
+                    documents = None
+                    break
+                documents += meta.row_group(rg).num_rows - stats.null_count
+        for col in (*MODALITY_COLUMNS, MESSAGE_COLUMN, "pdf"):
+            src = sources.get(col, col)
+            if src not in names or col in non_null:
                 continue
             # Row-group statistics give the null count without reading the column.
-            idx = names.index(col)
+            idx = names.index(src)
             for rg in range(meta.num_row_groups):
                 c = meta.row_group(rg).column(idx) if idx < meta.num_columns else None
                 stats = c.statistics if c is not None else None
@@ -167,15 +227,20 @@ def _manifest_spec(uri: str, fs, paths: list[str], root: str, infos: dict[str, d
                     non_null.add(col)
                     break
     columns = columns or []
-    if "id" not in columns:
-        raise InputError(f"manifest {uri} has no `id` column; found columns: {columns}")
-    present = [c for c in (*MODALITY_COLUMNS, MESSAGE_COLUMN) if c in columns]
+    if mapping.id not in columns:
+        raise InputError(f"manifest {uri} has no `{mapping.id}` column; found columns: {columns}. Name the id "
+                         "column with --id-column")
+    present = [c for c in (*MODALITY_COLUMNS, MESSAGE_COLUMN, "pdf") if sources.get(c, c) in columns
+               and mapping.keeps("message" if c == MESSAGE_COLUMN else c)]
     if not present:
+        kept = f" among --modalities {','.join(mapping.modalities)}" if mapping.modalities else ""
         raise InputError(
-            f"manifest {uri} has no modality column; expected one or more of "
-            f"{list(MODALITY_COLUMNS) + [MESSAGE_COLUMN]}, found: {columns}"
+            f"manifest {uri} has no modality column{kept}; expected one or more of "
+            f"{[sources.get(c, c) for c in (*MODALITY_COLUMNS, MESSAGE_COLUMN)]}, found: {columns}. Name them with "
+            "--text-column, --image-column, --audio-column, --video-column"
         )
     modalities = {"message" if c == MESSAGE_COLUMN else c for c in non_null}
+    modalities = {_as_input(m) for m in modalities if mapping.keeps(m)}
     spec = InputSpec(
         uri=uri,
         kind="manifest",
@@ -184,6 +249,10 @@ def _manifest_spec(uri: str, fs, paths: list[str], root: str, infos: dict[str, d
         num_records=num_rows,
         modalities=modalities,
         columns=columns,
+        mapping=mapping,
+        # A manifest's documents are not counted before their pages are rendered.
+        estimated="pdf" in non_null,
+        documents=documents or 0,
     )
     spec.fingerprint = _fingerprint(paths, infos)
     return spec
@@ -206,7 +275,7 @@ def check_unique_ids(spec: InputSpec, storage_options: dict | None = None, show:
         with fs.open(fs._strip_protocol(p), "rb") as f:
             pf = pq.ParquetFile(f)
             for rg in range(pf.num_row_groups):
-                col = pf.read_row_group(rg, columns=["id"], use_threads=False).column(0)
+                col = pf.read_row_group(rg, columns=[spec.mapping.id], use_threads=False).column(0)
                 if col.null_count:
                     raise InputError(f"manifest {p} has {col.null_count} null ids; every record needs an id")
                 hashes.append(pd.util.hash_array(col.to_numpy(zero_copy_only=False).astype(object)))
@@ -222,7 +291,7 @@ def check_unique_ids(spec: InputSpec, storage_options: dict | None = None, show:
     wanted = set(dup_hashes.tolist())
     for p in spec.paths:
         with fs.open(fs._strip_protocol(p), "rb") as f:
-            ids = pq.read_table(f, columns=["id"], use_threads=False).column(0).to_pylist()
+            ids = pq.read_table(f, columns=[spec.mapping.id], use_threads=False).column(0).to_pylist()
         for i, h in zip(ids, pd.util.hash_array(np.array(ids, dtype=object))):
             if int(h) in wanted:
                 dups[i] = dups.get(i, 0) + 1
@@ -247,4 +316,8 @@ def record_modality(row: dict) -> str:
             parts.append(m)
     if row.get(MESSAGE_COLUMN) is not None:
         parts.append("message")
+    if row.get("pdf_uri") is not None or row.get("pdf_bytes") is not None:
+        parts.append("pdf")
+    if row.get("image_page") is not None:
+        parts.append("image")
     return "+".join(sorted(parts))

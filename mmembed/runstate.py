@@ -43,33 +43,39 @@ from mmembed.outputs import (  # noqa: F401 - RUN_NAME and LOCK_NAME are importe
     RUN_NAME,
     TMP_GLOBS,
 )
+from mmembed.schema import DEFAULT_COLUMNS, PAGE_MARK
+from mmembed.stages.write import empty_totals
 from mmembed.storage import filesystem, join_uri, protocol_of, unstrip, with_retries
 
 # What decides the vectors; a rerun that differs in any of these is a different run.
 IDENTITY_KEYS = (
     "model", "revision", "prompt", "task", "prompt_name", "normalize", "truncate_dim", "precision",
     "model_kwargs", "processor_kwargs", "split_modalities", "input_uri", "input_fingerprint", "quantization",
+    "input_columns", "documents",
 )
 
 
-def run_identity(args, p: dict) -> dict:
+def run_identity(cfg, p: dict) -> dict:
     spec = p["input"]
     return {
-        "model": args.model,
+        "model": cfg.model,
         "revision": p["revision"],
         "prompt": p["prompt"],
-        "task": args.task,
-        "prompt_name": args.prompt_name,
-        "normalize": bool(args.normalize),
-        "truncate_dim": args.truncate_dim,
-        "precision": args.precision,
-        "model_kwargs": args.model_kwargs,
-        "processor_kwargs": args.processor_kwargs,
-        "split_modalities": bool(getattr(args, "split_modalities", False)),
-        "input_uri": args.input,
+        "task": cfg.task,
+        "prompt_name": cfg.prompt_name,
+        "normalize": bool(cfg.normalize),
+        "truncate_dim": cfg.truncate_dim,
+        "precision": cfg.precision,
+        "model_kwargs": cfg.model_kwargs,
+        "processor_kwargs": cfg.processor_kwargs,
+        "split_modalities": bool(cfg.split_modalities),
+        "input_uri": cfg.input,
         "input_fingerprint": spec.fingerprint,
         # Only quantised runs carry it, so outputs written before it existed still resume.
         **({"quantization": p["quantization"]} if p.get("quantization") else {}),
+        # Likewise only runs that name columns or modalities carry which.
+        **({"input_columns": spec.mapping.describe()} if spec.mapping != DEFAULT_COLUMNS else {}),
+        **({"documents": p["documents"]} if p.get("documents") else {}),
     }
 
 
@@ -385,7 +391,7 @@ def account(paths: list[str], error_paths: list[str], storage_options: dict | No
 
     from mmembed.changes import id_keys
 
-    totals = {"files": [], "error_files": [], "written": 0, "errors": 0, "modalities": {}, "duplicate_ids": 0}
+    totals = {**empty_totals(), "duplicate_ids": 0, "pages": 0}
     his, los = [], []
     for kind, group in (("files", paths), ("error_files", error_paths)):
         for uri in group:
@@ -404,6 +410,8 @@ def account(paths: list[str], error_paths: list[str], storage_options: dict | No
                 vc = pc.value_counts(t.column("modality"))
                 for m, n in zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist()):
                     totals["modalities"][m] = totals["modalities"].get(m, 0) + n
+            # PDF pages (ids `<document>#page=<n>`), written or failed.
+            totals["pages"] += pc.sum(pc.match_substring(t.column("id"), PAGE_MARK)).as_py() or 0
             hi, lo = id_keys(t.column("id"))
             his.append(hi)
             los.append(lo)
@@ -415,11 +423,8 @@ def account(paths: list[str], error_paths: list[str], storage_options: dict | No
     return totals
 
 
-class NotCommitted:
-    """Row predicate for Ray Data `filter`: keep records whose id no committed shard holds."""
-
-    def __init__(self, index):
-        self.index = index  # a mmembed.changes.IndexRef
-
-    def __call__(self, row: dict) -> bool:
-        return not bool(self.index.get().lookup([row["id"]])[0][0])
+def drop_committed(batch: pa.Table, index) -> pa.Table:
+    """The records of `batch` that no committed shard holds. `index` is a KeyIndex, or on Ray the
+    mmembed.changes.IndexRef that each worker fetches once."""
+    index = index.get() if hasattr(index, "get") else index
+    return batch.filter(pa.array(~index.lookup(batch.column("id"))[0]))

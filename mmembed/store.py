@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from mmembed.manifest import MANIFEST_NAME, now_iso, read_json, write_json
 from mmembed.options import UsageError
 from mmembed.runstate import LOCK_NAME
+from mmembed.schema import DEFAULT_COLUMNS
 from mmembed.storage import filesystem, join_uri
 
 STORE_MARKER = "_mmembed_store.json"
@@ -62,6 +63,9 @@ def embedding_settings(args, p: dict) -> dict:
         "model_kwargs": args.model_kwargs,
         "processor_kwargs": args.processor_kwargs,
         "transport_dtype": args.transport_dtype,
+        # Only a store fed other columns or fewer modalities records which: earlier versions keep their ids.
+        **({"input_columns": p["input"].mapping.describe()} if p["input"].mapping != DEFAULT_COLUMNS else {}),
+        **({"documents": p["documents"]} if p.get("documents") else {}),
     }
 
 

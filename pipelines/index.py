@@ -1,20 +1,15 @@
-"""Entry point: build an approximate nearest-neighbour index over corpus embeddings.
+"""Entry point: build an approximate nearest-neighbour index over corpus embeddings (`mmembed index`).
 
     python -m pipelines.index --embeddings URI --output URI [--kind ivf-flat|hnsw|ivf-pq|flat] [...]
 
-`mmembed index` runs this same code. The build runs in this process (FAISS uses every core):
-the quantizer is trained on a sample, then the store is added one shard at a time, so the
-only full-corpus object in memory is the index itself. `mmembed search --index URI` uses it.
+The job itself is mmembed/jobs/index.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 
-from mmembed import __version__
-from mmembed.manifest import command_line, library_versions, now_iso, redact_options
-from mmembed.options import UsageError, add_storage_option, job_main, positive_int
+from mmembed.options import add_storage_option, job_main, positive_int
 
 
 def build_parser(prog: str = "mmembed index") -> argparse.ArgumentParser:
@@ -39,7 +34,7 @@ def build_parser(prog: str = "mmembed index") -> argparse.ArgumentParser:
         "Defaults: N < 10,000: flat (an exact scan is already instant there). N >= 10,000: ivf-flat with "
         "nlist = sqrt(N) rounded to a power of two (at most N/39), nprobe = nlist/16, trained on 64 x nlist "
         "vectors; e.g. N = 100,000: nlist 256, nprobe 16; N = 1,000,000: nlist 1024, nprobe 64. Every default "
-        "and the FAISS version are recorded in the index _manifest.json. README \"Approximate search\" has the "
+        "and the FAISS version are recorded in the index _manifest.json. benchmarks/RESULTS.md (\"Approximate search at 1M\") has the "
         "measured recall and speed of each kind.",
     )
     g.add_argument("--kind", choices=["flat", "ivf-flat", "ivf-sq8", "hnsw", "ivf-pq"], default=None,
@@ -75,96 +70,12 @@ def build_parser(prog: str = "mmembed index") -> argparse.ArgumentParser:
     return p
 
 
-def plan(args) -> dict:
-    """Every check before the build. Raises UsageError."""
-    from mmembed.index import INDEX_JOB, METRICS, EmbeddingSource, IndexOutput, IndexParams, require_faiss
-
-    from mmembed.outputs import check_output
-
-    check_output("index", args.output, args.storage_options, inputs={"--embeddings": args.embeddings})
-    faiss = require_faiss()
-    source = EmbeddingSource.open(args.embeddings, args.storage_options)
-    if source.similarity not in METRICS:
-        raise UsageError(
-            f"the corpus similarity {source.similarity!r} has no FAISS metric (supported: {', '.join(METRICS)}); "
-            "use exact `mmembed search --corpus-embeddings` instead."
-        )
-    out = IndexOutput(args.output, args.storage_options)
-    existing = out.existing()
-    if existing and existing.get("job") != INDEX_JOB:
-        raise UsageError(
-            f"--output {args.output} holds a `{existing.get('job')}` output, not an index; give the index a "
-            "directory of its own."
-        )
-    if existing and not args.overwrite:
-        raise UsageError(
-            f"{args.output} already holds a finished run ({existing.get('job')}, {existing.get('finished_at')}). "
-            "Choose another --output, or pass --overwrite to replace it."
-        )
-    params = IndexParams(
-        kind=args.kind, nlist=args.nlist, nprobe=args.nprobe, m=args.m, nbits=args.nbits,
-        ef_construction=args.ef_construction, ef_search=args.ef_search, train_size=args.train_size,
-    ).resolve(source.count, source.dim)
-    return {"faiss": faiss, "source": source, "output": out, "params": params}
-
-
-def run(args) -> int:
-    from mmembed.index import INDEX_JOB, IndexBuilder
-    from mmembed.runstate import RunLock
-
-    started, started_iso = time.time(), now_iso()
-    p = plan(args)
-    source = p["source"]
-    with RunLock(args.output, args.storage_options):
-        builder = IndexBuilder(source, p["params"])
-        index, ids = builder.build()
-        built = time.time()
-        manifest = {
-            "job": INDEX_JOB,
-            "mmembed_version": __version__,
-            "source": {
-                "uri": source.uri,
-                "root": source.root,
-                "job": source.manifest.get("job"),
-                "finished_at": source.manifest.get("finished_at"),
-                "fingerprint": source.fingerprint(),
-                "column": source.column,
-                "precision": source.model.get("precision") or "float32",
-                "files": [{"name": f["name"], "rows": f["rows"]} for f in source.files],
-            },
-            "model": {
-                **{k: source.model.get(k) for k in ("name", "revision", "dim", "normalize", "task", "truncate_dim")},
-                # What `search` needs to embed raw queries as the corpus was (reembed records one flag).
-                "normalize_flag": source.model.get("normalize_flag", source.model.get("normalize")),
-            },
-            "similarity_fn_name": source.similarity,
-            "metric": builder.metric,
-            "normalize_inputs": builder.normalize,
-            "index": builder.params.to_dict(),
-            "counts": {"records": source.count, "written": int(index.ntotal), "errors": 0,
-                       "unaccounted": source.count - int(index.ntotal)},
-            "output": {"uri": args.output, "storage_options": redact_options(args.storage_options)},
-            "versions": {**library_versions(), "faiss": p["faiss"].__version__},
-            "started_at": started_iso,
-            "build_s": round(built - started, 3),
-        }
-        manifest["finished_at"] = now_iso()
-        manifest["duration_s"] = round(time.time() - started, 3)
-        manifest["command_line"] = command_line()
-        manifest = p["output"].commit(index, ids, manifest)
-    c, m = manifest["counts"], manifest["model"]
-    print(
-        f"mmembed index: complete in {manifest['duration_s']:.1f} s (build {manifest['build_s']:.1f} s)\n"
-        f"  vectors  {c['written']:>10,} of {c['records']:,} from {source.root} ({source.column})\n"
-        f"  index    {manifest['index']}  metric={manifest['metric']} -> {args.output}\n"
-        f"  model    {m.get('name')} @ {m.get('revision')}  dim={m.get('dim')}",
-        flush=True,
-    )
-    return 0 if manifest["counts"]["unaccounted"] == 0 else 1
-
-
 def main(argv: list[str] | None = None) -> int:
-    return job_main("index", build_parser(), run, argv)
+    from mmembed.jobs.config import IndexConfig, from_args
+    from mmembed.jobs.index import IndexJob
+    from mmembed.jobs.runner import run
+
+    return job_main("index", build_parser(), lambda args: run(IndexJob(from_args(IndexConfig, args))), argv)
 
 
 if __name__ == "__main__":

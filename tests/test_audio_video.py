@@ -210,6 +210,19 @@ def test_audio_bytes_equal_st_on_the_same_paths(ray_session, tiny_clap, tones, t
     assert np.abs(mean - reference[0]).max() > 1e-3
 
 
+def test_hugging_face_audio_feature_equals_st(tiny_clap, tones, tmp_path):
+    """datasets' Audio feature, struct<bytes, path>: bytes (stereo and mono) and a path alone equal ST on the path."""
+    cells = [{"bytes": tones["stereo48"].read_bytes(), "path": "a.wav"}, {"bytes": None, "path": str(tones["mono16"])},
+             {"bytes": tones["mp3"].read_bytes(), "path": None}]
+    table = pa.table({"id": ["s48", "m16", "mp3"],
+                      "audio": pa.array(cells, pa.struct([("bytes", pa.binary()), ("path", pa.string())]))})
+    emb, errors, _ = _embed(tmp_path, table, tiny_clap, "--executor", "local")
+    assert not errors
+    st = _st(tiny_clap)
+    reference = np.stack([st.encode([str(tones[k])])[0] for k in ("stereo48", "mono16", "mp3")])
+    assert max_abs_diff(emb, ["s48", "m16", "mp3"], reference) <= TOL
+
+
 @pytest.mark.slow
 def test_audio_paths_and_urls_equal_st_on_the_same_paths(ray_session, tiny_clap, tones, tmp_path):
     from tests.helpers import media_server

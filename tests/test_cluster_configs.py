@@ -17,7 +17,7 @@ import yaml
 
 from mmembed.cli import COMMANDS
 from mmembed.submit import check_command, split_command
-from pipelines import embed
+from mmembed import cluster
 
 CLUSTER = Path(__file__).resolve().parent.parent / "cluster"
 # Ray's default object store takes 30% of a node's memory; actors may reserve the rest.
@@ -130,7 +130,7 @@ def check_fit(args, groups: list[Group]) -> dict:
     spare += [g.cpus % args.cpus_per_preprocessor for g in pre]
     assert max(spare) >= 1, "no node keeps a whole CPU free for Ray Data's listing and read tasks"
     # Sized as the pipeline sizes itself against the cluster it finds at start (initial replicas).
-    res = embed.plan_resources(sum(g.cpus * g.replicas for g in groups), sum(g.gpus * g.replicas for g in groups), args)
+    res = cluster.plan_resources(sum(g.cpus * g.replicas for g in groups), sum(g.gpus * g.replicas for g in groups), args)
     assert res["device"] == "cuda"
     assert res["num_encoders"] <= enc_slots, f"{res['num_encoders']} encoders, room for {enc_slots}"
     assert res["num_preprocessors"] <= pre_slots, f"{res['num_preprocessors']} preprocess actors, room for {pre_slots}"
@@ -296,7 +296,7 @@ def test_misfits_are_caught():
         (entry.replace("--num-preprocessors 56", "--num-preprocessors 200"), "do not fit|room for"),
     ]:
         _, args = parse_entrypoint(bad)
-        with pytest.raises((AssertionError, embed.UsageError), match=why):
+        with pytest.raises((AssertionError, cluster.UsageError), match=why):
             check_fit(args, groups)
     with pytest.raises(AssertionError, match="unknown mmembed command"):
         parse_entrypoint("mmembed embedd --input x")

@@ -15,7 +15,10 @@ def test_calls_per_encoder_overlap_equal_st_and_keep_every_id(ray_session, tiny_
     """A device slowed to 0.4 s a batch makes blocks queue at the encoder; the stage's own count of the
     calls it ran at once then shows whether Ray overlapped them, and the outputs must not change."""
     from mmembed.testing.standin import SlowDeviceEncoder
-    from pipelines import embed
+    from mmembed import cli
+    from mmembed.jobs.embed import EmbedJob
+    from mmembed.jobs.runner import run
+    from mmembed.stages.encode import EncodeStage
 
     imgs = [image_bytes(i, size=(40 + 4 * i, 32)) for i in range(24)]
     ids = [f"i{i:02d}" for i in range(24)] + ["broken"]
@@ -26,9 +29,8 @@ def test_calls_per_encoder_overlap_equal_st_and_keep_every_id(ray_session, tiny_
     # Windows of 4 rows: the 25 records reach the encoder as several blocks, queued behind the slow device.
     argv = ["--input", str(src), "--output", str(out), "--model", tiny_clip, "--batch-size", "4",
             "--encode-window", "4", "--calls-per-encoder", str(calls), "--executor", "ray"]
-    args = embed.build_parser().parse_args(argv)
-    args.encoder_stage, args.encoder_stage_kwargs = SlowDeviceEncoder, {"delay": 0.4}
-    assert embed.run(args) == 0
+    job = EmbedJob(cli.parse("embed", argv), replacements={EncodeStage: (SlowDeviceEncoder, {"delay": 0.4})})
+    assert run(job) == 0
     emb, errors, manifest = read_output(out)
     assert manifest["resources"]["calls_per_encoder"] == calls
     assert manifest["device_use"]["max_concurrent_calls"] == calls

@@ -50,12 +50,12 @@ def recall(doc_ids, ids, order) -> float:
 
 @pytest.fixture
 def no_ray(monkeypatch):
-    import pipelines.search as search_job
+    from mmembed import cluster
 
     def refuse(*_a, **_k):
         raise AssertionError("Ray must not start for a refused configuration")
 
-    monkeypatch.setattr(search_job, "start_cluster", refuse)
+    monkeypatch.setattr(cluster, "init_ray", refuse)
 
 
 # --------------------------------------------------------------------------------------------

@@ -96,15 +96,15 @@ def test_local_retry_errors_resumes_around_committed_shards(tiny_clip, tmp_path,
 def test_auto_picks_local_only_without_a_cluster_and_for_small_inputs(tiny_clip, tmp_path, monkeypatch):
     from mmembed.options import UsageError
     from mmembed.records import InputSpec
-    from pipelines import embed
+    from mmembed import cli, cluster
 
     ray = pytest.importorskip("ray")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
 
     def choice(n: int, modalities=("image",), *extra: str) -> str:
-        args = embed.build_parser().parse_args(["--input", "x", "--output", "y", "--model", tiny_clip, *extra])
-        return embed.choose_executor(args, InputSpec("x", "media", num_records=n, modalities=set(modalities)))
+        cfg = cli.parse("embed", ["--input", "x", "--output", "y", "--model", tiny_clip, *extra])
+        return cluster.choose_executor(cfg, InputSpec("x", "media", num_records=n, modalities=set(modalities)))
 
     assert choice(16) == "local"
     assert choice(2_000) == "local" and choice(2_001) == "ray"

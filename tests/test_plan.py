@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 from mmembed.records import InputSpec
-from pipelines import embed
+from mmembed import cli, cluster
 
 
 def _args(*extra: str):
-    return embed.build_parser().parse_args(["--input", "in", "--output", "out", "--model", "m", *extra])
+    return cli.parse("embed", ["--input", "in", "--output", "out", "--model", "m", *extra])
 
 
 def _spec(records: int, modalities=("image",)) -> InputSpec:
@@ -17,7 +17,7 @@ def _spec(records: int, modalities=("image",)) -> InputSpec:
 
 
 def test_two_cpus_get_two_preprocessors_for_a_corpus():
-    res = embed.plan_resources(2, 0, _args())
+    res = cluster.plan_resources(2, 0, _args())
     assert res["device"] == "cpu" and res["num_encoders"] == 1
     assert res["num_preprocessors"] == 2
     # Everything fits with room for the listing task (1 CPU) beside the pools.
@@ -38,7 +38,7 @@ def test_two_cpus_get_two_preprocessors_for_a_corpus():
     ],
 )
 def test_default_preprocess_pool_is_no_bigger_than_the_input_needs(records, modalities, cpus, want):
-    assert embed.plan_resources(cpus, 0, _args(), _spec(records, modalities))["num_preprocessors"] == want
+    assert cluster.plan_resources(cpus, 0, _args(), _spec(records, modalities))["num_preprocessors"] == want
 
 
 @pytest.mark.parametrize(
@@ -50,13 +50,13 @@ def test_default_preprocess_pool_is_no_bigger_than_the_input_needs(records, moda
     ],
 )
 def test_on_a_gpu_node_the_pool_is_bounded_by_cpus_and_batches_not_records(records, want):
-    res = embed.plan_resources(16, 1, _args("--gpus-per-encoder", "0.5"), _spec(records))
+    res = cluster.plan_resources(16, 1, _args("--gpus-per-encoder", "0.5"), _spec(records))
     assert res["device"] == "cuda" and res["num_encoders"] == 2
     assert res["num_preprocessors"] == want
 
 
 def test_an_explicit_pool_size_is_kept_whatever_the_input():
-    assert embed.plan_resources(8, 0, _args("--num-preprocessors", "4"), _spec(10))["num_preprocessors"] == 4
+    assert cluster.plan_resources(8, 0, _args("--num-preprocessors", "4"), _spec(10))["num_preprocessors"] == 4
 
 
 @pytest.mark.parametrize(
@@ -69,10 +69,10 @@ def test_an_explicit_pool_size_is_kept_whatever_the_input():
     ],
 )
 def test_blocks_give_every_preprocess_actor_several(records, modalities, preprocessors, want):
-    assert embed.block_rows(_spec(records, modalities), preprocessors, 16) == want
+    assert cluster.block_rows(_spec(records, modalities), preprocessors, 16) == want
 
 
 def test_calls_per_encoder_default_two_on_cuda_one_on_cpu():
-    assert embed.plan_resources(2, 0, _args())["calls_per_encoder"] == 1
-    assert embed.plan_resources(8, 1, _args())["calls_per_encoder"] == 2
-    assert embed.plan_resources(8, 1, _args("--calls-per-encoder", "3"))["calls_per_encoder"] == 3
+    assert cluster.plan_resources(2, 0, _args())["calls_per_encoder"] == 1
+    assert cluster.plan_resources(8, 1, _args())["calls_per_encoder"] == 2
+    assert cluster.plan_resources(8, 1, _args("--calls-per-encoder", "3"))["calls_per_encoder"] == 3

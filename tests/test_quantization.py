@@ -158,7 +158,7 @@ def test_encode_output_stores_st_quantized_vectors(precision):
 
 
 def test_binary_needs_a_dim_divisible_by_8(minilm_path, tmp_path, capsys):
-    from pipelines import embed
+    from pipelines import embed  # the command line, as a user runs it
 
     pq.write_table(pa.table({"id": ["a"], "text": ["x"]}), tmp_path / "m.parquet")
     base = ["--input", str(tmp_path / "m.parquet"), "--output", str(tmp_path / "o"), "--model", minilm_path]
@@ -172,22 +172,23 @@ def test_binary_needs_a_dim_divisible_by_8(minilm_path, tmp_path, capsys):
 def test_a_resumed_int8_run_reuses_its_calibrated_ranges(minilm_path, tmp_path):
     """plan() of a rerun takes the ranges its first attempt recorded in _run.json, so no second calibration
     can mix buckets; another calibration setting is refused as a different run."""
+    from mmembed import cli
+    from mmembed.jobs import embed
     from mmembed.runstate import RUN_NAME
-    from pipelines import embed
 
     pq.write_table(pa.table({"id": ["a", "b"], "text": ["x", "y"]}), tmp_path / "m.parquet")
     argv = ["--input", str(tmp_path / "m.parquet"), "--output", str(tmp_path / "o"), "--model", minilm_path,
             "--precision", "int8", "--calibration-records", "2"]
-    first = embed.plan(embed.build_parser().parse_args(argv))
+    first = embed.plan(cli.parse("embed", argv))
     assert first["state"] == "new" and first["quantization"]["ranges"] is None
     ranges = [[-1.0] * first["dim"], [1.0] * first["dim"]]
     identity = {**first["identity"], "quantization": {**first["quantization"], "ranges": ranges}}
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / RUN_NAME).write_text(json.dumps({"status": "running", "identity": identity, "attempts": []}))
-    again = embed.plan(embed.build_parser().parse_args(argv))
+    again = embed.plan(cli.parse("embed", argv))
     assert again["state"] == "resume" and again["quantization"]["ranges"] == ranges
     assert again["identity"]["quantization"]["ranges"] == ranges
     from mmembed.options import UsageError
 
     with pytest.raises(UsageError, match="quantization"):
-        embed.plan(embed.build_parser().parse_args([*argv[:-1], "3"]))
+        embed.plan(cli.parse("embed", [*argv[:-1], "3"]))

@@ -213,11 +213,12 @@ def test_string_and_bytes_cells(ray_session, tiny_reranker, cross_encoders, tmp_
 
 def test_missing_columns_fail_before_ray(tmp_path, capsys, monkeypatch):
     import pipelines.rerank as rerank_job
+    from mmembed import cluster
 
     def no_ray(*_a, **_k):
         raise AssertionError("Ray must not start for a bad candidates file")
 
-    monkeypatch.setattr(rerank_job, "start_cluster", no_ray)
+    monkeypatch.setattr(cluster, "init_ray", no_ray)
     cands = tmp_path / "cands.parquet"
     pq.write_table(pa.table({"qid": ["q"], "query": ["x"], "doc_id": ["d"]}), cands)
     rc = rerank_job.main(["--candidates", str(cands), "--output", str(tmp_path / "out"), "--model", "unused"])

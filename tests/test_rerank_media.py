@@ -86,11 +86,12 @@ def _st_conversation(messages: list) -> list:
 
 def _refused(tmp_path, monkeypatch, capsys, table: pa.Table, model: str, *extra) -> str:
     import pipelines.rerank as rerank_job
+    from mmembed import cluster
 
     def no_ray(*_a, **_k):
         raise AssertionError("Ray must not start for a refused input")
 
-    monkeypatch.setattr(rerank_job, "start_cluster", no_ray)
+    monkeypatch.setattr(cluster, "init_ray", no_ray)
     cands = write_candidates(tmp_path / "refused_cands", table)
     out = tmp_path / "refused"
     rc = rerank_job.main(["--candidates", str(cands), "--output", str(out), "--model", model, *map(str, extra)])

@@ -93,7 +93,7 @@ def test_s3_manifest_and_media_to_s3_output_rerun_and_resume(ray_session, s3, ti
 
 @pytest.mark.slow
 def test_bad_objects_on_s3_become_error_rows(ray_session, s3, tiny_clip, monkeypatch):
-    from pipelines import embed
+    from mmembed.jobs import embed
 
     server, bucket, opts = s3
     fs = s3fs_for(server)
@@ -109,8 +109,8 @@ def test_bad_objects_on_s3_become_error_rows(ray_session, s3, tiny_clip, monkeyp
 
     real_plan = embed.plan
 
-    def plan_then_delete(args):
-        p = real_plan(args)  # the listing has seen deleted.png ...
+    def plan_then_delete(cfg, **kwargs):
+        p = real_plan(cfg, **kwargs)  # the listing has seen deleted.png ...
         fs.rm(f"{tree}/bad/deleted.png")  # ... which is gone before any worker reads it
         return p
 

@@ -148,11 +148,12 @@ def test_search_embeds_raw_queries_with_minilm(ray_session, minilm_path, tmp_pat
 
 def test_search_refuses_mismatched_inputs_before_ray(tmp_path, capsys, monkeypatch):
     import pipelines.search as search_job
+    from mmembed import cluster
 
     def no_ray(*_a, **_k):
         raise AssertionError("Ray must not start for refused inputs")
 
-    monkeypatch.setattr(search_job, "start_cluster", no_ray)
+    monkeypatch.setattr(cluster, "init_ray", no_ray)
     rng = np.random.default_rng(0)
     cdir = write_embeddings(tmp_path / "corpus", ["a", "b"], rng.normal(size=(2, 4)), 1, "cosine")
     raw = tmp_path / "q.parquet"
@@ -167,16 +168,16 @@ def test_search_refuses_mismatched_inputs_before_ray(tmp_path, capsys, monkeypat
 
 def test_search_passes_fetch_options_to_the_query_embedding():
     """--max-bytes, --fetch-threads, --http-timeout and --allow-http of search reach the embed job of its queries."""
-    import pipelines.embed as embed_job
-    import pipelines.search as search_job
-    from pipelines.rerank import derive_args
+    from mmembed import cli
+    from mmembed.jobs.search import query_embed_config
 
-    args = search_job.build_parser().parse_args(
-        ["--queries", "q", "--corpus-embeddings", "c", "--output", "o", "--top-k", "1", "--max-bytes", "123",
-         "--fetch-threads", "3", "--http-timeout", "1.5", "--allow-http"]
-    )
-    ns = derive_args(embed_job.build_parser(), ["--input", "q", "--output", "o/q", "--model", "m"], args)
-    assert (ns.max_bytes, ns.fetch_threads, ns.http_timeout, ns.allow_http) == (123, 3, 1.5, True)
+    cfg = cli.parse("search", ["--queries", "q", "--corpus-embeddings", "c", "--output", "o", "--top-k", "1",
+                               "--max-bytes", "123", "--fetch-threads", "3", "--http-timeout", "1.5", "--allow-http",
+                               "--model", "m"])
+    embed_cfg = query_embed_config(cfg, {"normalize_flag": True})
+    assert (embed_cfg.max_bytes, embed_cfg.fetch_threads, embed_cfg.http_timeout, embed_cfg.allow_http) == (
+        123, 3, 1.5, True)
+    assert (embed_cfg.input, embed_cfg.model, embed_cfg.task, embed_cfg.normalize) == ("q", "m", "query", True)
 
 
 @pytest.mark.slow

@@ -77,52 +77,16 @@ def update_ranges(ranges: np.ndarray | None, vectors: np.ndarray) -> np.ndarray:
     return np.vstack((np.minimum(ranges[0], block[0]), np.maximum(ranges[1], block[1])))
 
 
-class EncodeStage:
-    """GPU (or CPU) actor: feature rows in, embedding rows out; error rows pass through."""
+class ModelStage:
+    """What every model actor holds, the encoder's and the reranker's alike: one model load on its
+    device, the batch budget, the counters and the columns carried through; and the batch loop:
+    rows grouped by feature signature, length-sorted, batched within the budget, moved to the
+    device with overlap, a failing batch split until only the offending row is an error row.
+    Subclasses give the head (`embed`) and the output rows (`_output`)."""
 
-    def __init__(
-        self,
-        model: ModelSpec,
-        *,
-        device: str = "auto",
-        batch_size: int = 32,
-        task: str | None = None,
-        normalize: bool = False,
-        truncate_dim: int | None = None,
-        precision: str = "float32",
-        ranges: list | None = None,
-        keep_float: bool = False,
-        max_batch_tokens: int | None = None,
-        max_batch_patches: int | None = None,
-        compile: bool = False,
-        passthrough: tuple[str, ...] = (),
-        copy_mode: str = "staged",
-        decode_on_device: bool = False,
-    ):
-        self._setup(model, device, batch_size, max_batch_tokens, max_batch_patches, passthrough, copy_mode)
-        self._jpeg_decoder = None
-        if decode_on_device:
-            from mmembed.device_decode import DeviceImageDecoder
-
-            self._jpeg_decoder = DeviceImageDecoder(self.model)
-        self.forward_kwargs = {"task": task} if task else {}
-        self.normalize = normalize
-        self.truncate_dim = truncate_dim if truncate_dim is not None else getattr(self.model, "truncate_dim", None)
-        self.precision = precision
-        # int8/uint8 buckets come from the whole corpus's calibration, never from a batch (see pipelines.embed).
-        self.ranges = np.asarray(ranges, dtype=np.float32) if ranges is not None else None
-        self.keep_float = keep_float
-        self._set_padding(getattr(self.model, "tokenizer", None))
-        dim = self.model.get_embedding_dimension()
-        self.dim = min(dim, self.truncate_dim) if self.truncate_dim else dim
-        self.schema = embedding_schema(self.dim, precision, keep_float)
-        if compile:
-            self._compile()
-
-    def _setup(self, model: ModelSpec, device: str, batch_size: int, max_batch_tokens: int | None,
-               max_batch_patches: int | None, passthrough: tuple[str, ...] = (), copy_mode: str = "staged"):
-        """What every encoder actor holds, EncodeStage's and ScoreStage's alike: one model load on its
-        device, the batch budget, the counters and the columns carried through."""
+    def __init__(self, model: ModelSpec, *, device: str = "auto", batch_size: int = 32,
+                 max_batch_tokens: int | None = None, max_batch_patches: int | None = None,
+                 passthrough: tuple[str, ...] = (), copy_mode: str = "staged"):
         import torch
 
         self.torch = torch
@@ -147,6 +111,7 @@ class EncodeStage:
             self._staging = PinnedStaging(self.model.device)
         # Time in forward over wall time, utilisation and memory, for the run's manifest.
         self.device_use = DeviceUse(self.model.device, actor=uuid.uuid4().hex[:12])
+        self._jpeg_decoder = None  # --decode-on-device: JPEG bytes decoded on the GPU
 
     def _set_padding(self, tokenizer):
         """collate pads as the model's tokenizer does (ST sets left padding on load for causal models)."""
@@ -312,6 +277,59 @@ class EncodeStage:
         }
 
     def embed(self, features: dict):
+        raise NotImplementedError
+
+    @staticmethod
+    def _to_host(emb) -> np.ndarray:
+        return emb.float().cpu().numpy()
+
+    def _output(self, rows, results, errors) -> pa.Table:
+        raise NotImplementedError
+
+
+class EncodeStage(ModelStage):
+    """GPU (or CPU) actor: feature rows in, embedding rows out; error rows pass through."""
+
+    def __init__(
+        self,
+        model: ModelSpec,
+        *,
+        device: str = "auto",
+        batch_size: int = 32,
+        task: str | None = None,
+        normalize: bool = False,
+        truncate_dim: int | None = None,
+        precision: str = "float32",
+        ranges: list | None = None,
+        keep_float: bool = False,
+        max_batch_tokens: int | None = None,
+        max_batch_patches: int | None = None,
+        compile: bool = False,
+        passthrough: tuple[str, ...] = (),
+        copy_mode: str = "staged",
+        decode_on_device: bool = False,
+    ):
+        super().__init__(model, device=device, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
+                         max_batch_patches=max_batch_patches, passthrough=passthrough, copy_mode=copy_mode)
+        if decode_on_device:
+            from mmembed.device_decode import DeviceImageDecoder
+
+            self._jpeg_decoder = DeviceImageDecoder(self.model)
+        self.forward_kwargs = {"task": task} if task else {}
+        self.normalize = normalize
+        self.truncate_dim = truncate_dim if truncate_dim is not None else getattr(self.model, "truncate_dim", None)
+        self.precision = precision
+        # int8/uint8 buckets come from the whole corpus's calibration, never from a batch (see mmembed/jobs/embed.py).
+        self.ranges = np.asarray(ranges, dtype=np.float32) if ranges is not None else None
+        self.keep_float = keep_float
+        self._set_padding(getattr(self.model, "tokenizer", None))
+        dim = self.model.get_embedding_dimension()
+        self.dim = min(dim, self.truncate_dim) if self.truncate_dim else dim
+        self.schema = embedding_schema(self.dim, precision, keep_float)
+        if compile:
+            self._compile()
+
+    def embed(self, features: dict):
         """ST's forward, truncation and normalisation on features already on the device.
 
         The result stays on the device; this is the whole GPU-side work of the stage, which the
@@ -326,10 +344,6 @@ class EncodeStage:
             if self.normalize:
                 emb = torch.nn.functional.normalize(emb, p=2, dim=1)
             return emb
-
-    @staticmethod
-    def _to_host(emb) -> np.ndarray:
-        return emb.float().cpu().numpy()
 
     def _output(self, rows, embeddings, errors) -> pa.Table:
         n = len(rows)

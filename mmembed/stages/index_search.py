@@ -33,8 +33,8 @@ class IndexSearchStage(SearchStage):
     ):
         from mmembed.index import AnnIndex
 
-        self.dim = dim
-        self.top_k = top_k
+        # The exact stage's query handling, over no corpus files: the index answers instead.
+        super().__init__([], dim=dim, top_k=top_k, storage_options=storage_options, device="cpu")
         self.index = AnnIndex.load(index_uri, storage_options, nprobe=nprobe, ef_search=ef_search)
         if self.index.index.d != dim:
             raise ValueError(f"index {index_uri} holds {self.index.index.d}-d vectors, its manifest says {dim}")

@@ -8,6 +8,7 @@ the batch goes on.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -59,6 +60,9 @@ class PreprocessStage:
         fetch_threads: int = 8,
         passthrough: tuple[str, ...] = (),
         decode_on_device: bool = False,
+        pdf_dpi: float | None = None,
+        max_pages: int | None = None,
+        skip=None,
     ):
         self.spec = model
         # Image-only records whose JPEG the encoder can decode on its device leave here as bytes.
@@ -79,9 +83,58 @@ class PreprocessStage:
         # Fetching waits on storage and Pillow/torchcodec decode without the GIL, so the records
         # of a batch are fetched and decoded by a thread pool; the processor call stays one per batch.
         self._threads = ThreadPoolExecutor(fetch_threads, thread_name_prefix="fetch") if fetch_threads > 1 else None
+        # PDFs: pages rendered at the size this model's processor keeps (mmembed/pdf.py).
+        from mmembed.pdf import render_target
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+        self.render_target = render_target(self.model, model.processor_kwargs, pdf_dpi)
+        self.max_pages = max_pages
+        # Committed records of an earlier attempt (a KeyIndex, or an IndexRef on Ray): their pages
+        # are not rendered again.
+        self.skip = skip
+
+    def __call__(self, batch: pa.Table):
+        """The batch's feature rows: one table, or for a batch holding PDFs, a generator of tables of
+        at most a batch's worth of pages each (Ray Data and the local executor take either), so a
+        300-page document never sits in memory, or in one block, whole."""
         rows = batch.to_pylist()
+        if any(r.get("pdf_uri") is not None or r.get("pdf_bytes") is not None for r in rows):
+            return self._page_tables(rows, {name: batch.schema.field(name).type for name in self.passthrough})
+        return self._process(rows, None, batch)
+
+    def _page_tables(self, rows: list[dict], types: dict):
+        pages, step = self._pages(rows), max(len(rows), 1)
+        while chunk := list(itertools.islice(pages, step)):
+            yield self._process(chunk, types)
+
+    def _pages(self, rows: list[dict]):
+        """Records, with each PDF record replaced by its pages (ids `<id>#page=<n>`) or its error row."""
+        from mmembed.pdf import DocumentError, render_pages
+        from mmembed.records import CELL_ERROR, PAGE_MARK
+
+        index = self.skip.get() if hasattr(self.skip, "get") else self.skip
+        for row in rows:
+            if row.get("pdf_uri") is None and row.get("pdf_bytes") is None:
+                yield row
+                continue
+            carried = {name: row.get(name) for name in self.passthrough}
+            doc = row["id"]
+            try:
+                data = row["pdf_bytes"] if row.get("pdf_bytes") is not None else self.fetcher.fetch(row["pdf_uri"])
+
+                def done(n, doc=doc):
+                    return index is not None and bool(index.lookup([f"{doc}{PAGE_MARK}{n}"])[0][0])
+
+                for n, image, why in render_pages(data, self.render_target, max_pages=self.max_pages,
+                                                  max_image_pixels=self.max_image_pixels, done=done):
+                    yield {"id": f"{doc}{PAGE_MARK}{n}", "image_page": image, CELL_ERROR: why, **carried}
+            except (DocumentError, FetchError) as exc:
+                yield {"id": doc, "pdf_uri": row.get("pdf_uri") or "", CELL_ERROR: f"PDF {doc}: {exc}", **carried}
+            except Exception as exc:  # noqa: BLE001 - one document never kills the job
+                yield {"id": doc, "pdf_uri": row.get("pdf_uri") or "", CELL_ERROR: f"PDF {doc}: {_reason(exc)}",
+                       **carried}
+
+    def _process(self, rows: list[dict], types: dict | None, batch: pa.Table | None = None) -> pa.Table:
+        """Feature rows (or error rows) for records; passthrough columns from `batch` when rows are its rows."""
         results: list[tuple[dict | None, str | None]] = [(None, None)] * len(rows)
         batchable: dict[str, list[tuple[int, object]]] = defaultdict(list)
         built = self._threads.map(self._input_of, rows) if self._threads and len(rows) > 1 else map(self._input_of, rows)
@@ -112,7 +165,8 @@ class PreprocessStage:
                 out[name].append(packed[name] if packed else ([] if name != "feat_meta" else None))
         table = pa.table(out, schema=PREPROCESSED_SCHEMA)
         for name in self.passthrough:
-            table = table.append_column(name, batch.column(name))
+            col = batch.column(name) if batch is not None else pa.array([r.get(name) for r in rows], types[name])
+            table = table.append_column(name, col)
         return table
 
     def _preprocess_together(self, label: str, items: list, results: list) -> None:
@@ -157,6 +211,8 @@ class PreprocessStage:
 
     def _build_input(self, row: dict):
         """The ST input for a record: a string, a PIL image, a dict of modalities or messages."""
+        if row.get("cell_error"):
+            raise RecordError(row["cell_error"])
         parts: dict = {}
         text = row.get("text")
         if text is None and row.get("text_uri") is not None:
@@ -185,6 +241,8 @@ class PreprocessStage:
         return parts, label
 
     def _media(self, row: dict, modality: str, device_ok: bool = False):
+        if modality == "image" and row.get("image_page") is not None:
+            return row["image_page"]  # a PDF page, rendered above
         uri, data, struct = row.get(f"{modality}_uri"), row.get(f"{modality}_bytes"), row.get(f"{modality}_struct")
         if uri is None and data is None and struct is None:
             return None

@@ -12,21 +12,68 @@ import os
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mmembed.records import MEDIA_MODALITIES, RECORD_SCHEMA, InputSpec, modality_of_extension
+from mmembed.records import (
+    CELL_ERROR,
+    DEFAULT_COLUMNS,
+    MEDIA_MODALITIES,
+    RECORD_SCHEMA,
+    Columns,
+    InputSpec,
+    modality_of_extension,
+)
 from mmembed.storage import filesystem, is_absolute_uri, join_uri
 
 LISTING_BLOCK_ROWS = 2_000
 
 
-def normalize_manifest_table(table: pa.Table, root: str) -> pa.Table:
+def _mapped(table: pa.Table, mapping: Columns) -> pa.Table:
+    """The manifest's columns under their record names (--*-column), without the modalities that
+    --modalities leaves out; other columns are not read as cells."""
+    cols = {}
+    for name, src in mapping.sources().items():
+        if src in table.column_names and (name == "id" or mapping.keeps(name)):
+            cols[name] = table.column(src)
+    if "text_uri" in table.column_names and mapping.keeps("text") and mapping.text == "text":
+        cols["text_uri"] = table.column("text_uri")
+    if "messages" in table.column_names and mapping.keeps("message"):
+        cols["messages"] = table.column("messages")
+    if "pdf" in table.column_names and mapping.keeps("pdf"):
+        cols["pdf"] = table.column("pdf")
+    return pa.table(cols) if cols else table.select([])
+
+
+def _hf_media(col: pa.ChunkedArray, modality: str, root: str):
+    """A Hugging Face datasets Image/Audio/Video cell, struct<bytes, path>: (uri, bytes, why not).
+
+    The bytes win; a path is resolved as a media URI; a struct with neither is an error, said so.
+    """
+    fields = {f.name for f in col.type}
+    n = len(col)
+    data = pc.struct_field(col, "bytes").cast(pa.binary()) if "bytes" in fields else pa.nulls(n, pa.binary())
+    path = pc.struct_field(col, "path").cast(pa.string()) if "path" in fields else pa.nulls(n, pa.string())
+    path = pc.if_else(pc.is_valid(data), pa.scalar(None, pa.string()), path)
+    empty = pc.and_(pc.is_valid(col), pc.and_(pc.is_null(data), pc.is_null(path)))
+    why = pc.if_else(empty, pa.scalar(f"{modality} cell holds neither bytes nor a path (a Hugging Face "
+                                      f"{modality.capitalize()} feature with no data)"), pa.scalar(None, pa.string()))
+    return _resolve(path, root), data, why
+
+
+def is_hf_media(t: pa.DataType) -> bool:
+    return pa.types.is_struct(t) and bool({f.name for f in t} & {"bytes", "path"}) and "array" not in {f.name for f in t}
+
+
+def normalize_manifest_table(table: pa.Table, root: str, mapping: Columns = DEFAULT_COLUMNS) -> pa.Table:
     """Map a manifest's columns onto RECORD_SCHEMA.
 
     Media cells may be strings (URI or path; relative paths resolve against the manifest's
-    directory) or raw bytes. Each lands in its own typed column.
+    directory), raw bytes, or Hugging Face datasets structs {bytes, path}. Each lands in its own
+    typed column.
     """
+    table = _mapped(table, mapping)
     n = table.num_rows
     out = {"id": table.column("id").cast(pa.string())}
     names = table.column_names
+    cell_error = pa.nulls(n, pa.string())
     out["text"] = table.column("text").cast(pa.string()) if "text" in names else pa.nulls(n, pa.string())
     if "text_uri" in names:
         out["text_uri"] = _resolve(table.column("text_uri").cast(pa.string()), root)
@@ -41,6 +88,9 @@ def normalize_manifest_table(table: pa.Table, root: str) -> pa.Table:
                 uri = _resolve(col.cast(pa.string()), root)
             elif pa.types.is_null(col.type):
                 pass
+            elif is_hf_media(col.type):
+                uri, data, why = _hf_media(col, m, root)
+                cell_error = pc.coalesce(cell_error, why)
             else:
                 # Structs such as {"array", "sampling_rate"} are carried as-is for the audio path.
                 out[f"{m}_struct"] = col
@@ -48,6 +98,13 @@ def normalize_manifest_table(table: pa.Table, root: str) -> pa.Table:
         out[f"{m}_bytes"] = data
     if "messages" in names:
         out["messages"] = table.column("messages")
+    if "pdf" in names:
+        col = table.column("pdf")
+        if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
+            out["pdf_bytes"] = col.cast(pa.binary())
+        elif pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+            out["pdf_uri"] = _resolve(col.cast(pa.string()), root)
+    out[CELL_ERROR] = cell_error
     return _conform(pa.table(out))
 
 
@@ -94,7 +151,30 @@ class ReadStage:
 
         if self.spec.kind == "manifest":
             return self._manifest()
+        if self.spec.kind == "webdataset":
+            return self._shards(ray.data)
         return self._listing(ray.data)
+
+    def _shard_rows(self) -> list[dict]:
+        root = self.spec.root.rstrip("/")
+        return [{"uri": p, "shard": _relative_id(p, root)} for p in self.spec.paths]
+
+    def _shards(self, data):
+        """One read task per shard, streaming its records out block by block (mmembed/webdataset.py)."""
+        from mmembed.webdataset import read_shards
+
+        shards = self._shard_rows()
+        ds = data.from_items(shards, override_num_blocks=len(shards)).map_batches(
+            read_shards,
+            fn_kwargs={"storage_options": self.storage_options, "mapping": self.spec.mapping,
+                       "block_rows": self.block_rows or LISTING_BLOCK_ROWS},
+            batch_size=1,
+            batch_format="pyarrow",
+            num_cpus=self.read_cpus,
+        )
+        if self.block_rows:
+            ds = ds.repartition(target_num_rows_per_block=self.block_rows)
+        return ds
 
     def _manifest(self):
         import ray.data
@@ -110,7 +190,7 @@ class ReadStage:
         root = self.spec.root
         ds = ds.map_batches(
             normalize_manifest_table,
-            fn_kwargs={"root": root},
+            fn_kwargs={"root": root, "mapping": self.spec.mapping},
             batch_format="pyarrow",
             batch_size=None,
             zero_copy_batch=True,
@@ -136,6 +216,7 @@ class ReadStage:
             for m in MEDIA_MODALITIES:
                 cols[f"{m}_uri"] = pa.array([p if mm == m else None for p, mm in zip(chunk, mods)], pa.string())
             cols["text_uri"] = pa.array([p if mm == "text" else None for p, mm in zip(chunk, mods)], pa.string())
+            cols["pdf_uri"] = pa.array([p if mm == "pdf" else None for p, mm in zip(chunk, mods)], pa.string())
             yield _conform(pa.table(cols))
 
     def tables(self):
@@ -144,6 +225,13 @@ class ReadStage:
         For the in-process executor: a manifest is read one row batch at a time, so memory holds
         a block, not the file.
         """
+        if self.spec.kind == "webdataset":
+            from mmembed.webdataset import read_shard
+
+            for shard in self._shard_rows():
+                yield from read_shard(shard["uri"], shard["shard"], self.storage_options, mapping=self.spec.mapping,
+                                      block_rows=self.block_rows or LISTING_BLOCK_ROWS)
+            return
         if self.spec.kind != "manifest":
             yield from self._listing_tables()
             return
@@ -155,7 +243,7 @@ class ReadStage:
             with fs.open(fs._strip_protocol(path), "rb") as f:
                 # No pyarrow threads on a Python file object (see records.check_unique_ids).
                 for batch in pq.ParquetFile(f).iter_batches(batch_size=rows, use_threads=False):
-                    yield normalize_manifest_table(pa.Table.from_batches([batch]), self.spec.root)
+                    yield normalize_manifest_table(pa.Table.from_batches([batch]), self.spec.root, self.spec.mapping)
 
 
 def _relative_id(path: str, root: str) -> str:
@@ -227,14 +315,18 @@ def sample_record_modalities(spec: InputSpec, storage_options: dict | None = Non
 
     from mmembed.records import MESSAGE_COLUMN, MODALITY_COLUMNS, record_modality
 
+    if spec.kind == "webdataset":
+        return set(spec.labels)
     if spec.kind != "manifest" or not spec.paths:
         return set()
     fs, _ = filesystem(spec.uri, storage_options)
-    wanted = [c for c in ("id", "text_uri", *MODALITY_COLUMNS, MESSAGE_COLUMN) if c in spec.columns]
+    sources = spec.mapping.sources()
+    wanted = list(dict.fromkeys(c for c in (sources["id"], "text_uri", *(sources[m] for m in MODALITY_COLUMNS),
+                                            MESSAGE_COLUMN) if c in spec.columns))
     with fs.open(fs._strip_protocol(spec.paths[0]), "rb") as f:
         pf = pq.ParquetFile(f)
         batch = next(pf.iter_batches(batch_size=rows, columns=wanted), None)
     if batch is None:
         return set()
-    table = normalize_manifest_table(pa.Table.from_batches([batch]), "")
+    table = normalize_manifest_table(pa.Table.from_batches([batch]), "", spec.mapping)
     return {record_modality(r) for r in table.drop_columns(["id"]).to_pylist()} - {""}

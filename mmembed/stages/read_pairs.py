@@ -314,8 +314,9 @@ def sample_pair_modalities(
     return labels - {""}
 
 
-def read_parquet(paths: list[str], uri: str, storage_options: dict | None = None, num_cpus: float = 0.25):
-    """A Ray dataset over Parquet files, read through fsspec so any URI scheme works."""
+def read_parquet(paths: list[str], uri: str, storage_options: dict | None = None, num_cpus: float = 0.25,
+                 columns: list[str] | None = None):
+    """A Ray dataset over Parquet files (of `columns`, default all), read through fsspec so any URI scheme works."""
     import ray.data
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
@@ -324,6 +325,7 @@ def read_parquet(paths: list[str], uri: str, storage_options: dict | None = None
         [fs._strip_protocol(p) for p in paths],
         filesystem=PyFileSystem(FSSpecHandler(fs)),
         num_cpus=num_cpus,
+        columns=columns,
     )
 
 

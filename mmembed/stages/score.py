@@ -1,6 +1,6 @@
 """Stage 3 of the rerank job: the CrossEncoder forward pass and score head, on GPU actors.
 
-It is the embedding job's EncodeStage with another head: rows are grouped by feature
+It is the embedding job's ModelStage with another head: rows are grouped by feature
 signature, length-sorted and batched the same way, a failing batch is split until only the
 offending pair becomes an error row, and transfers overlap compute. What runs on the device is
 what `CrossEncoder.predict` runs per batch: the model (sequence classification or `LogitScore`),
@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from mmembed.models import ModelSpec
-from mmembed.stages.encode import EncodeStage
+from mmembed.stages.encode import ModelStage
 from mmembed.stages.read_pairs import split_pair_id
 
 SCORE_SCHEMA = pa.schema(
@@ -28,7 +28,7 @@ SCORE_SCHEMA = pa.schema(
 )
 
 
-class ScoreStage(EncodeStage):
+class ScoreStage(ModelStage):
     """GPU (or CPU) actor: pair feature rows in, (query_id, doc_id, score) rows out."""
 
     def __init__(
@@ -41,7 +41,8 @@ class ScoreStage(EncodeStage):
         max_batch_patches: int | None = None,
         copy_mode: str = "staged",
     ):
-        self._setup(model, device, batch_size, max_batch_tokens, max_batch_patches, copy_mode=copy_mode)
+        super().__init__(model, device=device, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
+                         max_batch_patches=max_batch_patches, copy_mode=copy_mode)
         if self.model.num_labels != 1:
             raise ValueError(f"{model.name_or_path} has {self.model.num_labels} labels; ranking needs one score")
         self._set_padding(getattr(self.model[0], "processor", None) or getattr(self.model, "tokenizer", None))

@@ -7,7 +7,7 @@ complete, so a crash never leaves a half-written file that reads as output.
 The write tasks return only counts and file names; the driver turns them into the manifest.
 
 ShardWriter itself does not import Ray, so the in-process executor writes without paying for
-`import ray.data` (0.75 s of a cold job on the 2-core CI machine); the Ray pipelines write through
+`import ray.data` (benchmarks/RESULTS.md, "A cold job's fixed cost"); the Ray pipelines write through
 its Datasink form, `mmembed.stages.write_ray.RayShardWriter`.
 """
 
@@ -25,6 +25,11 @@ from mmembed.outputs import ERRORS_DIR, tmp_name
 from mmembed.storage import filesystem, with_retries
 
 ERROR_SCHEMA = pa.schema([("id", pa.string()), ("stage", pa.string()), ("error", pa.string())])
+
+
+def empty_totals() -> dict:
+    """The totals of a write that wrote nothing: what every job accounts from."""
+    return {"files": [], "error_files": [], "written": 0, "errors": 0, "modalities": {}, "encoders": {}}
 
 
 class ShardWriter:
@@ -59,7 +64,7 @@ class ShardWriter:
 
     def write(self, blocks: Iterable, ctx) -> dict:
         fs, root = filesystem(self.output, self.storage_options)
-        stats = {"files": [], "error_files": [], "written": 0, "errors": 0, "modalities": {}, "encoders": {}}
+        stats = empty_totals()
         pending: list[pa.Table] = []
         pending_errors: list[pa.Table] = []
         seq = [0]
@@ -117,7 +122,7 @@ class ShardWriter:
         with_retries(put)
 
     def on_write_complete(self, write_result) -> None:
-        totals = {"files": [], "error_files": [], "written": 0, "errors": 0, "modalities": {}, "encoders": {}}
+        totals = empty_totals()
         for r in write_result.write_returns:
             if not r:
                 continue

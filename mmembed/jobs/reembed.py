@@ -1,0 +1,289 @@
+"""The reembed job: keep a versioned embedding store current.
+
+The model and embedding settings name a version of the store (mmembed/store.py). When that
+version already has a committed snapshot, the run is incremental: only records that are new or
+whose content hash changed are embedded, unchanged ones are carried over from the version's
+latest snapshot, and ids that left the input are dropped. Otherwise every record is embedded
+into a new version. Either way the run writes a new snapshot, commits it with its manifest, and
+only then moves CURRENT: automatically when the version is the current one (or the store has
+none yet), else only with --activate or a later `mmembed activate`.
+
+Two streaming passes on Ray Data; neither holds every id anywhere (mmembed/changes.py):
+  1. changes: read -> content hash (CPU pool) -> records and base rows split into id-hash buckets
+     (scratch `_diff/`) -> one diff task per bucket -> `_changes/` (id, content_hash, status),
+     `_diff/todo/` (records to embed) and `_diff/carry/` (base rows of unchanged records)
+  2. embed:   `_diff/todo/` -> the embed job's stages (passing content_hash through), unioned
+     with `_diff/carry/` -> shards; `_diff/` is removed before the snapshot commits
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from mmembed.changes import CHANGED, NEW, UNCHANGED
+from mmembed.jobs import embed
+from mmembed.jobs.config import EmbedConfig, ReembedConfig, derive
+from mmembed.jobs.runner import EXIT_OK, Job, Outcome
+from mmembed.manifest import MANIFEST_NAME, write_json
+from mmembed.options import UsageError
+from mmembed.pipeline import CPU, Stage, apply_ray
+from mmembed.stages.read_pairs import read_parquet
+from mmembed.stages.write import empty_totals
+from mmembed.store import Snapshot, Store, embedding_settings, model_slug, new_snapshot_id, version_id
+
+CHANGES_DIR = "_changes"
+SCRATCH_DIR = "_diff"  # the diff's buckets; removed before the snapshot commits
+RESULT_COLUMNS = ["id", "embedding", "modality", "content_hash"]
+
+
+def _shard_paths(store: Store, snap: Snapshot, key: str = "files") -> list[str]:
+    return [store.uri(snap.slug, snap.version, snap.snapshot, f["name"]) for f in snap.manifest.get(key, [])]
+
+
+def _read(paths: list[str], storage_options: dict, columns: list[str] | None = None):
+    return read_parquet(paths, paths[0], storage_options, columns=columns)
+
+
+def write_buckets(ds, uri: str, buckets: int, storage_options: dict) -> None:
+    """Write a dataset split by id bucket (`uri/bucket=K/*.parquet`), streaming."""
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    from mmembed.changes import BUCKET, add_bucket
+    from mmembed.storage import filesystem
+
+    ds = apply_ray(ds, [Stage(add_bucket, kwargs={"buckets": buckets}, resources={"num_cpus": 0.25})])
+    fs, _ = filesystem(uri, storage_options)
+    ds.write_parquet(fs._strip_protocol(uri), filesystem=PyFileSystem(FSSpecHandler(fs)), partition_cols=[BUCKET],
+                     ray_remote_args={"num_cpus": 0.25})
+
+
+def diff_buckets(records, base_paths: list[str], base_errors: list[str], buckets: int, out: str, schema: pa.Schema,
+                 storage_options: dict) -> tuple[dict, str]:
+    """Diff records carrying (id, content_hash) against a base snapshot's shards, bucket by bucket.
+
+    Writes `out/_changes/` and, under the scratch directory it returns with the counts, `todo/`
+    (the records to embed, with their hash) and `carry/` (the base rows to keep, in `schema`).
+    """
+    import ray
+
+    from mmembed.changes import diff_bucket
+    from mmembed.storage import join_uri
+
+    scratch = join_uri(out, SCRATCH_DIR)
+    write_buckets(records, join_uri(scratch, "new"), buckets, storage_options)
+    if base_paths:
+        base = _read(base_paths, storage_options, columns=["id", "content_hash", "modality", "embedding"])
+        write_buckets(base, join_uri(scratch, "base"), buckets, storage_options)
+    if base_errors:
+        write_buckets(_read(base_errors, storage_options, columns=["id"]), join_uri(scratch, "base_errors"),
+                      buckets, storage_options)
+    # Half a CPU each: at most two buckets per core in memory at once.
+    task = ray.remote(diff_bucket).options(num_cpus=0.5)
+    refs = [task.remote(k, scratch, join_uri(out, CHANGES_DIR), schema, storage_options) for k in range(buckets)]
+    counts = {NEW: 0, CHANGED: 0, UNCHANGED: 0}
+    for c in ray.get(refs):
+        for key, n in c.items():
+            counts[key] += n
+    return counts, scratch
+
+
+def conform(batch: pa.Table, schema: pa.Schema) -> pa.Table:
+    """One schema for the embedded and the carried-over rows: the shard writer concatenates both."""
+    return batch.select(schema.names).cast(schema)
+
+
+class ReembedJob(Job):
+    name = "reembed"
+    results = "embeddings"
+
+    def __init__(self, cfg: ReembedConfig, **kwargs):
+        super().__init__(cfg, **kwargs)
+        self.store: Store | None = None
+
+    @property
+    def output(self) -> str:
+        return self.store.root if self.store else self.cfg.store
+
+    # -- before anything is written --------------------------------------------------------------
+    def plan(self) -> dict:
+        from mmembed.cluster import check_ray_address
+        from mmembed.outputs import check_apart
+        from mmembed.stages.encode import QUANTIZED
+
+        cfg = self.cfg
+        if cfg.wait_timeout is not None and not cfg.wait:
+            raise UsageError("--wait-timeout needs --wait")
+        if cfg.precision in QUANTIZED:
+            # Carried-over vectors would need the base snapshot's calibration ranges; not supported yet.
+            raise UsageError(f"reembed stores float32 or float16 vectors; --precision {cfg.precision} is for "
+                             "`mmembed embed`.")
+        check_apart(cfg.store, "--input", cfg.input, output_flag="--store")
+        self.store = Store(cfg.store, cfg.storage_options, create=True)
+        check_ray_address(cfg.address)
+        # The embed job's plan and stages serve each snapshot; the store root stands in for its
+        # --output in the plan's checks (a store root never holds a run manifest). Options such as
+        # --split-modalities stay off: a store keys its content hashes by record id.
+        ecfg = derive(EmbedConfig, cfg, output=self.store.root)
+        p = embed.plan(ecfg)
+        if p["input"].documents or "pdf" in p["input"].columns:
+            # A store diffs records by id and content hash; a PDF's records are its pages, known only once rendered.
+            raise UsageError(f"--input {cfg.input} holds PDFs, which reembed does not take yet (a document's pages "
+                             "are its records); embed them with `mmembed embed`.")
+        return {**p, "embed_cfg": ecfg}
+
+    def lease(self, p: dict):
+        # One lease for the whole store root, not per version: CURRENT is store-wide, and two runs of
+        # one version would each build on the same base snapshot, so the later commit would silently
+        # drop the other's changes. It is taken before the base is chosen, so a run that waited
+        # builds on what the holder committed.
+        from mmembed.runstate import RunLock
+
+        cfg = self.cfg
+        return RunLock(self.store.root, cfg.storage_options, ttl_s=cfg.lease_seconds,
+                       run=f"mmembed reembed of {cfg.input} with {cfg.model}")
+
+    def acquire(self, lock) -> None:
+        lock.acquire(wait=self.cfg.wait, timeout_s=self.cfg.wait_timeout,
+                     on_wait=lambda who: print(f"mmembed reembed: waiting for the store's lease: {who}", flush=True))
+
+    # -- the two passes --------------------------------------------------------------------------
+    def execute(self, p: dict, ex) -> Outcome:
+        cfg, ecfg = self.cfg, p["embed_cfg"]
+        store = self.store = Store(cfg.store, cfg.storage_options, create=True)
+        settings = embedding_settings(cfg, p)
+        slug, version = model_slug(cfg.model), version_id(settings)
+        current = store.current_snapshot()
+        base = None if cfg.full else store.latest(slug, version)
+        snapshot = new_snapshot_id()
+        out = store.uri(slug, version, snapshot)
+        p.update(current=current, base=base, slug=slug, version=version, snapshot=snapshot, out=out)
+
+        store.ensure_marker()
+        store.write_version_info(slug, version, settings)
+        from mmembed.stages.encode import embedding_schema
+
+        schema = embedding_schema(p["dim"], cfg.precision).append(pa.field("content_hash", pa.string()))
+        base_rows = base.manifest["counts"]["written"] + base.manifest["counts"]["errors"] if base else 0
+        counts, scratch = self.changes_pass(ecfg, p, ex, base, base_rows, out, schema)
+        changes = {
+            NEW: counts[NEW],
+            CHANGED: counts[CHANGED],
+            UNCHANGED: counts[UNCHANGED],
+            "deleted": base_rows - counts[CHANGED] - counts[UNCHANGED],
+        }
+        totals = self.embed_pass(ecfg, p, ex, counts, scratch, schema, out)
+        changes["embedded"] = totals["written"] - counts[UNCHANGED]
+        p["changes"] = changes
+        spec = p["input"]
+        # Shards are counted as they are read (mmembed/webdataset.py), other inputs before.
+        records = totals["written"] + totals["errors"] if spec.estimated else spec.num_records
+        manifest = {
+            "store": {
+                "root": store.root,
+                "model_slug": slug,
+                "version": version,
+                "snapshot": snapshot,
+                "mode": "incremental" if base else "full",
+                "base_snapshot": base.snapshot if base else None,
+            },
+            "model": {"name": cfg.model, **settings, "similarity_fn_name": p["similarity_fn_name"]},
+            "input": {"uri": cfg.input, "kind": spec.kind, "fingerprint": spec.fingerprint, "records": records},
+            "output": {"uri": out, "shard_rows": cfg.shard_rows},
+            "changes": changes,
+            "counts": {
+                "records": records,
+                "written": totals["written"],
+                "errors": totals["errors"],
+                "unaccounted": None if spec.estimated else records - totals["written"] - totals["errors"],
+                "by_modality": totals["modalities"],
+            },
+        }
+        return Outcome(manifest, totals, output=out)
+
+    def changes_pass(self, ecfg: EmbedConfig, p: dict, ex, base, base_rows: int, out: str,
+                     schema: pa.Schema) -> tuple[dict, str]:
+        """Pass 1: hash every record and diff it against the base (see mmembed/changes.py)."""
+        from mmembed.changes import num_buckets
+        from mmembed.cluster import cpu_pool
+        from mmembed.stages.content_hash import ContentHashStage
+        from mmembed.stages.read import ReadStage
+
+        so = ecfg.storage_options
+        hashed = apply_ray(ReadStage(p["input"], so).dataset(), [Stage(
+            ContentHashStage,
+            kwargs={"storage_options": so, "max_bytes": ecfg.max_bytes, "allow_http": ecfg.allow_http,
+                    "http_timeout_s": ecfg.http_timeout, "keep_record": True},
+            pool=CPU, batch_size=ecfg.preprocess_batch_size, actors=ex.res["num_preprocessors"],
+            resources=cpu_pool(ecfg, ex.res),
+        )])
+        buckets = num_buckets(max(p["input"].num_records, base_rows))
+        base_paths = _shard_paths(self.store, base) if base else []
+        base_errors = _shard_paths(self.store, base, "error_files") if base else []
+        return diff_buckets(hashed, base_paths, base_errors, buckets, out, schema, so)
+
+    def embed_pass(self, ecfg: EmbedConfig, p: dict, ex, counts: dict, scratch: str, schema: pa.Schema,
+                   out: str) -> dict:
+        """Pass 2: embed the records the diff left to embed, union the base rows it kept, write one snapshot."""
+        from mmembed.storage import filesystem, unstrip
+
+        so = ecfg.storage_options
+        fs, root = filesystem(scratch, so)
+        fs.invalidate_cache(root)
+
+        def files(sub: str) -> list[str]:
+            return sorted(unstrip(fs, f) for f in fs.glob(f"{root.rstrip('/')}/{sub}/part-*.parquet"))
+
+        parts = []
+        if counts[NEW] + counts[CHANGED]:
+            # The preprocess and encode stages carry each record's content hash through to its result row.
+            todo = embed.source(ecfg, p, ex, records=_read(files("todo"), so))
+            parts.append(apply_ray(todo, self.with_stand_ins([
+                *embed.stages(ecfg, p, ex.res, passthrough=("content_hash",)),
+                Stage(conform, kwargs={"schema": schema}, resources={"num_cpus": 0.25}),
+            ])))
+        if counts[UNCHANGED]:
+            parts.append(_read(files("carry"), so, columns=schema.names))
+        sink = ex.sink(out, RESULT_COLUMNS, ecfg)
+        if parts:
+            totals = ex.write(parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0], [], sink)
+        else:
+            sink.on_write_start()
+            totals = {**empty_totals(), **(sink.result or {})}
+        try:
+            fs.rm(root, recursive=True)
+        except FileNotFoundError:
+            pass
+        return totals
+
+    # -- the commit ------------------------------------------------------------------------------
+    def commit(self, p: dict, manifest: dict) -> dict:
+        # Once this manifest exists the snapshot is complete; CURRENT moves after it (conclude).
+        write_json(self.store.uri(p["slug"], p["version"], p["snapshot"], MANIFEST_NAME), manifest,
+                   self.cfg.storage_options)
+        p["snap"] = Snapshot(p["slug"], p["version"], p["snapshot"], manifest)
+        return manifest
+
+    def report(self, manifest: dict, output: str) -> str:
+        changes, base = manifest["changes"], manifest["store"]["base_snapshot"]
+        return super().report(manifest, output) + (
+            f"\n  changes  {changes[NEW]:,} new, {changes[CHANGED]:,} changed, {changes[UNCHANGED]:,} unchanged, "
+            f"{changes['deleted']:,} deleted; {changes['embedded']:,} embedded ({manifest['store']['mode']}"
+            + (f", base snapshot {base})" if base else ")")
+        )
+
+    def failure_note(self, p: dict) -> str:
+        return f"; snapshot {p['snap'].path} is kept but CURRENT was not moved"
+
+    def conclude(self, p: dict, manifest: dict, code: int) -> int:
+        if code != EXIT_OK:
+            return code
+        current, snap = p["current"], p["snap"]
+        is_current = current is not None and (current.slug, current.version) == (snap.slug, snap.version)
+        if self.cfg.activate or current is None or is_current:
+            self.store.set_current(snap)
+            print(f"  CURRENT  -> {snap.path}", flush=True)
+        else:
+            print(f"  CURRENT  unchanged ({current.path}); serve this version with: "
+                  f"mmembed activate {self.store.root} {snap.slug}/{snap.version}", flush=True)
+        return code
+

@@ -1,0 +1,216 @@
+"""The rerank job: candidate (query, document) pairs in, scored and ranked pairs out.
+
+    stages/read_pairs.py -> stages/pair_preprocess.py (CPU pool) -> stages/score.py (device pool)
+        -> stages/rank.py (group by query) -> stages/write.py
+
+Scores equal `CrossEncoder.predict` on the same pairs and ranks equal `CrossEncoder.rank`
+(ties: doc_id ascending).
+"""
+
+from __future__ import annotations
+
+from mmembed.jobs.config import RerankConfig, fetch_kwargs
+from mmembed.jobs.runner import Job, Outcome
+from mmembed.models import ModelSpec, load_model, model_revision, modality_label, resolve_prompt, unsupported_modalities
+from mmembed.options import UsageError
+from mmembed.outputs import check_output, refuse_finished
+from mmembed.pipeline import CPU, DATASET, DEVICE, Stage
+from mmembed.records import InputError, check_unique_ids, discover
+
+RESULT_COLUMNS = ["query_id", "doc_id", "score", "rank"]
+
+
+# --------------------------------------------------------------------------------------------
+# Before Ray starts
+# --------------------------------------------------------------------------------------------
+def resolve_manifest(uri: str, flag: str, storage_options: dict):
+    try:
+        spec = discover(uri, storage_options)
+        check_unique_ids(spec, storage_options)
+    except InputError as exc:
+        raise UsageError(f"{flag}: {exc}") from None
+    return spec
+
+
+def load_reranker(cfg: RerankConfig) -> tuple[ModelSpec, object]:
+    spec = cfg.model_spec("reranker")
+    try:
+        model = load_model(spec, weights=False)
+    except Exception as exc:  # noqa: BLE001 - a model that does not load is a usage problem
+        raise UsageError(
+            f"cannot load reranker {cfg.model!r} as a CrossEncoder: {type(exc).__name__}: {exc}. Check the "
+            "name or path, --revision, --trust-remote-code, and HF_HUB_OFFLINE."
+        ) from None
+    if model.num_labels != 1:
+        raise UsageError(
+            f"reranker {cfg.model} has {model.num_labels} labels; ranking needs a model with one score per pair "
+            "(as CrossEncoder.rank does)."
+        )
+    return spec, model
+
+
+def refuse_unsupported(cfg, model, candidates, manifests: dict) -> None:
+    """The modalities of the candidates (a sample) and of the --corpus/--queries manifests that the
+    reranker cannot take: refused before Ray starts unless --on-unsupported error-row."""
+    from mmembed.stages.pair_preprocess import SIDE_MESSAGES
+    from mmembed.stages.read import sample_record_modalities
+    from mmembed.stages.read_pairs import sample_pair_modalities
+
+    supported = ", ".join(modality_label(m) for m in model.modalities)
+    problems = []
+    labels = sample_pair_modalities(candidates, tuple(manifests), cfg.storage_options)
+    bad = unsupported_modalities(model, labels)
+    if bad:
+        problems.append(f"the candidates hold {', '.join(bad)} inputs")
+    for side, spec in manifests.items():
+        flag = "--corpus" if side == "doc" else "--queries"
+        labels = (set(spec.modalities) | sample_record_modalities(spec, cfg.storage_options)) - {"message"}
+        bad = unsupported_modalities(model, labels)
+        if bad:
+            problems.append(f"{flag} holds {', '.join(bad)} records")
+        if "message" in spec.modalities:
+            problems.append(f"{flag} holds `messages` records, and {SIDE_MESSAGES}")
+    if problems and cfg.on_unsupported == "fail":
+        raise UsageError(
+            f"{'; '.join(problems)}; reranker {cfg.model} takes {supported}. Use a reranker that takes them "
+            "(e.g. a Qwen3-VL reranker for images and video), filter those pairs out, or pass --on-unsupported "
+            "error-row to write them as error rows and score the rest."
+        )
+
+
+def plan(cfg: RerankConfig) -> dict:
+    """Every check that needs no cluster. Raises UsageError."""
+    from mmembed.stages.read_pairs import check_cell_types, discover_candidates, missing_columns
+
+    check_output("rerank", cfg.output, cfg.storage_options, overwrite=cfg.overwrite,
+                 inputs={"--candidates": cfg.candidates, "--queries": cfg.queries, "--corpus": cfg.corpus})
+    try:
+        candidates = discover_candidates(cfg.candidates, cfg.storage_options)
+    except InputError as exc:
+        raise UsageError(str(exc)) from None
+    manifests = {}
+    if cfg.queries:
+        manifests["query"] = resolve_manifest(cfg.queries, "--queries", cfg.storage_options)
+    if cfg.corpus:
+        manifests["doc"] = resolve_manifest(cfg.corpus, "--corpus", cfg.storage_options)
+    missing = missing_columns(candidates, tuple(manifests))
+    if missing:
+        hints = []
+        if "doc" in missing:
+            hints.append("pass --corpus URI to look documents up by doc_id")
+        if "query" in missing:
+            hints.append("pass --queries URI to look queries up by query_id")
+        raise UsageError(
+            f"candidates {cfg.candidates} lack required column(s) {', '.join(missing)}; found columns: "
+            f"{', '.join(candidates.columns) or '(none)'}. A candidates dataset needs query_id, query, doc_id "
+            "and doc, or a `messages` conversation per pair" + (f" ({'; '.join(hints)})" if hints else "") + "."
+        )
+    try:
+        check_cell_types(candidates, tuple(manifests))
+    except InputError as exc:
+        raise UsageError(str(exc)) from None
+    spec, model = load_reranker(cfg)
+    refuse_unsupported(cfg, model, candidates, manifests)
+    try:
+        prompt = resolve_prompt(model, None, cfg.prompt_name, cfg.prompt)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    refuse_finished(cfg.output, cfg.storage_options, cfg.overwrite)
+    return {
+        "candidates": candidates,
+        "manifests": manifests,
+        "model_spec": spec,
+        "revision": model_revision(spec),
+        "prompt": prompt,
+        "activation_fn": type(model.activation_fn).__name__ if model.activation_fn is not None else None,
+        "modalities": [str(m) for m in model.modalities],
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# The stages
+# --------------------------------------------------------------------------------------------
+def shuffle_partitions(cfg: RerankConfig, cpus: float) -> int:
+    """Hash partitions for grouping by query and for id lookups."""
+    return cfg.shuffle_partitions or max(2, int(cpus))
+
+
+def source(cfg: RerankConfig, p: dict, partitions: int):
+    from mmembed.stages.read_pairs import ReadPairsStage
+
+    return ReadPairsStage(p["candidates"], manifests=p["manifests"], storage_options=cfg.storage_options,
+                          num_partitions=partitions).dataset()
+
+
+def stages(cfg: RerankConfig, p: dict, res: dict, partitions: int) -> list:
+    """preprocess pairs -> score -> rank per query."""
+    from mmembed.cluster import cpu_pool, device_pool
+    from mmembed.stages.pair_preprocess import PairPreprocessStage
+    from mmembed.stages.rank import RankStage
+    from mmembed.stages.score import ScoreStage
+
+    return [
+        Stage(PairPreprocessStage, args=(p["model_spec"],),
+              kwargs={"prompt_name": cfg.prompt_name, "prompt": cfg.prompt, **fetch_kwargs(cfg)},
+              pool=CPU, batch_size=cfg.preprocess_batch_size, actors=res["num_preprocessors"],
+              resources=cpu_pool(cfg, res)),
+        Stage(ScoreStage, args=(p["model_spec"],),
+              kwargs={"device": res["device"], "batch_size": cfg.batch_size, "max_batch_tokens": cfg.max_batch_tokens,
+                      "max_batch_patches": cfg.max_batch_patches, "copy_mode": cfg.copy_mode},
+              pool=DEVICE, batch_size=cfg.encode_window or cfg.batch_size, actors=res["num_encoders"],
+              calls=res.get("calls_per_encoder", 1), resources=device_pool(cfg, res)),
+        Stage(RankStage(cfg.top_k, num_partitions=partitions).apply, pool=DATASET),
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# The job
+# --------------------------------------------------------------------------------------------
+class RerankJob(Job):
+    name = "rerank"
+
+    def plan(self) -> dict:
+        return plan(self.cfg)
+
+    def execute(self, p: dict, ex) -> Outcome:
+        from mmembed.outputs import clear_owned
+
+        cfg = self.cfg
+        if cfg.overwrite:
+            clear_owned("rerank", cfg.output, cfg.storage_options)
+        partitions = shuffle_partitions(cfg, ex.cpus)
+        sink = ex.sink(cfg.output, RESULT_COLUMNS, cfg)
+        totals = ex.write(source(cfg, p, partitions), self.with_stand_ins(stages(cfg, p, ex.res, partitions)), sink)
+        records = p["candidates"].num_records
+        rest = records - totals["written"] - totals["errors"]
+        manifest = {
+            "model": {
+                "name": cfg.model,
+                "kind": "reranker",
+                "revision": p["revision"],
+                "activation_fn": p["activation_fn"],
+                "prompt_name": cfg.prompt_name,
+                "prompt": p["prompt"],
+                "model_kwargs": cfg.model_kwargs,
+                "processor_kwargs": cfg.processor_kwargs,
+                "modalities": p["modalities"],
+            },
+            "input": {
+                "candidates": cfg.candidates,
+                "fingerprint": p["candidates"].fingerprint,
+                "corpus": cfg.corpus,
+                "queries": cfg.queries,
+                "records": records,
+            },
+            "output": {"uri": cfg.output, "shard_rows": cfg.shard_rows, "top_k": cfg.top_k, "columns": RESULT_COLUMNS},
+            "counts": {
+                "records": records,
+                "written": totals["written"],
+                "errors": totals["errors"],
+                # With --top-k the pairs ranked below K are neither written nor errors.
+                "below_top_k": rest if cfg.top_k else 0,
+                "unaccounted": None if cfg.top_k else rest,
+            },
+            "resources": ex.resources(shuffle_partitions=partitions),
+        }
+        return Outcome(manifest, totals)

@@ -1,0 +1,214 @@
+"""The search job: top-k retrieval of queries against a corpus embedded by `mmembed embed`.
+
+Queries are either query embeddings written by `mmembed embed --task query`, or raw query
+records that this job first embeds with the embed job, as `encode_query` would, into
+OUTPUT/_query_embeddings. Exact search streams the corpus shards block by block on each actor
+(stages/search.py, GPU when present); with --index each actor loads the FAISS index of `mmembed
+index` instead (stages/index_search.py). The output (query_id, doc_id, score, rank) is a
+candidates dataset for `mmembed rerank --queries Q --corpus C`.
+"""
+
+from __future__ import annotations
+
+from mmembed.jobs.config import EmbedConfig, SearchConfig, derive
+from mmembed.jobs.embed import EmbedJob
+from mmembed.jobs.embed import plan as embed_plan
+from mmembed.jobs.runner import Job, Outcome, run
+from mmembed.manifest import MANIFEST_NAME, read_json
+from mmembed.options import UsageError
+from mmembed.outputs import refuse_finished
+from mmembed.pipeline import DEVICE, Stage
+from mmembed.storage import join_uri
+
+RESULT_COLUMNS = ["query_id", "doc_id", "score", "rank"]
+QUERY_EMBEDDINGS = "_query_embeddings"
+SIMILARITIES = ("cosine", "dot", "euclidean", "manhattan")
+
+
+# --------------------------------------------------------------------------------------------
+# Before Ray starts
+# --------------------------------------------------------------------------------------------
+def embed_manifest(uri: str, storage_options: dict) -> dict | None:
+    """The manifest of a finished embed job at uri, or None (also when uri is a file, e.g. a query manifest)."""
+    try:
+        m = read_json(join_uri(uri, MANIFEST_NAME), storage_options)
+    except (NotADirectoryError, IsADirectoryError):
+        return None
+    return m if m and m.get("job") == "embed" and m.get("status") == "complete" else None
+
+
+def shard_uris(uri: str, manifest: dict, key: str = "files") -> list[str]:
+    return [join_uri(uri, f["name"]) for f in manifest.get(key, [])]
+
+
+def query_embed_config(cfg: SearchConfig, corpus_model: dict) -> EmbedConfig:
+    """The embed job for raw queries: encode_query, normalised and truncated as the corpus was."""
+    return derive(EmbedConfig, cfg, input=cfg.queries, output=join_uri(cfg.output, QUERY_EMBEDDINGS), task="query",
+                  overwrite=True, normalize=bool(corpus_model.get("normalize_flag")),
+                  truncate_dim=corpus_model.get("truncate_dim") or None)
+
+
+def plan(cfg: SearchConfig) -> dict:
+    from mmembed.outputs import check_output
+
+    check_output("search", cfg.output, cfg.storage_options, overwrite=cfg.overwrite, inputs={
+        "--queries": cfg.queries, "--corpus-embeddings": cfg.corpus_embeddings, "--index": cfg.index})
+    if cfg.rescore_multiplier < 0:
+        raise UsageError("--rescore-multiplier must be 0 (no rescoring) or more.")
+    if cfg.index:
+        from mmembed.index import index_as_corpus
+
+        corpus = index_as_corpus(cfg.index, cfg.corpus_embeddings, cfg.storage_options, nprobe=cfg.nprobe,
+                                 ef_search=cfg.ef_search)
+    elif not cfg.corpus_embeddings:
+        raise UsageError("pass --corpus-embeddings (exact search) or --index (approximate search).")
+    elif cfg.nprobe or cfg.ef_search:
+        raise UsageError("--nprobe and --ef-search tune an approximate search; pass --index too.")
+    else:
+        corpus = embed_manifest(cfg.corpus_embeddings, cfg.storage_options)
+    if corpus is None:
+        raise UsageError(
+            f"--corpus-embeddings {cfg.corpus_embeddings} is not a finished `mmembed embed` output (no complete "
+            "_manifest.json); embed the corpus first with `mmembed embed --task document`."
+        )
+    cmodel = corpus["model"]
+    similarity = cmodel.get("similarity_fn_name") or "cosine"  # ST's default when a model names none
+    if similarity not in SIMILARITIES:
+        raise UsageError(f"corpus similarity {similarity!r} is not supported by search (supported: {SIMILARITIES}).")
+    files = corpus.get("uris") or shard_uris(cfg.corpus_embeddings, corpus)
+    if not files or not corpus["counts"].get("written"):
+        raise UsageError(f"--corpus-embeddings {cfg.corpus_embeddings} holds no embeddings.")
+    queries = embed_manifest(cfg.queries, cfg.storage_options)
+    if queries is not None:
+        if cfg.model:
+            raise UsageError(f"--queries {cfg.queries} are already embeddings; drop --model.")
+        qmodel = queries["model"]
+        if (qmodel.get("name"), qmodel.get("revision")) != (cmodel.get("name"), cmodel.get("revision")):
+            raise UsageError(
+                f"query embeddings come from {qmodel.get('name')} @ {qmodel.get('revision')} but the corpus from "
+                f"{cmodel.get('name')} @ {cmodel.get('revision')}; embed both with the same model."
+            )
+        embed_cfg = None
+    elif not cfg.model:
+        raise UsageError(
+            f"--queries {cfg.queries} are not embeddings written by `mmembed embed` (no complete _manifest.json); "
+            f"pass --model {cmodel.get('name')} to embed them as queries."
+        )
+    else:
+        if cfg.model != cmodel.get("name"):
+            raise UsageError(
+                f"--model {cfg.model} differs from the model that embedded the corpus ({cmodel.get('name')}); "
+                "query and corpus vectors must come from the same model."
+            )
+        embed_cfg = query_embed_config(cfg, cmodel)
+        embed_plan(embed_cfg)
+        qmodel = cmodel
+    if queries is not None and qmodel.get("quantization"):
+        raise UsageError(
+            f"--queries {cfg.queries} hold {qmodel.get('precision')} vectors; queries must be float (the search "
+            "quantises them with the corpus ranges itself). Embed them without --precision, or pass raw queries."
+        )
+    if qmodel.get("dim") != cmodel.get("dim"):
+        raise UsageError(f"query dim {qmodel.get('dim')} != corpus dim {cmodel.get('dim')}.")
+    refuse_finished(cfg.output, cfg.storage_options, cfg.overwrite)
+    return {
+        "corpus": corpus,
+        "corpus_files": files,
+        "similarity": similarity,
+        "dim": cmodel["dim"],
+        "queries": queries,
+        "embed_cfg": embed_cfg,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# The stages
+# --------------------------------------------------------------------------------------------
+def source(cfg: SearchConfig, queries_uri: str, queries: dict):
+    """Query rows: the query embeddings and the query job's error rows (which stay error rows), each
+    brought to one layout before the union."""
+    from mmembed.pipeline import apply_ray
+    from mmembed.stages.read_pairs import read_parquet
+    from mmembed.stages.search import as_query_rows
+
+    parts = [shard_uris(queries_uri, queries), shard_uris(queries_uri, queries, "error_files")]
+    datasets = [apply_ray(read_parquet(paths, queries_uri, cfg.storage_options), [Stage(as_query_rows)])
+                for paths in parts if paths]
+    return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+
+
+def stages(cfg: SearchConfig, p: dict, res: dict) -> list:
+    """One stage: the exact scan over the corpus shards, or the index."""
+    from mmembed.cluster import device_pool
+    from mmembed.stages.search import SearchStage
+
+    pool = {"pool": DEVICE, "batch_size": cfg.query_batch_size, "actors": res["num_encoders"]}
+    if cfg.index:
+        from mmembed.stages.index_search import IndexSearchStage
+
+        # FAISS on CPU: the actor takes the encoder's CPUs, never a GPU.
+        return [Stage(IndexSearchStage, args=(cfg.index,),
+                      kwargs={"dim": p["dim"], "top_k": cfg.top_k, "storage_options": cfg.storage_options,
+                              "nprobe": cfg.nprobe, "ef_search": cfg.ef_search},
+                      resources={"num_cpus": device_pool(cfg, res)["num_cpus"]}, **pool)]
+    return [Stage(SearchStage, args=(p["corpus_files"],), kwargs={
+        "dim": p["dim"],
+        "top_k": cfg.top_k,
+        "similarity_fn_name": p["similarity"],
+        "storage_options": cfg.storage_options,
+        "block_rows": cfg.corpus_block_rows,
+        "device": res["device"],
+        "quantization": p["corpus"]["model"].get("quantization"),
+        "rescore_multiplier": cfg.rescore_multiplier,
+    }, resources=device_pool(cfg, res), **pool)]
+
+
+# --------------------------------------------------------------------------------------------
+# The job
+# --------------------------------------------------------------------------------------------
+class SearchJob(Job):
+    name = "search"
+
+    def plan(self) -> dict:
+        return plan(self.cfg)
+
+    def execute(self, p: dict, ex) -> Outcome | int:
+        from mmembed.outputs import clear_owned
+
+        cfg = self.cfg
+        if cfg.overwrite:
+            clear_owned("search", cfg.output, cfg.storage_options)
+        queries_uri, queries = cfg.queries, p["queries"]
+        if p["embed_cfg"] is not None:
+            rc = run(EmbedJob(p["embed_cfg"]))
+            queries_uri = p["embed_cfg"].output
+            queries = embed_manifest(queries_uri, cfg.storage_options)
+            if queries is None:
+                return rc or 1
+        sink = ex.sink(cfg.output, RESULT_COLUMNS, cfg)
+        totals = ex.write(source(cfg, queries_uri, queries), self.with_stand_ins(stages(cfg, p, ex.res)), sink)
+        records = queries["counts"]["records"]
+        per_query = min(cfg.top_k, p["corpus"]["counts"]["written"])
+        cmodel = p["corpus"]["model"]
+        manifest = {
+            "model": {**{k: cmodel.get(k) for k in ("name", "revision", "dim", "normalize")},
+                      "similarity_fn_name": p["similarity"], "precision": cmodel.get("precision"),
+                      "rescored": bool((cmodel.get("quantization") or {}).get("float_column")
+                                       and cfg.rescore_multiplier)},
+            "input": {
+                "queries": cfg.queries,
+                "query_embeddings": queries_uri,
+                "corpus_embeddings": p["corpus"].get("source_uri", cfg.corpus_embeddings),
+                "index": cfg.index and {"uri": cfg.index, "nprobe": cfg.nprobe, "ef_search": cfg.ef_search},
+                "corpus_records": p["corpus"]["counts"]["written"],
+                "records": records,
+            },
+            "output": {"uri": cfg.output, "top_k": cfg.top_k, "columns": RESULT_COLUMNS},
+            "counts": {
+                "records": records,
+                "written": totals["written"],
+                "errors": totals["errors"],
+                "unaccounted": records - totals["errors"] - totals["written"] // max(per_query, 1),
+            },
+        }
+        return Outcome(manifest, totals)
