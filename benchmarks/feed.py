@@ -397,6 +397,8 @@ class WdsS3(Comparison):
             n = max(4 * per_shard, int(self.args.seconds * rate))
         n = -(-n // per_shard) * per_shard
         shards = n // per_shard
+        from mmembed.testing.shards import tar_shard
+
         fs, bucket = fixtures.s3_filesystem(opts), "feed-bench"
         fixtures.s3_bucket(opts, bucket)
         photos = [Path(p).read_bytes() for p in self.files]
@@ -410,7 +412,7 @@ class WdsS3(Comparison):
         for s_ in range(shards):
             recs = [(f"{i:09d}", {"jpg": photos[i % len(photos)], "txt": f"photo {i}".encode()})
                     for i in range(s_ * per_shard, (s_ + 1) * per_shard)]
-            fs.pipe_file(f"{bucket}/shards-{n}/{s_:05d}.tar", fixtures.make_shard(recs))
+            fs.pipe_file(f"{bucket}/shards-{n}/{s_:05d}.tar", tar_shard(recs))
         upload = time.perf_counter() - t0
         self.log(f"uploaded {len(objects)} objects + manifest and {shards} shards of {per_shard} records "
                  f"to moto S3 in {upload:.1f} s")

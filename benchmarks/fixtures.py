@@ -21,13 +21,6 @@ import io
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tarfile
-import time
-import urllib.request
 
 import numpy as np
 
@@ -211,70 +204,19 @@ def pdf_corpus(root: str, sources: list[str], pages: int, pool) -> list[str]:
     return paths
 
 
-def make_shard(records: list[tuple[str, dict[str, bytes]]]) -> bytes:
-    """A WebDataset tar: members `key.ext` in record order, as webdataset's ShardWriter and
-    img2dataset write them."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for key, members in records:
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
 # Dummy credentials the moto server accepts (as tests/s3_fixtures.py).
 MOTO_KEY, MOTO_SECRET, MOTO_REGION = "AKIAMMEMBEDBENCHKEY1", "mmembed-bench-secret", "us-east-1"
 
 
-def _free_port() -> int:
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def moto_s3(timeout_s: float = 60.0):
-    """A moto S3 server on 127.0.0.1 for the duration of the block; yields fsspec storage options
-    (endpoint, dummy credentials). The AWS credential variables are set meanwhile, for clients
-    that read the standard chain; the server's process group is ended on the way out."""
-    here = os.path.join(os.path.dirname(sys.executable), "moto_server")
-    exe = here if os.path.exists(here) else (shutil.which("moto_server") or "moto_server")
-    port = _free_port()
-    creds = {"AWS_ACCESS_KEY_ID": MOTO_KEY, "AWS_SECRET_ACCESS_KEY": MOTO_SECRET, "AWS_DEFAULT_REGION": MOTO_REGION}
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, **creds}, start_new_session=True)
-    endpoint = f"http://127.0.0.1:{port}"
-    saved = {k: os.environ.get(k) for k in creds}
-    try:
-        deadline = time.time() + timeout_s
-        while True:
-            try:
-                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).read()
-                break
-            except Exception:  # noqa: BLE001 - not up yet
-                if time.time() > deadline or proc.poll() is not None:
-                    raise RuntimeError(f"moto_server did not come up at {endpoint} in {timeout_s} s") from None
-                time.sleep(0.2)
-        os.environ.update(creds)
+    """A moto S3 server (mmembed/testing/moto.py) for the duration of the block; yields fsspec storage
+    options (endpoint, dummy credentials)."""
+    from mmembed.testing.moto import moto_process
+
+    with moto_process(MOTO_KEY, MOTO_SECRET, MOTO_REGION, timeout_s) as (endpoint, _):
         yield {"endpoint_url": endpoint, "key": MOTO_KEY, "secret": MOTO_SECRET,
                "client_kwargs": {"region_name": MOTO_REGION}}
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
 
 
 def s3_bucket(storage_options: dict, bucket: str) -> None:

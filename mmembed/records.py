@@ -29,6 +29,7 @@ from mmembed.schema import (  # noqa: F401 - the record definition, re-exported 
     CELL_ERROR,
     Columns,
     DEFAULT_COLUMNS,
+    input_modality,
 )
 from mmembed.storage import filesystem, unstrip
 
@@ -117,7 +118,7 @@ def discover(uri: str, storage_options: dict | None = None, columns: Columns = D
         paths=[unstrip(fs, p) for p in media],
         root=unstrip(fs, root),
         num_records=len(media),
-        modalities={_as_input(modality_of_extension(p)) for p in media},
+        modalities={input_modality(modality_of_extension(p)) for p in media},
         mapping=columns,
         documents=sum(1 for p in media if modality_of_extension(p) == "pdf"),
     )
@@ -131,11 +132,6 @@ def discover(uri: str, storage_options: dict | None = None, columns: Columns = D
     spec.skipped_files = skipped  # type: ignore[attr-defined]
     spec.fingerprint = _fingerprint(media, infos)
     return spec
-
-
-def _as_input(modality: str) -> str:
-    """What a model must take for a record: a PDF's pages are images."""
-    return "image" if modality == "pdf" else modality
 
 
 def _webdataset_spec(uri: str, fs, tars: list[str], root: str, infos: dict[str, dict], mapping: Columns,
@@ -240,7 +236,7 @@ def _manifest_spec(uri: str, fs, paths: list[str], root: str, infos: dict[str, d
             "--text-column, --image-column, --audio-column, --video-column"
         )
     modalities = {"message" if c == MESSAGE_COLUMN else c for c in non_null}
-    modalities = {_as_input(m) for m in modalities if mapping.keeps(m)}
+    modalities = {input_modality(m) for m in modalities if mapping.keeps(m)}
     spec = InputSpec(
         uri=uri,
         kind="manifest",

@@ -53,6 +53,11 @@ RECORD_SCHEMA = pa.schema(
 CELL_ERROR = "cell_error"
 
 
+def input_modality(modality: str) -> str:
+    """What a model must take for a record of this modality: a PDF's pages are images."""
+    return "image" if modality == "pdf" else modality
+
+
 @dataclass(frozen=True)
 class Columns:
     """Which manifest column holds each field of a record (--id-column, --text-column, ...), and which
@@ -74,8 +79,7 @@ class Columns:
         return {k: v for k, v in self.sources().items() if k != v}
 
     def keeps(self, modality: str) -> bool:
-        # A PDF's pages are images.
-        return self.modalities is None or ("image" if modality == "pdf" else modality) in self.modalities
+        return self.modalities is None or input_modality(modality) in self.modalities
 
     def describe(self) -> dict:
         """For the manifest and the run identity."""

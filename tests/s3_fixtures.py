@@ -7,48 +7,19 @@ set, so jobs get the endpoint and the (dummy) credentials through `--storage-opt
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
+
+from mmembed.testing.moto import moto_process
 
 # Dummy credentials moto accepts; distinctive, so tests can grep outputs and logs for leaks.
 ACCESS_KEY = "AKIAMMEMBEDTESTKEY01"
 SECRET_KEY = "mmembed-test-secret-9f3c2e"
 REGION = "us-east-1"
-
-
-def free_port() -> int:
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def moto_executable() -> str:
-    here = Path(sys.executable).parent / "moto_server"
-    return str(here) if here.exists() else (shutil.which("moto_server") or "moto_server")
-
-
-def wait_http(url: str, timeout_s: float = 30.0) -> None:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=1).read()
-            return
-        except Exception:  # noqa: BLE001 - not up yet
-            time.sleep(0.2)
-    raise RuntimeError(f"{url} did not come up in {timeout_s} s")
 
 
 @dataclass
@@ -83,46 +54,8 @@ class MotoServer:
 
 @pytest.fixture(scope="session")
 def moto_server():
-    port = free_port()
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
-    proc = subprocess.Popen(
-        [moto_executable(), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-        start_new_session=True,  # its own process group, so teardown reaches every child
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{endpoint}/moto-api/")
-    except Exception:
-        _stop(proc)
-        raise
-    # The standard AWS chain for code that creates its own clients (boto3, s3fs without key/secret).
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update({"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_DEFAULT_REGION": REGION})
-    try:
+    with moto_process(ACCESS_KEY, SECRET_KEY, REGION) as (endpoint, proc):
         yield MotoServer(endpoint, proc)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        _stop(proc)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
 
 
 @pytest.fixture

@@ -4,28 +4,15 @@ brace ranges, globs and S3. Every record is checked against SentenceTransformer.
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 
 import numpy as np
 import pytest
 
+from mmembed.testing.shards import tar_shard as shard
 from tests.conftest import run_job
 from tests.helpers import decoded, image_bytes, read_output
 from tests.s3_fixtures import moto_server, s3, s3fs_for  # noqa: F401 - fixtures
-
-
-def shard(records: list[tuple[str, dict[str, bytes]]]) -> bytes:
-    """A tar of `key.ext` members, in record order, as webdataset's ShardWriter writes them."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for key, members in records:
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def img2dataset_records(start: int, n: int) -> list[tuple[str, dict[str, bytes]]]:

@@ -83,15 +83,14 @@ class Executor:
             apply_ray(source, stages).write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
         return {**empty_totals(), **(sink.result or {})}
 
-    def call(self, fn, *args, num_returns: int = 1):
+    def call(self, fn, *args):
         """`fn(*args)` where the data is: in this process, or as a small Ray task (so that a driver on
         a laptop does not pull a store's shards across the network)."""
         if self.local:
             return fn(*args)
         import ray
 
-        refs = ray.remote(fn).options(num_cpus=0.25, num_returns=num_returns).remote(*args)
-        return ray.get(refs)
+        return ray.get(ray.remote(fn).options(num_cpus=0.25).remote(*args))
 
     def call_keeping(self, fn, *args):
         """`fn(*args)` -> (big, small): `small` comes back; `big` stays where it was made, as a handle
