@@ -60,6 +60,8 @@ def decode_image(data: bytes, *, max_pixels: int):
         img = ImageOps.exif_transpose(img)
     if sixteen_bit:
         img = _high_byte(img)
+    if img.format == "GIF" and img.mode in ("P", "L") and isinstance(img.info.get("transparency"), int):
+        return _gif_on_background(img)
     if img.mode != "RGB":
         img = img.convert("RGB")
     # ST decodes a path with torchvision in RGB mode, which ignores a palette/grey/RGB PNG's
@@ -81,6 +83,29 @@ def _high_byte(img):
     from PIL import Image
 
     return Image.fromarray((np.asarray(img) >> 8).astype(np.uint8))
+
+
+def _gif_on_background(img):
+    """A GIF's first frame with its transparent pixels in the GIF's background colour.
+
+    That is how ST sees the path: torchvision's GIF decoder starts from a canvas of the logical
+    screen's background colour (an entry of the global colour table) and leaves it showing where a
+    pixel holds the transparent index. Pillow would give those pixels the transparent index's own
+    palette colour instead, which nothing displays.
+    """
+    import numpy as np
+    from PIL import Image
+
+    index = np.asarray(img)
+    rgb = np.array(img.convert("RGB"))
+    transparent = index == img.info["transparency"]
+    if transparent.any():
+        palette = getattr(img, "global_palette", None)
+        colours = palette.palette if palette is not None else bytes(img.getpalette() or [])
+        colours = np.frombuffer(bytes(colours), np.uint8)[: len(colours) // 3 * 3].reshape(-1, 3)
+        background = img.info.get("background", 0)
+        rgb[transparent] = colours[background] if background < len(colours) else 0
+    return Image.fromarray(rgb)
 
 
 def decode_text(data: bytes) -> str:

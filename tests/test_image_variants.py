@@ -1,12 +1,14 @@
 """Images as phones, scanners and the web make them, against ST `encode` on the same files.
 
 ST hands an image path to the model's image processor, which decodes it with torchvision in RGB
-mode (EXIF orientation applied, a PNG's alpha or transparent colour ignored). mmembed decodes with
+mode (EXIF orientation applied, a PNG's alpha or transparent colour ignored, a GIF's transparent
+pixels in its background colour, an animation's first frame). mmembed decodes with
 Pillow, so each kind of file where the two could part is written here and embedded from a directory
 listing and from a Parquet manifest of bytes, with tiny CLIP and tiny Qwen3-VL. Where ST cannot take
 the path (BMP, TIFF: torchvision refuses them) the reference is ST given the image as transformers'
-`load_image` decodes it; for a 16-bit greyscale PNG, where ST's own result is wrong, it is ST given
-torchvision's decode of the file scaled to 8 bits. Max |diff| <= 1e-5 in fp32 on CPU.
+`load_image` decodes it; for 16-bit greyscale, where ST's own result is wrong (a PNG rescaled as if
+8-bit, a TIFF clipped to white), it is ST given the 16-bit samples scaled to 8 bits as torchvision
+scales them. Max |diff| <= 1e-5 in fp32 on CPU.
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ def _save(img, fmt: str, **kwargs) -> bytes:
 def variants() -> dict[str, bytes]:
     """File name -> bytes, one per kind of image that reaches a corpus."""
     photo = make_image(7, size=(64, 48))
+    other = make_image(8, size=(64, 48))
     rng = np.random.default_rng(7)
+    grey16 = rng.integers(0, 65536, (48, 64), dtype=np.uint16)
     rotated = Image.Exif()
     rotated[0x0112] = 6  # a phone held upright: the sensor's image is turned 90 degrees on display
     rgba = photo.copy()
@@ -42,7 +46,7 @@ def variants() -> dict[str, bytes]:
     return {
         "exif6.jpg": _save(photo, "JPEG", quality=90, exif=rotated.tobytes()),
         # A scanner's or a medical/astronomy export's 16-bit greyscale, over the whole 16-bit range.
-        "grey16.png": _save(Image.fromarray(rng.integers(0, 65536, (48, 64), dtype=np.uint16)), "PNG"),
+        "grey16.png": _save(Image.fromarray(grey16), "PNG"),
         # Index 3 is transparent: about one pixel in 16 carries the transparent colour.
         "palette_t.png": _save(photo.quantize(16), "PNG", transparency=3),
         "cmyk.jpg": _save(photo.convert("CMYK"), "JPEG", quality=90),
@@ -50,8 +54,15 @@ def variants() -> dict[str, bytes]:
         "rgba.png": _save(rgba, "PNG"),
         "photo.webp": _save(photo, "WEBP", quality=80),
         "web.gif": _save(photo, "GIF"),
+        # Transparent pixels show the GIF's background colour (entry 5 here), as torchvision draws them.
+        "transparent.gif": _save(photo.quantize(16), "GIF", transparency=3, background=5),
+        # An animation is embedded by its first frame, as ST does with the path.
+        "animated.gif": _save(photo, "GIF", save_all=True, append_images=[other], duration=100, loop=0),
+        "grey_alpha.png": _save(photo.convert("LA"), "PNG"),
         "scan.bmp": _save(photo, "BMP"),
         "scan.tiff": _save(photo, "TIFF"),
+        "rgba.tiff": _save(rgba, "TIFF"),
+        "grey16.tiff": _save(Image.fromarray(grey16), "TIFF"),
     }
 
 
@@ -59,15 +70,26 @@ def st_reference(st, path: str) -> np.ndarray:
     """ST on the path; for files its image processor refuses, ST on the image load_image decodes."""
     from transformers.image_utils import load_image
 
-    if path.endswith("grey16.png"):
-        # ST on this path hands the processor torchvision's uint16 samples, which it rescales as if
-        # they were 8-bit (up to 257 where 1 is white). The reference is ST on the same decode
-        # scaled to 8 bits as torchvision scales it.
+    if "grey16" in path:
+        # ST on a 16-bit PNG path hands the processor torchvision's uint16 samples, which it rescales
+        # as if they were 8-bit (up to 257 where 1 is white); load_image (for the TIFF, which
+        # torchvision cannot read) clips them to white. The reference is ST on the 16-bit samples
+        # scaled to 8 bits as torchvision scales them.
         import torch
         from torchvision.io import ImageReadMode, decode_image
         from torchvision.transforms.v2.functional import to_dtype
 
-        return st.encode([to_dtype(decode_image(path, mode=ImageReadMode.RGB), torch.uint8, scale=True)])[0]
+        if path.endswith(".png"):
+            samples = decode_image(path, mode=ImageReadMode.RGB)
+        else:
+            grey = torch.from_numpy(np.asarray(Image.open(path)).astype(np.int32)).to(torch.uint16)
+            samples = grey.expand(3, -1, -1)
+        return st.encode([to_dtype(samples, torch.uint8, scale=True)])[0]
+    if path.endswith("animated.gif") and type(st[0].processor).__name__.startswith("Qwen"):
+        # torchvision hands Qwen's image processor every frame, which it cannot take.
+        with pytest.raises(ValueError, match="too many values to unpack"):
+            st.encode([path])
+        return st.encode([load_image(path)])[0]
     if path.endswith((".bmp", ".tiff")):
         with pytest.raises(RuntimeError, match="Unsupported image file"):
             st.encode([path])
