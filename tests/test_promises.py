@@ -168,3 +168,34 @@ def test_a_retried_write_task_does_not_double_rows(tmp_path):
     assert sorted(p.name for p in out.glob("part-*.parquet")) == names
     ids = [i for p in out.glob("part-*.parquet") for i in pq.read_table(p).column("id").to_pylist()]
     assert sorted(ids) == sorted(f"r{i}" for i in range(10))
+
+
+@pytest.mark.slow
+def test_a_write_task_killed_after_committing_a_shard_is_retried_without_doubling_rows(
+        ray_session, minilm_path, tmp_path):
+    """The real embed job on Ray: the first write task to commit a shard kills its worker process.
+    Ray retries that task with the same blocks and task index; its shards are written again under
+    the same names, so every id lands once and the manifest lists exactly the files present."""
+    from mmembed import cli
+    from mmembed.jobs.embed import EmbedJob
+    from mmembed.jobs.runner import run
+    from mmembed.stages.write import ShardWriter
+    from mmembed.testing.faults import DyingShardWriter
+    from tests.test_resume import text_manifest
+
+    m, out, marker = tmp_path / "m", tmp_path / "out", tmp_path / "died"
+    ids = text_manifest(m, 200, files=4)
+    argv = ["--input", str(m), "--output", str(out), "--model", minilm_path, "--shard-rows", "7",
+            "--batch-size", "16", "--executor", "ray"]
+    job = EmbedJob(cli.parse("embed", argv), replacements={ShardWriter: (DyingShardWriter, {"die_marker": str(marker)})})
+    assert run(job) == 0
+    assert marker.exists(), "no write task died"
+    first_commit = marker.read_text()
+    emb, errors, manifest = read_output(out)  # reads every part-*.parquet present, and checks no id twice
+    assert not errors and sorted(emb) == sorted(ids)
+    listed = sorted(f["name"] for f in manifest["files"])
+    assert listed == sorted(p.name for p in out.glob("part-*.parquet"))
+    assert first_commit in listed  # the dead task's shard was rewritten by its retry, not left beside it
+    assert sum(f["rows"] for f in manifest["files"]) == len(ids)
+    assert manifest["counts"]["duplicate_ids"] == 0 and manifest["counts"]["unaccounted"] == 0
+    assert not [p for p in out.rglob("*.tmp")]

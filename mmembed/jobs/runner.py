@@ -41,10 +41,12 @@ class Outcome:
 class Executor:
     """Where the stages run, and with which pools: "ray" or "local" (this process)."""
 
-    def __init__(self, kind: str, cfg, spec=None):
+    def __init__(self, kind: str, cfg, spec=None, *, writer: tuple | None = None):
         from mmembed import cluster
 
         self.kind = kind
+        # (class, extra kwargs) of a stand-in shard writer, as a test puts one in (Job.replacements).
+        self.writer = writer
         self.cpus = 1.0
         if kind == "local":
             self.where = "local"
@@ -67,8 +69,9 @@ class Executor:
             from mmembed.stages.write import ShardWriter
         else:
             from mmembed.stages.write_ray import RayShardWriter as ShardWriter
-        return ShardWriter(output, result_columns=columns, storage_options=cfg.storage_options,
-                           shard_rows=cfg.shard_rows, run_token=run_token)
+        cls, extra = self.writer or (ShardWriter, {})
+        return cls(output, result_columns=columns, storage_options=cfg.storage_options,
+                   shard_rows=cfg.shard_rows, run_token=run_token, **extra)
 
     def write(self, source, stages: list, sink) -> dict:
         """`source` through `stages` into `sink`; the writer's totals.
@@ -147,10 +150,18 @@ class Job:
 
     def with_stand_ins(self, stages: list) -> list:
         from mmembed.pipeline import replace
+        from mmembed.stages.write import ShardWriter
 
         for old, (new, kwargs) in self.replacements.items():
-            stages = replace(stages, old, new, **kwargs)
+            if old is not ShardWriter:  # the sink, not a stage: see writer_stand_in
+                stages = replace(stages, old, new, **kwargs)
         return stages
+
+    def writer_stand_in(self) -> tuple | None:
+        """(class, kwargs) replacing the shard writer, when `replacements` names ShardWriter."""
+        from mmembed.stages.write import ShardWriter
+
+        return self.replacements.get(ShardWriter)
 
     def commit(self, plan: dict, manifest: dict) -> dict:
         """Write the manifest: from this moment the output is complete."""
@@ -219,7 +230,7 @@ def run(job: Job) -> int:
     job.acquire(lock)
     try:
         kind = job.executor(plan)
-        ex = Executor(kind, job.cfg, plan.get("input")) if kind else None
+        ex = Executor(kind, job.cfg, plan.get("input"), writer=job.writer_stand_in()) if kind else None
         outcome = job.execute(plan, ex)
         if isinstance(outcome, int):
             return outcome
