@@ -185,12 +185,37 @@ def tones(tmp_path_factory) -> dict[str, Path]:
         "mono48": make_tone(d / "e.wav", seconds=0.7, rate=48_000, freq=250),
         "mono22": make_tone(d / "f.flac", seconds=2.0, rate=22_050, freq=660),
         "mp3": make_tone(d / "g.mp3", seconds=1.2, rate=32_000, freq=520, channels=2),
+        "movie": make_movie(d / "h.mp4"),
     }
+
+
+def st_on_audio(st, path: Path) -> np.ndarray:
+    """ST `encode` on an audio file's path. A video's path ST takes for a video (or, with an audio
+    model, for text), so its audio track is given as ST loads any audio path: transformers'
+    `load_audio` at the model's rate, handed over as {array, sampling_rate}."""
+    if path.suffix != ".mp4":
+        return st.encode([str(path)])[0]
+    from transformers.audio_utils import load_audio
+
+    rate = st[0].processor.feature_extractor.sampling_rate
+    return st.encode([{"array": load_audio(str(path), sampling_rate=rate), "sampling_rate": rate}])[0]
+
+
+def make_movie(path: Path) -> Path:
+    """A video with a stereo AAC track at 44.1 kHz (channels at different pitches), as a phone films."""
+    tone = "sine=frequency={}:sample_rate=44100:duration=1.5"
+    cmd = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=64x48:rate=10:duration=1.5",
+           "-f", "lavfi", "-i", tone.format(440), "-f", "lavfi", "-i", tone.format(587),
+           "-filter_complex", "[1:a][2:a]join=inputs=2:channel_layout=stereo[a]", "-map", "0:v", "-map", "[a]",
+           "-c:v", "mpeg4", "-c:a", "aac", str(path)]  # fmt: skip
+    subprocess.run(cmd, check=True)
+    return path
 
 
 @pytest.mark.slow
 def test_audio_bytes_equal_st_on_the_same_paths(ray_session, tiny_clap, tones, tmp_path):
-    """Audio cells as bytes: resampled to 48 kHz and mixed down to mono as ST does with the file's path."""
+    """Audio cells as bytes (a video's audio track among them): resampled to 48 kHz and mixed down to
+    mono as ST does with the file's path."""
     from torchcodec.decoders import AudioDecoder
 
     ids = list(tones)
@@ -199,7 +224,7 @@ def test_audio_bytes_equal_st_on_the_same_paths(ray_session, tiny_clap, tones, t
     emb, errors, manifest = _embed(tmp_path, table, tiny_clap, "--executor", "local")
     assert not errors and set(emb) == set(ids) | {"t0"}
     st = _st(tiny_clap)
-    reference = np.stack([st.encode([str(tones[i])])[0] for i in ids])
+    reference = np.stack([st_on_audio(st, tones[i]) for i in ids])
     assert max_abs_diff(emb, ids, reference) <= TOL
     assert max_abs_diff(emb, ["mono16", "mono44", "mono48"], reference[2:5]) <= 1e-6
     assert max_abs_diff(emb, ["t0"], st.encode(["a sine tone"])) <= TOL
@@ -227,16 +252,16 @@ def test_hugging_face_audio_feature_equals_st(tiny_clap, tones, tmp_path):
 def test_audio_paths_and_urls_equal_st_on_the_same_paths(ray_session, tiny_clap, tones, tmp_path):
     from tests.helpers import media_server
 
-    names = ["stereo48", "stereo44", "mono16", "mono44", "mono48"]
-    payloads = {f"/{n}.wav": tones[n].read_bytes() for n in names}
+    names = ["stereo48", "stereo44", "mono16", "mono44", "mono48", "movie"]
+    payloads = {f"/{n}{tones[n].suffix}": tones[n].read_bytes() for n in names}
     with media_server(payloads) as base:
         ids = [f"{n}.path" for n in names] + [f"{n}.url" for n in names]
-        cells = [str(tones[n]) for n in names] + [f"{base}/{n}.wav" for n in names]
+        cells = [str(tones[n]) for n in names] + [f"{base}/{n}{tones[n].suffix}" for n in names]
         table = pa.table({"id": ids, "audio": cells})
         emb, errors, _ = _embed(tmp_path, table, tiny_clap, "--executor", "local", "--allow-http")
     assert not errors and set(emb) == set(ids)
     st = _st(tiny_clap)
-    reference = np.stack([st.encode([str(tones[n])])[0] for n in names])
+    reference = np.stack([st_on_audio(st, tones[n]) for n in names])
     assert max_abs_diff(emb, [f"{n}.path" for n in names], reference) <= TOL
     assert max_abs_diff(emb, [f"{n}.url" for n in names], reference) <= TOL
 
