@@ -397,9 +397,10 @@ class WdsS3(Comparison):
             n = max(4 * per_shard, int(self.args.seconds * rate))
         n = -(-n // per_shard) * per_shard
         shards = n // per_shard
+        from mmembed.testing.moto import s3_filesystem
         from mmembed.testing.shards import tar_shard
 
-        fs, bucket = fixtures.s3_filesystem(opts), "feed-bench"
+        fs, bucket = s3_filesystem(opts), "feed-bench"
         fixtures.s3_bucket(opts, bucket)
         photos = [Path(p).read_bytes() for p in self.files]
         t0 = time.perf_counter()

@@ -7,8 +7,9 @@ steady-rate reading of an embed job's shards.
 - models: mmembed's tiny test models (mmembed.testing) grown to the real shapes of CLIP B/32,
   CLIP L/14 and Qwen3-VL-2B with random weights, or kept tiny for smoke runs (`build_model`);
 - `steady_rate`: rows per second while an embed job's shards stream out;
-- documents and shards: PDFs with one screenshot per page (`pdf_corpus`), WebDataset tar shards
-  (`make_shard`), and a moto S3 server for a benchmark's own run (`moto_s3`).
+- documents and S3: PDFs with one screenshot per page (`pdf_corpus`), and a moto S3 server for a
+  benchmark's own run (`moto_s3`, `s3_bucket`; clients from mmembed/testing/moto.py); tar shards
+  come from mmembed/testing/shards.py.
 
 benchmarks/gpu.py and benchmarks/feed.py use them. Imports stay light (numpy at import; Pillow,
 torch and transformers inside the functions that need them): gpu.py runs on a bare GPU node.
@@ -212,32 +213,19 @@ MOTO_KEY, MOTO_SECRET, MOTO_REGION = "AKIAMMEMBEDBENCHKEY1", "mmembed-bench-secr
 def moto_s3(timeout_s: float = 60.0):
     """A moto S3 server (mmembed/testing/moto.py) for the duration of the block; yields fsspec storage
     options (endpoint, dummy credentials)."""
-    from mmembed.testing.moto import moto_process
+    from mmembed.testing.moto import moto_process, storage_options
 
     with moto_process(MOTO_KEY, MOTO_SECRET, MOTO_REGION, timeout_s) as (endpoint, _):
-        yield {"endpoint_url": endpoint, "key": MOTO_KEY, "secret": MOTO_SECRET,
-               "client_kwargs": {"region_name": MOTO_REGION}}
+        yield storage_options(endpoint, MOTO_KEY, MOTO_SECRET, MOTO_REGION)
 
 
 def s3_bucket(storage_options: dict, bucket: str) -> None:
-    """Make `bucket` on `moto_s3`'s server unless it is there (boto3: s3fs's mkdir sends a location
-    constraint that us-east-1 refuses)."""
-    import boto3
+    """Make `bucket` on `moto_s3`'s server unless it is there."""
+    from mmembed.testing.moto import boto3_client
 
-    o = storage_options
-    client = boto3.client("s3", endpoint_url=o["endpoint_url"], aws_access_key_id=o["key"],
-                          aws_secret_access_key=o["secret"], region_name=o["client_kwargs"]["region_name"])
+    client = boto3_client(storage_options)
     with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
         client.create_bucket(Bucket=bucket)
-
-
-def s3_filesystem(storage_options: dict):
-    """An s3fs filesystem for `moto_s3`'s storage options (uploads from the benchmark's process)."""
-    import s3fs
-
-    o = storage_options
-    return s3fs.S3FileSystem(key=o["key"], secret=o["secret"], endpoint_url=o["endpoint_url"],
-                             client_kwargs=o["client_kwargs"], skip_instance_cache=True)
 
 
 # ---------------------------------------------------------------------------------------------

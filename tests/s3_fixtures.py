@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from mmembed.testing import moto
 from mmembed.testing.moto import moto_process
 
 # Dummy credentials moto accepts; distinctive, so tests can grep outputs and logs for leaks.
@@ -28,23 +29,10 @@ class MotoServer:
     proc: subprocess.Popen
 
     def storage_options(self, endpoint: str | None = None) -> dict:
-        return {
-            "endpoint_url": endpoint or self.endpoint,
-            "key": ACCESS_KEY,
-            "secret": SECRET_KEY,
-            "client_kwargs": {"region_name": REGION},
-        }
+        return moto.storage_options(endpoint or self.endpoint, ACCESS_KEY, SECRET_KEY, REGION)
 
     def boto3(self):
-        import boto3
-
-        return boto3.client(
-            "s3",
-            endpoint_url=self.endpoint,
-            aws_access_key_id=ACCESS_KEY,
-            aws_secret_access_key=SECRET_KEY,
-            region_name=REGION,
-        )
+        return moto.boto3_client(self.storage_options())
 
     def new_bucket(self) -> str:
         name = f"mm-{uuid.uuid4().hex[:12]}"
@@ -66,13 +54,7 @@ def s3(moto_server):
 
 
 def s3fs_for(server: MotoServer, endpoint: str | None = None):
-    import s3fs
-
-    opts = server.storage_options(endpoint)
-    return s3fs.S3FileSystem(
-        key=opts["key"], secret=opts["secret"], endpoint_url=opts["endpoint_url"],
-        client_kwargs=opts["client_kwargs"], skip_instance_cache=True,
-    )
+    return moto.s3_filesystem(server.storage_options(endpoint))
 
 
 def read_output_s3(fs, root: str):

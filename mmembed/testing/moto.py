@@ -2,8 +2,8 @@
 
 `moto_process` starts it in a process group of its own (so stopping it reaches every child), waits
 until it answers, sets the AWS credential variables for clients that read the standard chain, and
-undoes all of it on the way out. Bucket and client helpers live with their users
-(tests/s3_fixtures.py, benchmarks/fixtures.py).
+undoes all of it on the way out. `storage_options`, `boto3_client` and `s3_filesystem` give the
+clients that tests/s3_fixtures.py and benchmarks/fixtures.py talk to it with.
 """
 
 from __future__ import annotations
@@ -75,3 +75,25 @@ def moto_process(key: str, secret: str, region: str, timeout_s: float = 30.0):
             else:
                 os.environ[k] = v
         stop(proc)
+
+
+def storage_options(endpoint: str, key: str, secret: str, region: str) -> dict:
+    """fsspec/s3fs storage options for the server (what a job's --storage-options carries)."""
+    return {"endpoint_url": endpoint, "key": key, "secret": secret, "client_kwargs": {"region_name": region}}
+
+
+def boto3_client(options: dict):
+    """A boto3 S3 client from `storage_options` (buckets are made with it: s3fs's mkdir sends a
+    location constraint that us-east-1 refuses)."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=options["endpoint_url"], aws_access_key_id=options["key"],
+                        aws_secret_access_key=options["secret"], region_name=options["client_kwargs"]["region_name"])
+
+
+def s3_filesystem(options: dict):
+    """An s3fs filesystem from `storage_options`, not shared with other instances."""
+    import s3fs
+
+    return s3fs.S3FileSystem(key=options["key"], secret=options["secret"], endpoint_url=options["endpoint_url"],
+                             client_kwargs=options["client_kwargs"], skip_instance_cache=True)
