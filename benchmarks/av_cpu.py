@@ -75,7 +75,7 @@ def bench_pipeline(model_dir: str, column: str, paths: list[Path], batch: int = 
     """clips/s of one PreprocessStage, plus its embeddings of the first clips via EncodeStage."""
     import pyarrow as pa
 
-    from mmembed.models import ModelSpec
+    from mmembed.models.loading import ModelSpec
     from mmembed.stages.encode import EncodeStage
     from mmembed.stages.preprocess import PreprocessStage
     from mmembed.stages.read import normalize_manifest_table

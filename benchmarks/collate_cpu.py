@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 
-from mmembed.features import FEATURE_FIELDS, collate, feature_rows, pack  # noqa: E402
+from mmembed.models.features import FEATURE_FIELDS, collate, feature_rows, pack  # noqa: E402
 
 SCHEMA = pa.schema([("id", pa.string()), *FEATURE_FIELDS])
 

@@ -7,7 +7,7 @@ Workload: a tiny random-weight CLIP (built locally) over generated 640x480 JPEG 
   the model is loaded inside the timing, the `import sentence_transformers` before it;
 - mmembed: `mmembed embed` (mmembed.cli.main) from the files on disk to Parquet on disk, called in
   this process as a library user would, with the default `--executor auto`: an input of at most
-  2,000 photos runs in-process (mmembed/local.py), a larger one on an in-process Ray.
+  2,000 photos runs in-process (mmembed/executors/local.py), a larger one on an in-process Ray.
 
 Figures, each against a baseline measured in the same run:
 - end to end: `--images` photos, whole job against ST's whole loop, both warmed the same way (one
@@ -103,7 +103,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from mmembed import cli
-    from mmembed.cluster import init_ray, plan_resources
+    from mmembed.executors.cluster import init_ray, plan_resources
     from mmembed.testing import tiny_model
 
     n = args.images

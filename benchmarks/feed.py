@@ -152,7 +152,7 @@ class Bench:
         """k records through the real PreprocessStage, in this process."""
         import pyarrow.parquet as pq
 
-        from mmembed.models import ModelSpec
+        from mmembed.models.loading import ModelSpec
         from mmembed.stages.preprocess import PreprocessStage
         from mmembed.stages.read import normalize_manifest_table
 
@@ -173,7 +173,7 @@ class Bench:
         --batch-size rows, from --calls-per-encoder threads at once (Ray's threads in the job)."""
         import threading
 
-        from mmembed.models import ModelSpec
+        from mmembed.models.loading import ModelSpec
         from mmembed.testing.standin import RateLimitedEncoder
 
         window, calls = self.args.batch_size, self.args.calls_per_encoder
@@ -251,7 +251,7 @@ class Bench:
         return result
 
     def _dim(self) -> int:
-        from mmembed.models import ModelSpec, load_model
+        from mmembed.models.loading import ModelSpec, load_model
 
         return load_model(ModelSpec(self.model_dir), weights=False).get_embedding_dimension()
 
@@ -341,7 +341,7 @@ class PdfPages(Comparison):
     def setup(self):
         import pyarrow.parquet as pq
 
-        from mmembed.models import ModelSpec
+        from mmembed.models.loading import ModelSpec
         from mmembed.stages.preprocess import PreprocessStage
         from mmembed.stages.read import normalize_manifest_table
 
@@ -380,7 +380,7 @@ class WdsS3(Comparison):
     def setup(self):
         import pyarrow.parquet as pq
 
-        from mmembed.models import ModelSpec
+        from mmembed.models.loading import ModelSpec
         from mmembed.stages.preprocess import PreprocessStage
         from mmembed.stages.read import normalize_manifest_table
 
@@ -460,7 +460,7 @@ def pool_size(args, cpus: float, model_dir: str) -> int:
     if args.num_preprocessors:
         return args.num_preprocessors
     from mmembed import cli
-    from mmembed.cluster import plan_resources
+    from mmembed.executors.cluster import plan_resources
 
     cfg = cli.parse("embed", ["--input", "-", "--output", "-", "--model", model_dir, "--device", "cpu",
                               "--calls-per-encoder", str(args.calls_per_encoder), *args.job_options])
@@ -521,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from mmembed.cluster import init_ray
+    from mmembed.executors.cluster import init_ray
 
     results, comparisons = {}, {}
     with contextlib.ExitStack() as stack:

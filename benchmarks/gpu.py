@@ -49,6 +49,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks.fixtures import build_model, corpus, steady_rate  # noqa: E402 - corpora, models, shard rates
 
+
 # ---------------------------------------------------------------------------------------------
 # Workloads
 # ---------------------------------------------------------------------------------------------
@@ -118,7 +119,7 @@ def _pool_init(stage_args: list) -> None:
     import torch
 
     torch.set_num_threads(1)  # one decode per core, as the preprocess actors run
-    from mmembed.models import ModelSpec
+    from mmembed.models.loading import ModelSpec
     from mmembed.stages.preprocess import PreprocessStage
 
     for model_dir, transport, on_device in stage_args:
@@ -130,7 +131,7 @@ def _pool_init(stage_args: list) -> None:
 def records(paths: list[str], root: str):
     import pyarrow as pa
 
-    from mmembed.records import RECORD_SCHEMA
+    from mmembed.inputs.discover import RECORD_SCHEMA
 
     columns = {f.name: pa.nulls(len(paths), f.type) for f in RECORD_SCHEMA}
     columns["id"] = pa.array([os.path.relpath(p, root) for p in paths], pa.string())
@@ -140,7 +141,7 @@ def records(paths: list[str], root: str):
 
 def _preprocess(job):
     """One preprocess call; returns counts and costs, or the table itself when asked."""
-    from mmembed.batching import row_cost
+    from mmembed.models.batching import row_cost
 
     key, paths, root, keep = job
     table = _STAGES[key](records(paths, root))
@@ -179,7 +180,7 @@ def _sync(device: str) -> None:
 
 def forward_only(stage, table, device: str, min_seconds: float) -> dict:
     """EncodeStage.embed over the stage's own batches, inputs already on the device."""
-    from mmembed.batching import plan_batches, row_cost
+    from mmembed.models.batching import plan_batches, row_cost
 
     rows = [r for r in table.to_pylist() if r["error"] is None]
     costs = [row_cost(r) for r in rows]
@@ -206,7 +207,7 @@ def forward_only(stage, table, device: str, min_seconds: float) -> dict:
     for mode in ("staged", "pinned", "plain"):
         stage.copy_mode = mode
         if mode == "staged" and device == "cuda":
-            from mmembed.staging import PinnedStaging
+            from mmembed.models.staging import PinnedStaging
 
             stage._staging = default[1] or PinnedStaging(stage.model.device)
         else:
@@ -622,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
             stamp(f"{name}: CPU pool preprocess {pre['img_s']:.1f} img/s ({pre['ok']} ok, {pre['errors']} errors)")
 
     # 3. Forward-only ceiling and ST encode, in this process
-    from mmembed.models import ModelSpec
+    from mmembed.models.loading import ModelSpec
     from mmembed.stages.encode import EncodeStage
 
     for name in chosen:
@@ -712,7 +713,7 @@ def main(argv: list[str] | None = None) -> int:
 def padding_report(costs: list, w: Workload) -> dict:
     """Padding waste over the preprocessed set: fixed row chunks in arrival order (no sorting, no
     budget) against the encode stage's own batching over windows of --encode-window rows."""
-    from mmembed.batching import Budget, plan_batches
+    from mmembed.models.batching import Budget, plan_batches
 
     def waste(window: int, plan) -> float:
         real = padded = 0

@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
-from mmembed.index import AnnIndex, EmbeddingSource, IndexBuilder, IndexParams  # noqa: E402
 from mmembed.stages.search import SearchStage  # noqa: E402
+from mmembed.stores.index import AnnIndex, EmbeddingSource, IndexBuilder, IndexParams  # noqa: E402
 
 TARGET_RECALL, TARGET_RATIO = 0.95, 20.0
 

@@ -180,10 +180,10 @@ def diff_worker(spec: dict, object_store: int) -> dict:
     ray.init(num_cpus=2, object_store_memory=object_store, include_dashboard=False, logging_level="WARNING")
     from ray.data import DataContext
 
-    from mmembed.changes import num_buckets
-    from mmembed.stages.encode import embedding_schema
     from mmembed.jobs.reembed import diff_buckets
+    from mmembed.stages.encode import embedding_schema
     from mmembed.stages.read_pairs import read_parquet
+    from mmembed.stores.changes import num_buckets
 
     DataContext.get_current().enable_progress_bars = False
     ready = _status_mb("VmRSS")  # Ray started and the code imported: what the diff adds comes after

@@ -1,10 +1,11 @@
 """What a record is: its modalities, the columns every stage after the read sees, and which input
-column holds which field. No I/O here; mmembed/records.py recognises inputs, the readers fill records."""
+column holds which field. No I/O here; mmembed/inputs/discover.py recognises inputs, the readers fill records."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 
 MODALITY_COLUMNS = ("text", "image", "audio", "video")
@@ -18,7 +19,7 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 AUDIO_EXTENSIONS = {".wav", ".mp3", ".flac", ".ogg", ".m4a", ".opus", ".aac"}
 VIDEO_EXTENSIONS = {".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v"}
 TEXT_EXTENSIONS = {".txt", ".md"}
-# A document is not a record: each of its pages is one, id `<document id>#page=<n>` (mmembed/pdf.py).
+# A document is not a record: each of its pages is one, id `<document id>#page=<n>` (mmembed/media/pdf.py).
 DOCUMENT_EXTENSIONS = {".pdf"}
 PAGE_MARK = "#page="
 
@@ -87,3 +88,10 @@ class Columns:
 
 
 DEFAULT_COLUMNS = Columns()
+
+
+def embedding_matrix(col, dim: int) -> np.ndarray:
+    """A (fixed-size) list column of vectors as a float32 [rows, dim] array."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    return np.asarray(col.flatten(), dtype=np.float32).reshape(len(col), dim)

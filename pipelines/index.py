@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from mmembed.options import add_storage_option, job_main, positive_int
+from mmembed.cli.options import add_storage_option, job_main, positive_int
 
 
 def build_parser(prog: str = "mmembed index") -> argparse.ArgumentParser:
@@ -79,6 +79,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from mmembed.options import exit_process
+    from mmembed.cli.options import exit_process
 
     exit_process(main())

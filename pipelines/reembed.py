@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from mmembed.options import (
+from mmembed.cli.options import (
     add_embedding_options,
     add_input_options,
     add_io_options,
@@ -94,6 +94,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from mmembed.options import exit_process
+    from mmembed.cli.options import exit_process
 
     exit_process(main())

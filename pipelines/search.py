@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from mmembed.options import add_io_options, add_model_options, add_runtime_options, job_main, positive_int
+from mmembed.cli.options import add_io_options, add_model_options, add_runtime_options, job_main, positive_int
 
 
 def build_parser(prog: str = "mmembed search") -> argparse.ArgumentParser:
@@ -89,6 +89,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from mmembed.options import exit_process
+    from mmembed.cli.options import exit_process
 
     exit_process(main())

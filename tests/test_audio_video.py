@@ -103,7 +103,7 @@ def test_decode_video_seeks_to_the_processor_frames(tiny_qwen3vl, videos, monkey
     import torchcodec.decoders
     from transformers.video_utils import VideoMetadata
 
-    from mmembed.media import VideoSampler, decode_video
+    from mmembed.media.av import VideoSampler, decode_video
 
     calls = []
     original = torchcodec.decoders.VideoDecoder

@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from mmembed.batching import Budget, padding_waste, plan_batches, row_cost
+from mmembed.models.batching import Budget, padding_waste, plan_batches, row_cost
 
 
 def _check_partition(batches, n):
@@ -74,7 +74,7 @@ def _png(w, h, seed):
 def _records(items):
     import pyarrow as pa
 
-    from mmembed.records import RECORD_SCHEMA
+    from mmembed.inputs.discover import RECORD_SCHEMA
 
     n = len(items)
     cols = {f.name: pa.nulls(n, f.type) for f in RECORD_SCHEMA}
@@ -89,7 +89,7 @@ def test_encode_stage_token_budget_matches_st(tiny_qwen3vl):
     from PIL import Image
     from sentence_transformers import SentenceTransformer
 
-    from mmembed.models import ModelSpec
+    from mmembed.models.loading import ModelSpec
     from mmembed.stages.encode import EncodeStage
     from mmembed.stages.preprocess import PreprocessStage
 

@@ -16,8 +16,8 @@ import ray
 import yaml
 
 from mmembed.cli import COMMANDS
-from mmembed.submit import check_command, split_command
-from mmembed import cluster
+from mmembed.cli.submit import check_command, split_command
+from mmembed.executors import cluster
 
 CLUSTER = Path(__file__).resolve().parent.parent / "cluster"
 # Ray's default object store takes 30% of a node's memory; actors may reserve the rest.

@@ -83,7 +83,7 @@ def test_entry_points_stay_thin_and_nothing_imports_them():
 
 
 def test_jobs_never_call_map_batches_themselves():
-    """Every Ray Data operator of a job comes from its stage list, applied by mmembed/pipeline.py."""
+    """Every Ray Data operator of a job comes from its stage list, applied by mmembed/executors/pipeline.py."""
     for path in (ROOT / "mmembed" / "jobs").glob("*.py"):
         text = path.read_text()
         assert "map_batches" not in text and "ActorPoolStrategy" not in text, path.name

@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 from sentence_transformers import SentenceTransformer
 
-from mmembed.device_decode import JPEG_KEY, jpeg_for_device
-from mmembed.models import ModelSpec
-from mmembed.records import RECORD_SCHEMA
+from mmembed.inputs.discover import RECORD_SCHEMA
+from mmembed.media.device_decode import JPEG_KEY, jpeg_for_device
+from mmembed.models.loading import ModelSpec
 from mmembed.stages.preprocess import PreprocessStage
 from tests.conftest import run_job
 from tests.helpers import make_image, read_output

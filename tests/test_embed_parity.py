@@ -108,7 +108,7 @@ def test_qwen3vl_text_image_and_record_parity(ray_session, tiny_qwen3vl, tmp_pat
 
 
 def test_minilm_parity_and_semantics(ray_session, minilm_path, tmp_path):
-    from mmembed.demo import TOPICS
+    from mmembed.testing.corpus import TOPICS
 
     ids, texts = [], []
     for topic, docs in TOPICS.items():

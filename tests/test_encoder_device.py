@@ -15,8 +15,8 @@ import pytest
 import torch
 from sentence_transformers import SentenceTransformer
 
-from mmembed.device_use import STATS_COLUMN, DeviceUse, latest, summarise
-from mmembed.models import ModelSpec
+from mmembed.models.device_use import STATS_COLUMN, DeviceUse, latest, summarise
+from mmembed.models.loading import ModelSpec
 from mmembed.stages.encode import EncodeStage
 from mmembed.stages.preprocess import PreprocessStage
 from tests.conftest import run_job
@@ -44,7 +44,7 @@ def clip_rows(tiny_clip):
 
 
 def as_records(table: pa.Table) -> pa.Table:
-    from mmembed.records import RECORD_SCHEMA
+    from mmembed.inputs.discover import RECORD_SCHEMA
 
     columns = {f.name: pa.nulls(table.num_rows, f.type) for f in RECORD_SCHEMA}
     columns["id"] = table.column("id")

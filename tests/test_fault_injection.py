@@ -21,7 +21,7 @@ def _no_client_retries(opts: dict) -> dict:
 
 
 def _fetcher(opts: dict, attempts: int, uri: str):
-    from mmembed.storage import Fetcher
+    from mmembed.storage.fetch import Fetcher
 
     f = Fetcher(opts, attempts=attempts)
     f._fs(uri).retries = 1  # s3fs's own retry loop too, so only mmembed's backoff remains
@@ -30,7 +30,7 @@ def _fetcher(opts: dict, attempts: int, uri: str):
 
 @pytest.mark.parametrize("kind", ["503", "500", "drop"])
 def test_fetcher_retries_transient_failures_with_backoff(s3, kind):
-    from mmembed.storage import is_transient
+    from mmembed.storage.fs import is_transient
 
     server, bucket, _ = s3
     uri = f"s3://{bucket}/img.png"
@@ -55,7 +55,7 @@ def test_fetcher_retries_transient_failures_with_backoff(s3, kind):
 
 
 def test_missing_object_is_not_retried(s3):
-    from mmembed.storage import FetchError
+    from mmembed.storage.fetch import FetchError
 
     server, bucket, _ = s3
     with FaultyProxy(server.endpoint) as proxy:

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from mmembed.features import FEATURE_FIELDS, collate, feature_rows, pack
+from mmembed.models.features import FEATURE_FIELDS, collate, feature_rows, pack
 
 SCHEMA = pa.schema([("id", pa.string()), *FEATURE_FIELDS])
 

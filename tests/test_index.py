@@ -33,7 +33,7 @@ def build(embeddings, output, *extra) -> int:
 
 
 def ann_search(index_dir, queries: np.ndarray, k: int, **tune):
-    from mmembed.index import AnnIndex
+    from mmembed.stores.index import AnnIndex
 
     return AnnIndex.load(str(index_dir), **tune).search(queries, k)
 
@@ -50,7 +50,7 @@ def recall(doc_ids, ids, order) -> float:
 
 @pytest.fixture
 def no_ray(monkeypatch):
-    from mmembed import cluster
+    from mmembed.executors import cluster
 
     def refuse(*_a, **_k):
         raise AssertionError("Ray must not start for a refused configuration")
@@ -129,7 +129,7 @@ def test_ivf_search_widens_until_every_query_has_k_hits(tmp_path):
 
 
 def test_default_kind_follows_corpus_size():
-    from mmembed.index import IndexParams
+    from mmembed.stores.index import IndexParams
 
     assert IndexParams().resolve(9_999, 384).to_dict() == {"kind": "flat"}
     assert IndexParams().resolve(100_000, 384).to_dict() == {"kind": "ivf-flat", "nlist": 256, "nprobe": 16,
@@ -142,7 +142,7 @@ def test_default_kind_follows_corpus_size():
 
 
 def test_index_from_store_root_reads_current(tmp_path):
-    from mmembed.store import Snapshot, Store
+    from mmembed.stores.store import Snapshot, Store
 
     rng = np.random.default_rng(2)
     root = tmp_path / "store"

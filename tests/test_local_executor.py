@@ -94,9 +94,10 @@ def test_local_retry_errors_resumes_around_committed_shards(tiny_clip, tmp_path,
 
 
 def test_auto_picks_local_only_without_a_cluster_and_for_small_inputs(tiny_clip, tmp_path, monkeypatch):
-    from mmembed.options import UsageError
-    from mmembed.records import InputSpec
-    from mmembed import cli, cluster
+    from mmembed import cli
+    from mmembed.errors import UsageError
+    from mmembed.executors import cluster
+    from mmembed.inputs.discover import InputSpec
 
     ray = pytest.importorskip("ray")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)

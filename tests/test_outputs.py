@@ -93,7 +93,7 @@ def test_bare_parquet_files_without_a_record_of_ours_are_not_overwritten(tiny_cl
 
 
 def test_error_shards_and_shards_in_progress_stay_out_of_result_globs(tiny_clip, tmp_path):
-    from mmembed.outputs import tmp_name
+    from mmembed.outputs.ownership import tmp_name
 
     src = tmp_path / "m.parquet"
     _manifest(src, broken=2)

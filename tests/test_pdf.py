@@ -132,8 +132,8 @@ def test_max_pages_max_bytes_and_a_manifest_column(tmp_path, tiny_clip, st_clip)
 
 def test_committed_pages_are_never_rendered_again(tiny_clip, monkeypatch):
     """The preprocess stage skips the pages an earlier attempt committed, without rendering them."""
-    from mmembed.changes import KeyIndex
-    from mmembed.models import ModelSpec
+    from mmembed.models.loading import ModelSpec
+    from mmembed.outputs.ids import KeyIndex
     from mmembed.stages.preprocess import PreprocessStage
     from mmembed.stages.read import normalize_manifest_table
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from mmembed.records import InputSpec
-from mmembed import cli, cluster
+from mmembed import cli
+from mmembed.executors import cluster
+from mmembed.inputs.discover import InputSpec
 
 
 def _args(*extra: str):

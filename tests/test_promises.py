@@ -28,7 +28,7 @@ def _embed(src, out, model, *extra):
 
 
 def test_the_running_driver_renews_its_lease(tmp_path):
-    from mmembed.runstate import LOCK_NAME, RunLock
+    from mmembed.outputs.runstate import LOCK_NAME, RunLock
 
     out = tmp_path / "out"
     lock = RunLock(str(out), ttl_s=0.4).acquire()  # renewed every quarter of the TTL
@@ -47,7 +47,7 @@ def test_the_running_driver_renews_its_lease(tmp_path):
 
 
 def test_duplicate_ids_counts_an_injected_duplicate(tiny_clip, tmp_path):
-    from mmembed.runstate import account, committed_shards
+    from mmembed.outputs.runstate import account, committed_shards
 
     src = tmp_path / "m.parquet"
     _texts(src, 6)
@@ -144,7 +144,7 @@ def test_attempts_name_their_shards(tiny_clip, tmp_path):
 def test_a_retried_write_task_does_not_double_rows(tmp_path):
     """Ray reruns a write task whose worker died with the same blocks and task index: the rerun must
     commit the same shard names, replacing the first run's, so no row is written twice."""
-    from mmembed.local import TaskContext
+    from mmembed.executors.local import TaskContext
     from mmembed.stages.write import ShardWriter
 
     def blocks():

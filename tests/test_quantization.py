@@ -39,7 +39,7 @@ def corpus(ray_session, minilm_path, tmp_path_factory):
     """The MiniLM demo corpus embedded as int8 (ranges from the first 7 records) and as binary with float vectors."""
     from sentence_transformers import SentenceTransformer
 
-    from mmembed.demo import make_corpus
+    from mmembed.testing.corpus import make_corpus
 
     root = tmp_path_factory.mktemp("quant")
     texts = make_corpus(root / "demo", photos=0, screenshots=0)["texts"]
@@ -174,7 +174,7 @@ def test_a_resumed_int8_run_reuses_its_calibrated_ranges(minilm_path, tmp_path):
     can mix buckets; another calibration setting is refused as a different run."""
     from mmembed import cli
     from mmembed.jobs import embed
-    from mmembed.runstate import RUN_NAME
+    from mmembed.outputs.runstate import RUN_NAME
 
     pq.write_table(pa.table({"id": ["a", "b"], "text": ["x", "y"]}), tmp_path / "m.parquet")
     argv = ["--input", str(tmp_path / "m.parquet"), "--output", str(tmp_path / "o"), "--model", minilm_path,
@@ -188,7 +188,7 @@ def test_a_resumed_int8_run_reuses_its_calibrated_ranges(minilm_path, tmp_path):
     again = embed.plan(cli.parse("embed", argv))
     assert again["state"] == "resume" and again["quantization"]["ranges"] == ranges
     assert again["identity"]["quantization"]["ranges"] == ranges
-    from mmembed.options import UsageError
+    from mmembed.errors import UsageError
 
     with pytest.raises(UsageError, match="quantization"):
         embed.plan(cli.parse("embed", [*argv[:-1], "3"]))

@@ -188,7 +188,7 @@ def test_crash_mid_run_leaves_current_intact(v1_store, v2_full, minilm_path, tmp
     assert tree_digest(serving) == served
     half = [d for d in serving.parent.iterdir() if d.is_dir() and d != serving]
     assert len(half) == 1 and not (half[0] / "_manifest.json").exists()
-    from mmembed.store import Store, open_current
+    from mmembed.stores.store import Store, open_current
 
     assert open_current(str(store)) == str(serving)
     assert [v["snapshots"] for v in Store(str(store)).versions()] == [1]
@@ -297,7 +297,7 @@ def test_media_changes_are_judged_by_their_bytes(ray_session, tiny_clip, tmp_pat
 
 # -- one writer per store ---------------------------------------------------------------------------
 def test_a_held_local_store_refuses_a_second_run(minilm_path, tmp_path, capfd):
-    from mmembed.runstate import RunLock
+    from mmembed.outputs.runstate import RunLock
 
     store = tmp_path / "store"
     v1 = write_manifest(tmp_path / "in" / "m.parquet", corpus_v1())
@@ -317,7 +317,7 @@ def test_reembed_on_s3_refuses_waits_for_and_takes_over_the_store_lease(ray_sess
     (exit 2, naming the holder) or makes it wait with --wait, and a dead holder's lease is taken over."""
     import threading
 
-    from mmembed.runstate import RunLock
+    from mmembed.outputs.runstate import RunLock
     from tests.s3_fixtures import s3fs_for
 
     server, bucket, opts = s3

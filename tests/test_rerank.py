@@ -213,7 +213,7 @@ def test_string_and_bytes_cells(ray_session, tiny_reranker, cross_encoders, tmp_
 
 def test_missing_columns_fail_before_ray(tmp_path, capsys, monkeypatch):
     import pipelines.rerank as rerank_job
-    from mmembed import cluster
+    from mmembed.executors import cluster
 
     def no_ray(*_a, **_k):
         raise AssertionError("Ray must not start for a bad candidates file")

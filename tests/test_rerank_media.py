@@ -86,7 +86,7 @@ def _st_conversation(messages: list) -> list:
 
 def _refused(tmp_path, monkeypatch, capsys, table: pa.Table, model: str, *extra) -> str:
     import pipelines.rerank as rerank_job
-    from mmembed import cluster
+    from mmembed.executors import cluster
 
     def no_ray(*_a, **_k):
         raise AssertionError("Ray must not start for a refused input")

@@ -51,8 +51,8 @@ def assert_same_embeddings(a: dict, b: dict) -> None:
 
 # -- the lease --------------------------------------------------------------------------------------
 def test_lease_is_exclusive_under_a_race(tmp_path):
-    from mmembed.options import UsageError
-    from mmembed.runstate import RunLock
+    from mmembed.errors import UsageError
+    from mmembed.outputs.runstate import RunLock
 
     out = str(tmp_path / "out")
     winners, refused = [], []
@@ -80,8 +80,8 @@ def test_lease_is_exclusive_under_a_race(tmp_path):
 
 
 def test_lease_works_where_the_filesystem_has_no_hard_links(tmp_path, monkeypatch):
-    from mmembed.options import UsageError
-    from mmembed.runstate import RunLock
+    from mmembed.errors import UsageError
+    from mmembed.outputs.runstate import RunLock
 
     def no_links(src, dst):
         raise PermissionError(1, "Operation not permitted")
@@ -98,8 +98,8 @@ def test_lease_works_where_the_filesystem_has_no_hard_links(tmp_path, monkeypatc
 def test_stale_leases_are_taken_over_live_ones_are_not(tmp_path):
     import socket
 
-    from mmembed.options import UsageError
-    from mmembed.runstate import RunLock
+    from mmembed.errors import UsageError
+    from mmembed.outputs.runstate import RunLock
 
     out = tmp_path / "out"
     out.mkdir()

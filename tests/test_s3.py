@@ -14,7 +14,14 @@ import pytest
 
 from tests.conftest import run_job
 from tests.helpers import image_bytes, media_server
-from tests.s3_fixtures import ACCESS_KEY, SECRET_KEY, moto_server, read_output_s3, s3, s3fs_for  # noqa: F401
+from tests.s3_fixtures import (  # noqa: F401
+    ACCESS_KEY,
+    SECRET_KEY,
+    moto_server,
+    read_output_s3,
+    s3,
+    s3fs_for,
+)
 
 
 def _no_secrets(fs, root: str, *texts: str) -> None:
@@ -146,7 +153,7 @@ def test_duplicate_ids_in_an_s3_manifest_are_rejected_up_front(s3, tiny_clip, ca
 
 # -- HTTP(S) media -----------------------------------------------------------------------------------
 def test_http_media_needs_allow_http_and_obeys_timeout_and_size():
-    from mmembed.storage import FetchError, Fetcher
+    from mmembed.storage.fetch import Fetcher, FetchError
 
     small, big = image_bytes(1), image_bytes(2, size=(300, 300))
     with media_server({"/small.png": small, "/big.png": big, "/slow.png": small}) as base:
@@ -164,8 +171,8 @@ def test_http_media_needs_allow_http_and_obeys_timeout_and_size():
 
 
 def test_lease_on_s3_is_exclusive_under_a_race(s3):
-    from mmembed.options import UsageError
-    from mmembed.runstate import RunLock
+    from mmembed.errors import UsageError
+    from mmembed.outputs.runstate import RunLock
 
     server, bucket, _ = s3
     opts = server.storage_options()
@@ -201,7 +208,7 @@ def test_listing_media_on_s3_sends_no_request_per_file(s3, monkeypatch):
 
     import s3fs
 
-    from mmembed.records import discover
+    from mmembed.inputs.discover import discover
 
     server, bucket, opts = s3
     fs = s3fs_for(server)

@@ -113,7 +113,7 @@ def test_search_embeds_raw_queries_with_minilm(ray_session, minilm_path, tmp_pat
     """Raw query records are embedded as encode_query would, then searched; bad queries are error rows."""
     from sentence_transformers import SentenceTransformer
 
-    from mmembed.demo import make_corpus
+    from mmembed.testing.corpus import make_corpus
 
     corpus = make_corpus(tmp_path / "demo", photos=0, screenshots=0)
     cdir = tmp_path / "corpus-emb"
@@ -148,7 +148,7 @@ def test_search_embeds_raw_queries_with_minilm(ray_session, minilm_path, tmp_pat
 
 def test_search_refuses_mismatched_inputs_before_ray(tmp_path, capsys, monkeypatch):
     import pipelines.search as search_job
-    from mmembed import cluster
+    from mmembed.executors import cluster
 
     def no_ray(*_a, **_k):
         raise AssertionError("Ray must not start for refused inputs")

@@ -12,9 +12,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from mmembed.changes import CHANGED, NEW, UNCHANGED, IndexRef, KeyIndex, classify
-from mmembed.manifest import MANIFEST_NAME, write_json
-from mmembed.store import (
+from mmembed.outputs.ids import IndexRef, KeyIndex
+from mmembed.outputs.manifest import MANIFEST_NAME, write_json
+from mmembed.stores.changes import CHANGED, NEW, UNCHANGED, classify
+from mmembed.stores.store import (
     CURRENT_NAME,
     STORE_MARKER,
     Snapshot,
@@ -183,7 +184,7 @@ def test_versions_and_activate_commands(tmp_path):
 
 
 def test_key_index_lookup_is_exact_even_when_high_words_collide(monkeypatch):
-    import mmembed.changes as ch
+    import mmembed.stores.changes as ch
 
     ids = [f"id-{i}" for i in range(50)]
     hashes = [f"{i:032x}" if i % 7 else None for i in range(50)]
@@ -218,7 +219,7 @@ def test_classify_against_a_base(ray_session):
 
 
 def test_content_hash_covers_text_and_media_bytes_not_their_location(tmp_path):
-    from mmembed.records import RECORD_SCHEMA
+    from mmembed.inputs.discover import RECORD_SCHEMA
     from mmembed.stages.content_hash import ContentHashStage
     from tests.helpers import image_bytes
 

@@ -1,1 +1,3 @@
-"""The jobs: each one's plan and stage list, and the runner they share (runner.py)."""
+"""Jobs: each command's plan and stage list (embed.py, rerank.py, ...), their typed configs (config.py)
+and the runner they share (runner.py). They import every room below them: stages, executors, stores,
+outputs, inputs, models, media, storage."""

@@ -30,7 +30,7 @@ class ModelOptions:
 
     def model_spec(self, kind: str = "embedder"):
         """What an actor needs to load the model: name, revision and kwargs."""
-        from mmembed.models import ModelSpec
+        from mmembed.models.loading import ModelSpec
 
         return ModelSpec(self.model, revision=self.revision, trust_remote_code=self.trust_remote_code,
                          model_kwargs=dict(self.model_kwargs), processor_kwargs=dict(self.processor_kwargs),
@@ -100,7 +100,7 @@ class InputOptions:
     max_pages: int | None = None
 
     def columns(self):
-        from mmembed.records import Columns
+        from mmembed.inputs.discover import Columns
 
         return Columns(id=self.id_column, text=self.text_column, image=self.image_column, audio=self.audio_column,
                        video=self.video_column, modalities=tuple(self.modalities) if self.modalities else None)

@@ -1,6 +1,6 @@
 """The embed job: a corpus in, one embedding row (or error row) per record out.
 
-    records.py (discover) -> stages/read.py -> stages/preprocess.py (CPU pool)
+    inputs/discover.py -> stages/read.py -> stages/preprocess.py (CPU pool)
         -> stages/encode.py (device pool) -> stages/write.py (shards, _errors/)
 
 `plan` checks everything it can before Ray starts; `stages` is the job's stage list, which the
@@ -12,14 +12,14 @@ from __future__ import annotations
 import logging
 import uuid
 
+from mmembed.errors import UsageError
+from mmembed.executors.pipeline import CPU, DEVICE, Limit, Stage
+from mmembed.inputs.discover import InputError, check_unique_ids, discover
 from mmembed.jobs.config import EmbedConfig, fetch_kwargs
 from mmembed.jobs.runner import EXIT_OK, Job, Outcome
-from mmembed.manifest import MANIFEST_NAME, read_json, report
-from mmembed.models import ModelPathError, load_model, model_revision, modality_label, resolve_prompt
-from mmembed.options import UsageError
-from mmembed.pipeline import CPU, DEVICE, Limit, Stage
-from mmembed.records import InputError, check_unique_ids, discover
-from mmembed.storage import join_uri
+from mmembed.models.loading import ModelPathError, load_model, modality_label, model_revision, resolve_prompt
+from mmembed.outputs.manifest import MANIFEST_NAME, read_json, report
+from mmembed.storage.fs import join_uri
 
 log = logging.getLogger("mmembed")
 
@@ -29,8 +29,8 @@ log = logging.getLogger("mmembed")
 # --------------------------------------------------------------------------------------------
 def plan(cfg: EmbedConfig, *, standin: bool = False) -> dict:
     """Every check that needs no cluster: input, model, modalities, output. Raises UsageError."""
-    from mmembed.cluster import choose_executor
-    from mmembed.runstate import RUN_NAME, inspect_output, run_identity
+    from mmembed.executors.cluster import choose_executor
+    from mmembed.outputs.runstate import RUN_NAME, inspect_output, run_identity
 
     try:
         spec = discover(cfg.input, cfg.storage_options, cfg.columns())
@@ -77,7 +77,7 @@ def plan(cfg: EmbedConfig, *, standin: bool = False) -> dict:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if cfg.decode_on_device:
-        from mmembed.device_decode import unsupported_reason
+        from mmembed.media.device_decode import unsupported_reason
 
         why = unsupported_reason(meta_model)
         if why:
@@ -155,9 +155,9 @@ def ranges_from_output(uri: str, cfg, dim: int) -> list:
     """int8/uint8 ranges ([2][dim]: per-dimension min, max) over the float vectors of a finished embed output."""
     import pyarrow.parquet as pq
 
+    from mmembed.schema import embedding_matrix
     from mmembed.stages.encode import update_ranges
-    from mmembed.stages.search import embedding_matrix
-    from mmembed.storage import filesystem
+    from mmembed.storage.fs import filesystem
 
     m = read_json(join_uri(uri, MANIFEST_NAME), cfg.storage_options)
     model = (m or {}).get("model", {})
@@ -196,8 +196,8 @@ def stages(cfg: EmbedConfig, p: dict, res: dict, *, skip=None, limit: int | None
     `encode` overrides the stored precision, `passthrough` names record columns carried to each
     result row (reembed's content_hash).
     """
-    from mmembed.cluster import cpu_pool, device_pool
-    from mmembed.runstate import drop_committed
+    from mmembed.executors.cluster import cpu_pool, device_pool
+    from mmembed.outputs.runstate import drop_committed
     from mmembed.stages.encode import EncodeStage
     from mmembed.stages.preprocess import PreprocessStage
     from mmembed.stages.read import split_modalities
@@ -234,7 +234,7 @@ def stages(cfg: EmbedConfig, p: dict, res: dict, *, skip=None, limit: int | None
 def source(cfg, p: dict, ex, records=None):
     """The records entering the stages: the input read in blocks (or `records`, a dataset a caller
     prepared, such as reembed's diff). Ray: a dataset; local: an iterator of Arrow tables."""
-    from mmembed.cluster import block_rows
+    from mmembed.executors.cluster import block_rows
     from mmembed.stages.read import ReadStage
 
     if ex.local:
@@ -255,9 +255,9 @@ def calibrate(job: "EmbedJob", p: dict, ex) -> list:
     """
     import pyarrow.compute as pc
 
-    from mmembed.pipeline import apply_ray
+    from mmembed.executors.pipeline import apply_ray
+    from mmembed.schema import embedding_matrix
     from mmembed.stages.encode import update_ranges
-    from mmembed.stages.search import embedding_matrix
 
     cfg = job.cfg
     n = cfg.calibration_records
@@ -286,7 +286,7 @@ class EmbedJob(Job):
     results = "embeddings"
 
     def plan(self) -> dict:
-        from mmembed.outputs import check_output
+        from mmembed.outputs.ownership import check_output
 
         cfg = self.cfg
         check_output("embed", cfg.output, cfg.storage_options, overwrite=cfg.overwrite,
@@ -311,8 +311,14 @@ class EmbedJob(Job):
         return p["executor"]
 
     def execute(self, p: dict, ex) -> Outcome:
-        from mmembed.outputs import clear_owned
-        from mmembed.runstate import account, begin_attempt, committed_index, committed_shards, drop_error_shards
+        from mmembed.outputs.ownership import clear_owned
+        from mmembed.outputs.runstate import (
+            account,
+            begin_attempt,
+            committed_index,
+            committed_shards,
+            drop_error_shards,
+        )
 
         cfg = self.cfg
         q = p.get("quantization")
@@ -387,7 +393,7 @@ class EmbedJob(Job):
         return Outcome(manifest, totals, failed_fraction=failed)
 
     def commit(self, p: dict, manifest: dict) -> dict:
-        from mmembed.runstate import finish_attempt
+        from mmembed.outputs.runstate import finish_attempt
 
         manifest = super().commit(p, manifest)
         finish_attempt(self.cfg.output, p["run_state"], self.cfg.storage_options)

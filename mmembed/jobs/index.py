@@ -2,22 +2,22 @@
 
 The build runs in this process (FAISS uses every core): the quantizer is trained on a sample,
 then the store is added one shard at a time, so the only full-corpus object in memory is the
-index itself (mmembed/index.py). `mmembed search --index URI` uses it.
+index itself (mmembed/stores/index.py). `mmembed search --index URI` uses it.
 """
 
 from __future__ import annotations
 
+from mmembed.errors import UsageError
 from mmembed.jobs.config import IndexConfig
 from mmembed.jobs.runner import EXIT_FAILED, EXIT_OK, Job, Outcome
-from mmembed.manifest import library_versions, redact_options
-from mmembed.options import UsageError
-from mmembed.outputs import refuse_finished
+from mmembed.outputs.manifest import library_versions, redact_options
+from mmembed.outputs.ownership import refuse_finished
 
 
 def plan(cfg: IndexConfig) -> dict:
     """Every check before the build. Raises UsageError."""
-    from mmembed.index import INDEX_JOB, METRICS, EmbeddingSource, IndexOutput, IndexParams, require_faiss
-    from mmembed.outputs import check_output
+    from mmembed.outputs.ownership import check_output
+    from mmembed.stores.index import INDEX_JOB, METRICS, EmbeddingSource, IndexOutput, IndexParams, require_faiss
 
     check_output("index", cfg.output, cfg.storage_options, inputs={"--embeddings": cfg.embeddings})
     faiss = require_faiss()
@@ -54,7 +54,7 @@ class IndexJob(Job):
     def execute(self, p: dict, ex) -> Outcome:
         import time
 
-        from mmembed.index import IndexBuilder
+        from mmembed.stores.index import IndexBuilder
 
         started = time.time()
         source = p["source"]

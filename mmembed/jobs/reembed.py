@@ -1,6 +1,6 @@
 """The reembed job: keep a versioned embedding store current.
 
-The model and embedding settings name a version of the store (mmembed/store.py). When that
+The model and embedding settings name a version of the store (mmembed/stores/store.py). When that
 version already has a committed snapshot, the run is incremental: only records that are new or
 whose content hash changed are embedded, unchanged ones are carried over from the version's
 latest snapshot, and ids that left the input are dropped. Otherwise every record is embedded
@@ -8,7 +8,7 @@ into a new version. Either way the run writes a new snapshot, commits it with it
 only then moves CURRENT: automatically when the version is the current one (or the store has
 none yet), else only with --activate or a later `mmembed activate`.
 
-Two streaming passes on Ray Data; neither holds every id anywhere (mmembed/changes.py):
+Two streaming passes on Ray Data; neither holds every id anywhere (mmembed/stores/changes.py):
   1. changes: read -> content hash (CPU pool) -> records and base rows split into id-hash buckets
      (scratch `_diff/`) -> one diff task per bucket -> `_changes/` (id, content_hash, status),
      `_diff/todo/` (records to embed) and `_diff/carry/` (base rows of unchanged records)
@@ -20,16 +20,16 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from mmembed.changes import CHANGED, NEW, UNCHANGED
+from mmembed.errors import UsageError
+from mmembed.executors.pipeline import CPU, Stage, apply_ray
 from mmembed.jobs import embed
 from mmembed.jobs.config import EmbedConfig, ReembedConfig, derive
 from mmembed.jobs.runner import EXIT_OK, Job, Outcome
-from mmembed.manifest import MANIFEST_NAME, write_json
-from mmembed.options import UsageError
-from mmembed.pipeline import CPU, Stage, apply_ray
+from mmembed.outputs.manifest import MANIFEST_NAME, write_json
+from mmembed.outputs.runstate import empty_totals
 from mmembed.stages.read_pairs import read_parquet
-from mmembed.stages.write import empty_totals
-from mmembed.store import Snapshot, Store, embedding_settings, model_slug, new_snapshot_id, version_id
+from mmembed.stores.changes import CHANGED, NEW, UNCHANGED
+from mmembed.stores.store import Snapshot, Store, embedding_settings, model_slug, new_snapshot_id, version_id
 
 CHANGES_DIR = "_changes"
 SCRATCH_DIR = "_diff"  # the diff's buckets; removed before the snapshot commits
@@ -48,8 +48,8 @@ def write_buckets(ds, uri: str, buckets: int, storage_options: dict) -> None:
     """Write a dataset split by id bucket (`uri/bucket=K/*.parquet`), streaming."""
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-    from mmembed.changes import BUCKET, add_bucket
-    from mmembed.storage import filesystem
+    from mmembed.storage.fs import filesystem
+    from mmembed.stores.changes import BUCKET, add_bucket
 
     ds = apply_ray(ds, [Stage(add_bucket, kwargs={"buckets": buckets}, resources={"num_cpus": 0.25})])
     fs, _ = filesystem(uri, storage_options)
@@ -66,8 +66,8 @@ def diff_buckets(records, base_paths: list[str], base_errors: list[str], buckets
     """
     import ray
 
-    from mmembed.changes import diff_bucket
-    from mmembed.storage import join_uri
+    from mmembed.storage.fs import join_uri
+    from mmembed.stores.changes import diff_bucket
 
     scratch = join_uri(out, SCRATCH_DIR)
     write_buckets(records, join_uri(scratch, "new"), buckets, storage_options)
@@ -106,8 +106,8 @@ class ReembedJob(Job):
 
     # -- before anything is written --------------------------------------------------------------
     def plan(self) -> dict:
-        from mmembed.cluster import check_ray_address
-        from mmembed.outputs import check_apart
+        from mmembed.executors.cluster import check_ray_address
+        from mmembed.outputs.ownership import check_apart
         from mmembed.stages.encode import QUANTIZED
 
         cfg = self.cfg
@@ -136,7 +136,7 @@ class ReembedJob(Job):
         # one version would each build on the same base snapshot, so the later commit would silently
         # drop the other's changes. It is taken before the base is chosen, so a run that waited
         # builds on what the holder committed.
-        from mmembed.runstate import RunLock
+        from mmembed.outputs.runstate import RunLock
 
         cfg = self.cfg
         return RunLock(self.store.root, cfg.storage_options, ttl_s=cfg.lease_seconds,
@@ -175,7 +175,7 @@ class ReembedJob(Job):
         changes["embedded"] = totals["written"] - counts[UNCHANGED]
         p["changes"] = changes
         spec = p["input"]
-        # Shards are counted as they are read (mmembed/webdataset.py), other inputs before.
+        # Shards are counted as they are read (mmembed/inputs/webdataset.py), other inputs before.
         records = totals["written"] + totals["errors"] if spec.estimated else spec.num_records
         manifest = {
             "store": {
@@ -202,11 +202,11 @@ class ReembedJob(Job):
 
     def changes_pass(self, ecfg: EmbedConfig, p: dict, ex, base, base_rows: int, out: str,
                      schema: pa.Schema) -> tuple[dict, str]:
-        """Pass 1: hash every record and diff it against the base (see mmembed/changes.py)."""
-        from mmembed.changes import num_buckets
-        from mmembed.cluster import cpu_pool
+        """Pass 1: hash every record and diff it against the base (see mmembed/stores/changes.py)."""
+        from mmembed.executors.cluster import cpu_pool
         from mmembed.stages.content_hash import ContentHashStage
         from mmembed.stages.read import ReadStage
+        from mmembed.stores.changes import num_buckets
 
         so = ecfg.storage_options
         hashed = apply_ray(ReadStage(p["input"], so).dataset(), [Stage(
@@ -224,7 +224,7 @@ class ReembedJob(Job):
     def embed_pass(self, ecfg: EmbedConfig, p: dict, ex, counts: dict, scratch: str, schema: pa.Schema,
                    out: str) -> dict:
         """Pass 2: embed the records the diff left to embed, union the base rows it kept, write one snapshot."""
-        from mmembed.storage import filesystem, unstrip
+        from mmembed.storage.fs import filesystem, unstrip
 
         so = ecfg.storage_options
         fs, root = filesystem(scratch, so)

@@ -9,13 +9,20 @@ Scores equal `CrossEncoder.predict` on the same pairs and ranks equal `CrossEnco
 
 from __future__ import annotations
 
+from mmembed.errors import UsageError
+from mmembed.executors.pipeline import CPU, DATASET, DEVICE, Stage
+from mmembed.inputs.discover import InputError, check_unique_ids, discover
 from mmembed.jobs.config import RerankConfig, fetch_kwargs
 from mmembed.jobs.runner import Job, Outcome
-from mmembed.models import ModelSpec, load_model, model_revision, modality_label, resolve_prompt, unsupported_modalities
-from mmembed.options import UsageError
-from mmembed.outputs import check_output, refuse_finished
-from mmembed.pipeline import CPU, DATASET, DEVICE, Stage
-from mmembed.records import InputError, check_unique_ids, discover
+from mmembed.models.loading import (
+    ModelSpec,
+    load_model,
+    modality_label,
+    model_revision,
+    resolve_prompt,
+    unsupported_modalities,
+)
+from mmembed.outputs.ownership import check_output, refuse_finished
 
 RESULT_COLUMNS = ["query_id", "doc_id", "score", "rank"]
 
@@ -144,7 +151,7 @@ def source(cfg: RerankConfig, p: dict, partitions: int):
 
 def stages(cfg: RerankConfig, p: dict, res: dict, partitions: int) -> list:
     """preprocess pairs -> score -> rank per query."""
-    from mmembed.cluster import cpu_pool, device_pool
+    from mmembed.executors.cluster import cpu_pool, device_pool
     from mmembed.stages.pair_preprocess import PairPreprocessStage
     from mmembed.stages.rank import RankStage
     from mmembed.stages.score import ScoreStage
@@ -173,7 +180,7 @@ class RerankJob(Job):
         return plan(self.cfg)
 
     def execute(self, p: dict, ex) -> Outcome:
-        from mmembed.outputs import clear_owned
+        from mmembed.outputs.ownership import clear_owned
 
         cfg = self.cfg
         if cfg.overwrite:

@@ -17,9 +17,9 @@ import sys
 from mmembed.jobs import embed, rerank, search
 from mmembed.jobs.config import EmbedConfig, RerankConfig, RetrieveRerankConfig, SearchConfig, derive
 from mmembed.jobs.runner import EXIT_OK, Job, Outcome, run
-from mmembed.manifest import MANIFEST_NAME, read_json
-from mmembed.outputs import refuse_finished
-from mmembed.storage import join_uri
+from mmembed.outputs.manifest import MANIFEST_NAME, read_json
+from mmembed.outputs.ownership import refuse_finished
+from mmembed.storage.fs import join_uri
 
 STEPS = ("corpus_embeddings", "candidates", "reranked")
 JOBS = {"corpus_embeddings": embed.EmbedJob, "candidates": search.SearchJob, "reranked": rerank.RerankJob}
@@ -27,7 +27,7 @@ JOBS = {"corpus_embeddings": embed.EmbedJob, "candidates": search.SearchJob, "re
 
 def plan(cfg: RetrieveRerankConfig) -> dict:
     """The three steps' configurations, checked as far as possible before anything runs."""
-    from mmembed.outputs import check_output
+    from mmembed.outputs.ownership import check_output
 
     out = {step: join_uri(cfg.output, step) for step in STEPS}
     check_output("retrieve-rerank", cfg.output, cfg.storage_options, overwrite=cfg.overwrite, inputs={
@@ -60,7 +60,7 @@ class RetrieveRerankJob(Job):
         return None  # each step runs through the runner itself
 
     def execute(self, p: dict, ex) -> Outcome | int:
-        from mmembed.outputs import clear_owned
+        from mmembed.outputs.ownership import clear_owned
 
         cfg = self.cfg
         if cfg.overwrite:

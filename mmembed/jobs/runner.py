@@ -20,9 +20,9 @@ import time
 from dataclasses import dataclass, field
 
 from mmembed import __version__
-from mmembed.manifest import MANIFEST_NAME, command_line, library_versions, now_iso, report, write_json
-from mmembed.stages.write import empty_totals
-from mmembed.storage import join_uri
+from mmembed.outputs.manifest import MANIFEST_NAME, command_line, library_versions, now_iso, report, write_json
+from mmembed.outputs.runstate import empty_totals
+from mmembed.storage.fs import join_uri
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ERRORS = 0, 1, 2, 3
 
@@ -42,7 +42,7 @@ class Executor:
     """Where the stages run, and with which pools: "ray" or "local" (this process)."""
 
     def __init__(self, kind: str, cfg, spec=None, *, writer: tuple | None = None):
-        from mmembed import cluster
+        from mmembed.executors import cluster
 
         self.kind = kind
         # (class, extra kwargs) of a stand-in shard writer, as a test puts one in (Job.replacements).
@@ -78,7 +78,7 @@ class Executor:
 
         `source` is a Ray dataset, or for the local executor an iterable of Arrow blocks.
         """
-        from mmembed.pipeline import apply_ray, run_local
+        from mmembed.executors.pipeline import apply_ray, run_local
 
         if self.local:
             run_local(source, stages, sink)
@@ -102,7 +102,7 @@ class Executor:
             return fn(*args)
         import ray
 
-        from mmembed.changes import IndexRef
+        from mmembed.outputs.ids import IndexRef
 
         big, small = ray.remote(fn).options(num_cpus=0.25, num_returns=2).remote(*args)
         return IndexRef(big), ray.get(small)
@@ -134,7 +134,7 @@ class Job:
         return None
 
     def lease(self, plan: dict):
-        from mmembed.runstate import RunLock
+        from mmembed.outputs.runstate import RunLock
 
         return RunLock(self.output, self.cfg.storage_options, ttl_s=self.cfg.lease_seconds)
 
@@ -149,7 +149,7 @@ class Job:
         raise NotImplementedError
 
     def with_stand_ins(self, stages: list) -> list:
-        from mmembed.pipeline import replace
+        from mmembed.executors.pipeline import replace
         from mmembed.stages.write import ShardWriter
 
         for old, (new, kwargs) in self.replacements.items():
@@ -185,7 +185,7 @@ class Job:
 
 def run_record(totals: dict, resources: dict | None, started: float, started_iso: str) -> dict:
     """The manifest entries every job keeps about its run: shards, resources, versions, timing."""
-    from mmembed.device_use import summarise
+    from mmembed.models.device_use import summarise
 
     return {
         "files": totals["files"],

@@ -10,15 +10,15 @@ candidates dataset for `mmembed rerank --queries Q --corpus C`.
 
 from __future__ import annotations
 
+from mmembed.errors import UsageError
+from mmembed.executors.pipeline import DEVICE, Stage
 from mmembed.jobs.config import EmbedConfig, SearchConfig, derive
 from mmembed.jobs.embed import EmbedJob
 from mmembed.jobs.embed import plan as embed_plan
 from mmembed.jobs.runner import Job, Outcome, run
-from mmembed.manifest import MANIFEST_NAME, read_json
-from mmembed.options import UsageError
-from mmembed.outputs import refuse_finished
-from mmembed.pipeline import DEVICE, Stage
-from mmembed.storage import join_uri
+from mmembed.outputs.manifest import MANIFEST_NAME, read_json
+from mmembed.outputs.ownership import refuse_finished
+from mmembed.storage.fs import join_uri
 
 RESULT_COLUMNS = ["query_id", "doc_id", "score", "rank"]
 QUERY_EMBEDDINGS = "_query_embeddings"
@@ -49,14 +49,14 @@ def query_embed_config(cfg: SearchConfig, corpus_model: dict) -> EmbedConfig:
 
 
 def plan(cfg: SearchConfig) -> dict:
-    from mmembed.outputs import check_output
+    from mmembed.outputs.ownership import check_output
 
     check_output("search", cfg.output, cfg.storage_options, overwrite=cfg.overwrite, inputs={
         "--queries": cfg.queries, "--corpus-embeddings": cfg.corpus_embeddings, "--index": cfg.index})
     if cfg.rescore_multiplier < 0:
         raise UsageError("--rescore-multiplier must be 0 (no rescoring) or more.")
     if cfg.index:
-        from mmembed.index import index_as_corpus
+        from mmembed.stores.index import index_as_corpus
 
         corpus = index_as_corpus(cfg.index, cfg.corpus_embeddings, cfg.storage_options, nprobe=cfg.nprobe,
                                  ef_search=cfg.ef_search)
@@ -127,7 +127,7 @@ def plan(cfg: SearchConfig) -> dict:
 def source(cfg: SearchConfig, queries_uri: str, queries: dict):
     """Query rows: the query embeddings and the query job's error rows (which stay error rows), each
     brought to one layout before the union."""
-    from mmembed.pipeline import apply_ray
+    from mmembed.executors.pipeline import apply_ray
     from mmembed.stages.read_pairs import read_parquet
     from mmembed.stages.search import as_query_rows
 
@@ -139,7 +139,7 @@ def source(cfg: SearchConfig, queries_uri: str, queries: dict):
 
 def stages(cfg: SearchConfig, p: dict, res: dict) -> list:
     """One stage: the exact scan over the corpus shards, or the index."""
-    from mmembed.cluster import device_pool
+    from mmembed.executors.cluster import device_pool
     from mmembed.stages.search import SearchStage
 
     pool = {"pool": DEVICE, "batch_size": cfg.query_batch_size, "actors": res["num_encoders"]}
@@ -173,7 +173,7 @@ class SearchJob(Job):
         return plan(self.cfg)
 
     def execute(self, p: dict, ex) -> Outcome | int:
-        from mmembed.outputs import clear_owned
+        from mmembed.outputs.ownership import clear_owned
 
         cfg = self.cfg
         if cfg.overwrite:

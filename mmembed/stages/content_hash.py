@@ -14,8 +14,8 @@ import json
 
 import pyarrow as pa
 
-from mmembed.records import MEDIA_MODALITIES
-from mmembed.storage import FetchError, Fetcher
+from mmembed.inputs.discover import MEDIA_MODALITIES
+from mmembed.storage.fetch import Fetcher, FetchError
 
 HASH_SCHEMA = pa.schema([("id", pa.string()), ("content_hash", pa.string())])
 

@@ -16,11 +16,11 @@ from collections import defaultdict
 import numpy as np
 import pyarrow as pa
 
-from mmembed.batching import Budget, plan_batches, row_cost
-from mmembed.device_decode import JPEG_KEY
-from mmembed.device_use import STATS_COLUMN, DeviceUse
-from mmembed.features import collate, feature_rows, signature
-from mmembed.models import ModelSpec, load_model, resolve_device
+from mmembed.media.device_decode import JPEG_KEY
+from mmembed.models.batching import Budget, plan_batches, row_cost
+from mmembed.models.device_use import STATS_COLUMN, DeviceUse
+from mmembed.models.features import collate, feature_rows, signature
+from mmembed.models.loading import ModelSpec, load_model, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class ModelStage:
         self.copy_mode = copy_mode
         self._staging = None
         if self.model.device.type == "cuda" and copy_mode == "staged":
-            from mmembed.staging import PinnedStaging
+            from mmembed.models.staging import PinnedStaging
 
             self._staging = PinnedStaging(self.model.device)
         # Time in forward over wall time, utilisation and memory, for the run's manifest.
@@ -312,7 +312,7 @@ class EncodeStage(ModelStage):
         super().__init__(model, device=device, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
                          max_batch_patches=max_batch_patches, passthrough=passthrough, copy_mode=copy_mode)
         if decode_on_device:
-            from mmembed.device_decode import DeviceImageDecoder
+            from mmembed.media.device_decode import DeviceImageDecoder
 
             self._jpeg_decoder = DeviceImageDecoder(self.model)
         self.forward_kwargs = {"task": task} if task else {}

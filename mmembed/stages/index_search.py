@@ -31,7 +31,7 @@ class IndexSearchStage(SearchStage):
         nprobe: int | None = None,
         ef_search: int | None = None,
     ):
-        from mmembed.index import AnnIndex
+        from mmembed.stores.index import AnnIndex
 
         # The exact stage's query handling, over no corpus files: the index answers instead.
         super().__init__([], dim=dim, top_k=top_k, storage_options=storage_options, device="cpu")

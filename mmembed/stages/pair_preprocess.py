@@ -11,12 +11,12 @@ weights, so a 2B reranker costs nothing here.
 
 from __future__ import annotations
 
-from mmembed.decode import DecodeError
-from mmembed.media import prepare_for_st, prepare_pair_for_st
-from mmembed.records import MESSAGE_COLUMN
+from mmembed.inputs.discover import MESSAGE_COLUMN
+from mmembed.media.av import prepare_for_st, prepare_pair_for_st
+from mmembed.media.decode import DecodeError
 from mmembed.stages.preprocess import PreprocessStage, RecordError
 from mmembed.stages.read_pairs import FOUND, SIDE_FIELDS, SIDES
-from mmembed.storage import FetchError
+from mmembed.storage.fetch import FetchError
 
 # What a missing id was looked up in, for the error row's reason.
 RESOLVED_FROM = {"query": "--queries", "doc": "--corpus"}

@@ -15,13 +15,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 
-from mmembed.decode import DecodeError, decode_image, decode_text, reuse_image_memory
-from mmembed.device_decode import encoded_row, jpeg_for_device
-from mmembed.features import FEATURE_FIELDS, pack, same_features, split_batch
-from mmembed.media import default_decoders, prepare_for_st
-from mmembed.models import ModelSpec, label_modality, load_model, modality_label, resolve_prompt
-from mmembed.records import MEDIA_MODALITIES
-from mmembed.storage import FetchError, Fetcher
+from mmembed.inputs.discover import MEDIA_MODALITIES
+from mmembed.media.av import default_decoders, prepare_for_st
+from mmembed.media.decode import DecodeError, decode_image, decode_text, reuse_image_memory
+from mmembed.media.device_decode import encoded_row, jpeg_for_device
+from mmembed.models.features import FEATURE_FIELDS, pack, same_features, split_batch
+from mmembed.models.loading import ModelSpec, label_modality, load_model, modality_label, resolve_prompt
+from mmembed.storage.fetch import Fetcher, FetchError
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +83,8 @@ class PreprocessStage:
         # Fetching waits on storage and Pillow/torchcodec decode without the GIL, so the records
         # of a batch are fetched and decoded by a thread pool; the processor call stays one per batch.
         self._threads = ThreadPoolExecutor(fetch_threads, thread_name_prefix="fetch") if fetch_threads > 1 else None
-        # PDFs: pages rendered at the size this model's processor keeps (mmembed/pdf.py).
-        from mmembed.pdf import render_target
+        # PDFs: pages rendered at the size this model's processor keeps (mmembed/media/pdf.py).
+        from mmembed.media.pdf import render_target
 
         self.render_target = render_target(self.model, model.processor_kwargs, pdf_dpi)
         self.max_pages = max_pages
@@ -108,8 +108,8 @@ class PreprocessStage:
 
     def _pages(self, rows: list[dict]):
         """Records, with each PDF record replaced by its pages (ids `<id>#page=<n>`) or its error row."""
-        from mmembed.pdf import DocumentError, render_pages
-        from mmembed.records import CELL_ERROR, PAGE_MARK
+        from mmembed.inputs.discover import CELL_ERROR, PAGE_MARK
+        from mmembed.media.pdf import DocumentError, render_pages
 
         index = self.skip.get() if hasattr(self.skip, "get") else self.skip
         for row in rows:
@@ -333,7 +333,7 @@ def _reason(exc: Exception) -> str:
 
 
 def _row_label(row: dict) -> str:
-    from mmembed.records import record_modality
+    from mmembed.inputs.discover import record_modality
 
     label = record_modality(row)
     return label or "empty"

@@ -12,7 +12,7 @@ import os
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mmembed.records import (
+from mmembed.inputs.discover import (
     CELL_ERROR,
     DEFAULT_COLUMNS,
     MEDIA_MODALITIES,
@@ -21,7 +21,7 @@ from mmembed.records import (
     InputSpec,
     modality_of_extension,
 )
-from mmembed.storage import filesystem, is_absolute_uri, join_uri
+from mmembed.storage.fs import filesystem, is_absolute_uri, join_uri
 
 LISTING_BLOCK_ROWS = 2_000
 
@@ -160,8 +160,8 @@ class ReadStage:
         return [{"uri": p, "shard": _relative_id(p, root)} for p in self.spec.paths]
 
     def _shards(self, data):
-        """One read task per shard, streaming its records out block by block (mmembed/webdataset.py)."""
-        from mmembed.webdataset import read_shards
+        """One read task per shard, streaming its records out block by block (mmembed/inputs/webdataset.py)."""
+        from mmembed.inputs.webdataset import read_shards
 
         shards = self._shard_rows()
         ds = data.from_items(shards, override_num_blocks=len(shards)).map_batches(
@@ -226,7 +226,7 @@ class ReadStage:
         a block, not the file.
         """
         if self.spec.kind == "webdataset":
-            from mmembed.webdataset import read_shard
+            from mmembed.inputs.webdataset import read_shard
 
             for shard in self._shard_rows():
                 yield from read_shard(shard["uri"], shard["shard"], self.storage_options, mapping=self.spec.mapping,
@@ -313,7 +313,7 @@ def sample_record_modalities(spec: InputSpec, storage_options: dict | None = Non
     """
     import pyarrow.parquet as pq
 
-    from mmembed.records import MESSAGE_COLUMN, MODALITY_COLUMNS, record_modality
+    from mmembed.inputs.discover import MESSAGE_COLUMN, MODALITY_COLUMNS, record_modality
 
     if spec.kind == "webdataset":
         return set(spec.labels)

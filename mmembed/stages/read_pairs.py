@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mmembed.records import (
+from mmembed.inputs.discover import (
     MEDIA_MODALITIES,
     MESSAGE_COLUMN,
     RECORD_SCHEMA,
@@ -35,7 +35,7 @@ from mmembed.records import (
     record_modality,
 )
 from mmembed.stages.read import normalize_manifest_table
-from mmembed.storage import filesystem, is_absolute_uri, unstrip
+from mmembed.storage.fs import filesystem, is_absolute_uri, unstrip
 
 SIDES = {"query": "query_id", "doc": "doc_id"}
 # Columns that say whether a resolved side was found in its manifest (null: not found).

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from mmembed.models import ModelSpec
+from mmembed.models.loading import ModelSpec
 from mmembed.stages.encode import ModelStage
 from mmembed.stages.read_pairs import split_pair_id
 

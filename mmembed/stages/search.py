@@ -23,21 +23,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mmembed.models import resolve_device
+from mmembed.models.loading import resolve_device
+from mmembed.schema import embedding_matrix
 from mmembed.stages.rank import RANKED_SCHEMA
-from mmembed.storage import filesystem
+from mmembed.storage.fs import filesystem
 
 # Search writes what rerank writes, so `mmembed rerank` takes its output directly.
 SEARCH_SCHEMA = RANKED_SCHEMA
 
 QUERY_SCHEMA_NAMES = ["id", "embedding", "stage", "error"]
-
-
-def embedding_matrix(col, dim: int) -> np.ndarray:
-    """A (fixed-size) list column of vectors as a float32 [rows, dim] array."""
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks()
-    return np.asarray(col.flatten(), dtype=np.float32).reshape(len(col), dim)
 
 
 def as_query_rows(table: pa.Table) -> pa.Table:

@@ -20,16 +20,12 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401 - registers pa.compute
 import pyarrow.parquet as pq
 
-from mmembed.device_use import STATS_COLUMN, latest
-from mmembed.outputs import ERRORS_DIR, tmp_name
-from mmembed.storage import filesystem, with_retries
+from mmembed.models.device_use import STATS_COLUMN, latest
+from mmembed.outputs.ownership import ERRORS_DIR, tmp_name
+from mmembed.outputs.runstate import empty_totals
+from mmembed.storage.fs import filesystem, with_retries
 
 ERROR_SCHEMA = pa.schema([("id", pa.string()), ("stage", pa.string()), ("error", pa.string())])
-
-
-def empty_totals() -> dict:
-    """The totals of a write that wrote nothing: what every job accounts from."""
-    return {"files": [], "error_files": [], "written": 0, "errors": 0, "modalities": {}, "encoders": {}}
 
 
 class ShardWriter:

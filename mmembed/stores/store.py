@@ -23,11 +23,11 @@ import re
 import uuid
 from dataclasses import dataclass, field
 
-from mmembed.manifest import MANIFEST_NAME, now_iso, read_json, write_json
-from mmembed.options import UsageError
-from mmembed.runstate import LOCK_NAME
+from mmembed.errors import UsageError
+from mmembed.outputs.manifest import MANIFEST_NAME, now_iso, read_json, write_json
+from mmembed.outputs.runstate import LOCK_NAME
 from mmembed.schema import DEFAULT_COLUMNS
-from mmembed.storage import filesystem, join_uri
+from mmembed.storage.fs import filesystem, join_uri
 
 STORE_MARKER = "_mmembed_store.json"
 CURRENT_NAME = "CURRENT"

@@ -6,8 +6,9 @@ import argparse
 import json
 import sys
 
-from mmembed.options import UsageError, add_storage_option
-from mmembed.store import Store
+from mmembed.cli.options import add_storage_option
+from mmembed.errors import UsageError
+from mmembed.stores.store import Store
 
 
 def build_parser(prog: str = "mmembed versions") -> argparse.ArgumentParser:

@@ -19,7 +19,7 @@ import threading
 
 import numpy as np
 
-from mmembed.decode import EXIF_ORIENTATION
+from mmembed.media.decode import EXIF_ORIENTATION
 
 # The feature key of a row that holds a JPEG's bytes for the encoder to decode.
 JPEG_KEY = "encoded_jpeg"

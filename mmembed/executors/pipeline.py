@@ -1,7 +1,7 @@
 """A job's stages as declarations, and the one place that applies them, on Ray Data or in-process.
 
 A job builds its list of `Stage`s once (mmembed/jobs/<job>.py). `apply_ray` turns the list into
-Ray Data operators; `run_local` runs the same list in this process (mmembed/local.py). No job
+Ray Data operators; `run_local` runs the same list in this process (mmembed/executors/local.py). No job
 calls `map_batches` itself, so pools, restarts and resources are set the same way everywhere.
 """
 
@@ -104,9 +104,9 @@ def run_local(blocks: Iterable[pa.Table], stages: list, sink) -> None:
     """The same stages in this process, block by block, into `sink` (a Datasink).
 
     Stages before the first device stage run on a producer thread, the rest on this one, so
-    decoding overlaps the forward pass (mmembed/local.py).
+    decoding overlaps the forward pass (mmembed/executors/local.py).
     """
-    from mmembed.local import LocalExecutor
+    from mmembed.executors.local import LocalExecutor
 
     for s in stages:
         if isinstance(s, Limit) or s.pool == DATASET:

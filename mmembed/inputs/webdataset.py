@@ -18,7 +18,7 @@ from typing import Iterator
 import pyarrow as pa
 
 from mmembed.schema import CELL_ERROR, DEFAULT_COLUMNS, RECORD_SCHEMA, Columns
-from mmembed.storage import filesystem
+from mmembed.storage.fs import filesystem
 
 TAR_SUFFIX = ".tar"
 EXTENSIONS = {

@@ -14,24 +14,24 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmembed.schema import (  # noqa: F401 - the record definition, re-exported for the readers
-    MODALITY_COLUMNS,
-    MODALITIES,
+    AUDIO_EXTENSIONS,
+    CELL_ERROR,
+    DEFAULT_COLUMNS,
+    DOCUMENT_EXTENSIONS,
+    EXTENSION_MODALITY,
+    IMAGE_EXTENSIONS,
     MEDIA_MODALITIES,
     MESSAGE_COLUMN,
-    IMAGE_EXTENSIONS,
-    AUDIO_EXTENSIONS,
-    VIDEO_EXTENSIONS,
-    TEXT_EXTENSIONS,
-    DOCUMENT_EXTENSIONS,
+    MODALITIES,
+    MODALITY_COLUMNS,
     PAGE_MARK,
-    EXTENSION_MODALITY,
     RECORD_SCHEMA,
-    CELL_ERROR,
+    TEXT_EXTENSIONS,
+    VIDEO_EXTENSIONS,
     Columns,
-    DEFAULT_COLUMNS,
     input_modality,
 )
-from mmembed.storage import filesystem, unstrip
+from mmembed.storage.fs import filesystem, unstrip
 
 
 class InputError(ValueError):
@@ -72,7 +72,7 @@ def discover(uri: str, storage_options: dict | None = None, columns: Columns = D
     # Listings with details: sizes and ETags for the fingerprint come with the listing pages,
     # not from a request per file.
     if "{" in path:  # a brace range of shards, `shards-{000000..000099}.tar`
-        from mmembed.webdataset import expand_braces
+        from mmembed.inputs.webdataset import expand_braces
 
         try:
             listed = expand_braces(path)
@@ -136,7 +136,7 @@ def discover(uri: str, storage_options: dict | None = None, columns: Columns = D
 
 def _webdataset_spec(uri: str, fs, tars: list[str], root: str, infos: dict[str, dict], mapping: Columns,
                      skipped: int) -> InputSpec:
-    from mmembed.webdataset import sample_shard
+    from mmembed.inputs.webdataset import sample_shard
 
     first = unstrip(fs, tars[0])
     labels, records, nbytes = sample_shard(first, fs, mapping)

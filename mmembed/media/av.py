@@ -24,7 +24,7 @@ from functools import partial
 
 import numpy as np
 
-from mmembed.decode import DecodeError
+from mmembed.media.decode import DecodeError
 
 _MISSING_TORCHCODEC = (
     "{modality} decoding needs torchcodec matching torch (0.14 with torch 2.14, 0.13 with torch 2.13) "

@@ -28,9 +28,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mmembed.manifest import MANIFEST_NAME, read_json
-from mmembed.options import UsageError
-from mmembed.storage import filesystem, join_uri, with_retries
+from mmembed.errors import UsageError
+from mmembed.outputs.manifest import MANIFEST_NAME, read_json
+from mmembed.storage.fs import filesystem, join_uri, with_retries
 
 INDEX_JOB = "index"
 KINDS = ("flat", "ivf-flat", "ivf-sq8", "hnsw", "ivf-pq")
@@ -69,7 +69,7 @@ class EmbeddingSource:
 
     @classmethod
     def open(cls, uri: str, storage_options: dict | None = None) -> "EmbeddingSource":
-        from mmembed.store import STORE_MARKER, open_current
+        from mmembed.stores.store import STORE_MARKER, open_current
 
         opts = storage_options or {}
         root = uri
@@ -127,7 +127,7 @@ class EmbeddingSource:
 
     def shard(self, entry: dict) -> tuple[pa.Array, np.ndarray]:
         """(ids, float32 [rows, dim]) of one shard: the unit of streaming."""
-        from mmembed.stages.search import embedding_matrix
+        from mmembed.schema import embedding_matrix
 
         fs, path = filesystem(join_uri(self.root, entry["name"]), self.storage_options)
 
@@ -281,7 +281,7 @@ class IndexOutput:
 
     def commit(self, index, ids: pa.Array, manifest: dict) -> dict:
         """Upload the index and id files, then write the manifest that makes them the index."""
-        from mmembed.manifest import write_json
+        from mmembed.outputs.manifest import write_json
 
         faiss = require_faiss()
         token = uuid.uuid4().hex[:8]

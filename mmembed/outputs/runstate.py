@@ -10,7 +10,7 @@ The protocol, for an output URI on any fsspec filesystem:
   and fingerprint) and every attempt. A rerun with another identity is refused: it would mix
   two runs' vectors in one output.
 - The committed output is exactly the shards that carry their final name (`part-*.parquet`,
-  `_errors/errors-*.parquet`, see mmembed/outputs.py); the writer renames a shard into place only
+  `_errors/errors-*.parquet`, see mmembed/outputs/ownership.py); the writer renames a shard into place only
   once it is complete.
   A rerun reads the ids of those shards, skips them, and writes only the rest, so each id ends
   up in exactly one committed shard. Hidden `.*.tmp` leftovers of a killed writer are removed.
@@ -32,9 +32,9 @@ import uuid
 
 import pyarrow as pa
 
-from mmembed.manifest import MANIFEST_NAME, now_iso, read_json, redact_options, write_json
-from mmembed.options import UsageError
-from mmembed.outputs import (  # noqa: F401 - RUN_NAME and LOCK_NAME are imported from here by the jobs
+from mmembed.errors import UsageError
+from mmembed.outputs.manifest import MANIFEST_NAME, now_iso, read_json, redact_options, write_json
+from mmembed.outputs.ownership import (  # noqa: F401 - RUN_NAME and LOCK_NAME are imported from here by the jobs
     ERROR_GLOB,
     ERRORS_DIR,
     LEGACY_ERROR_GLOB,
@@ -44,8 +44,13 @@ from mmembed.outputs import (  # noqa: F401 - RUN_NAME and LOCK_NAME are importe
     TMP_GLOBS,
 )
 from mmembed.schema import DEFAULT_COLUMNS, PAGE_MARK
-from mmembed.stages.write import empty_totals
-from mmembed.storage import filesystem, join_uri, protocol_of, unstrip, with_retries
+from mmembed.storage.fs import filesystem, join_uri, protocol_of, unstrip, with_retries
+
+
+def empty_totals() -> dict:
+    """The totals of a write that wrote nothing: what every job accounts from."""
+    return {"files": [], "error_files": [], "written": 0, "errors": 0, "modalities": {}, "encoders": {}}
+
 
 # What decides the vectors; a rerun that differs in any of these is a different run.
 IDENTITY_KEYS = (
@@ -369,7 +374,7 @@ def _pid_alive(pid: int) -> bool:
 # -- Ray tasks over committed shards ---------------------------------------------------------------
 def committed_index(paths: list[str], error_paths: list[str], storage_options: dict | None):
     """(KeyIndex of every id in committed result and error shards, how many); a Ray task with two returns."""
-    from mmembed.changes import KeyIndex, _read_columns
+    from mmembed.outputs.ids import KeyIndex, _read_columns
 
     ids = [
         c.combine_chunks().cast(pa.string())
@@ -389,7 +394,7 @@ def account(paths: list[str], error_paths: list[str], storage_options: dict | No
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from mmembed.changes import id_keys
+    from mmembed.outputs.ids import id_keys
 
     totals = {**empty_totals(), "duplicate_ids": 0, "pages": 0}
     his, los = [], []
@@ -425,6 +430,6 @@ def account(paths: list[str], error_paths: list[str], storage_options: dict | No
 
 def drop_committed(batch: pa.Table, index) -> pa.Table:
     """The records of `batch` that no committed shard holds. `index` is a KeyIndex, or on Ray the
-    mmembed.changes.IndexRef that each worker fetches once."""
+    mmembed.outputs.ids.IndexRef that each worker fetches once."""
     index = index.get() if hasattr(index, "get") else index
     return batch.filter(pa.array(~index.lookup(batch.column("id"))[0]))

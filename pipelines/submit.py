@@ -1,24 +1,18 @@
-"""`mmembed submit [options] -- <mmembed command ...>`: run an mmembed job on a Ray cluster.
-
-The command goes to the cluster's job server through Ray's Job Submission API
-(`ray.job_submission.JobSubmissionClient`), as `python -m mmembed.cli <command ...>`. Inside the
-job, Ray sets RAY_ADDRESS, so the pipeline's `--address` default joins that cluster.
-"""
+"""`mmembed submit [options] -- <mmembed command ...>`: run an mmembed job on a Ray cluster (the work:
+mmembed/cli/submit.py). Inside the job, Ray sets RAY_ADDRESS, so the pipeline's `--address` default joins
+that cluster."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
-import re
-import shlex
 import sys
-import time
 
-from mmembed.options import EXIT_USAGE, json_object
+from mmembed.cli.options import json_object
+from mmembed.cli.submit import EXIT_OK, _client, check_command, entrypoint, exit_code, split_command, wait_for
+from mmembed.errors import EXIT_USAGE
 
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
-EXIT_OK, EXIT_FAILED = 0, 1
 
 
 def build_parser(prog: str = "mmembed submit") -> argparse.ArgumentParser:
@@ -63,78 +57,6 @@ def build_parser(prog: str = "mmembed submit") -> argparse.ArgumentParser:
     return p
 
 
-def split_command(argv: list[str]) -> tuple[list[str], list[str]]:
-    if "--" not in argv:
-        return argv, []
-    i = argv.index("--")
-    return argv[:i], argv[i + 1 :]
-
-
-def check_command(command: list[str]) -> str | None:
-    """None when `command` is a real mmembed command whose options parse; else the problem."""
-    import importlib
-
-    from mmembed.cli import COMMANDS
-
-    if not command:
-        return "no command given: put the mmembed command after `--`, e.g. `mmembed submit -- embed --input ...`"
-    name = command[0]
-    if name == "submit" or name not in COMMANDS:
-        known = ", ".join(k for k in COMMANDS if k != "submit")
-        return f"unknown mmembed command {name!r} (known: {known})"
-    module = importlib.import_module(COMMANDS[name][0])
-    parser = getattr(module, "build_parser", None)
-    if parser is not None:
-        try:
-            parser().parse_args(command[1:])
-        except SystemExit as exc:
-            if exc.code:
-                return f"the {name} options above do not parse; nothing was submitted"
-    return None
-
-
-def entrypoint(command: list[str]) -> str:
-    return shlex.join(["python", "-m", "mmembed.cli", *command])
-
-
-def _client(address: str):
-    from ray.job_submission import JobSubmissionClient
-
-    return JobSubmissionClient(address)
-
-
-async def _follow(client, job_id: str) -> None:
-    async for lines in client.tail_job_logs(job_id):
-        print(lines, end="", flush=True)
-
-
-def wait_for(client, job_id: str, *, poll_s: float = 1.0):
-    from ray.job_submission import JobStatus
-
-    try:
-        asyncio.run(_follow(client, job_id))
-    except Exception as exc:  # noqa: BLE001 - log streaming is best effort; the status below decides
-        print(f"mmembed submit: log stream ended early ({type(exc).__name__}: {exc}); polling status", file=sys.stderr)
-    while True:
-        info = client.get_job_info(job_id)
-        if info.status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-            return info
-        time.sleep(poll_s)
-
-
-def exit_code(info) -> int:
-    """The job's own exit code where Ray reports it, else 1 for any unsuccessful end."""
-    from ray.job_submission import JobStatus
-
-    if info.status == JobStatus.SUCCEEDED:
-        return EXIT_OK
-    code = getattr(info, "driver_exit_code", None)
-    if code is None:
-        m = re.search(r"exit code (\d+)", info.message or "")
-        code = int(m.group(1)) if m else None
-    return code if code else EXIT_FAILED
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     own, command = split_command(argv)
@@ -159,12 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
-    job_id = client.submit_job(
-        entrypoint=entrypoint(command),
-        runtime_env=runtime_env,
-        submission_id=args.submission_id,
-        metadata={"submitted_by": "mmembed submit", "command": command[0]},
-    )
+    job_id = client.submit_job(entrypoint=entrypoint(command), runtime_env=runtime_env, submission_id=args.submission_id,
+                               metadata={"submitted_by": "mmembed submit", "command": command[0]})
     print(f"submitted {job_id} to {args.address}: {entrypoint(command)}", flush=True)
     if not args.wait:
         print(f"follow it with: ray job logs --follow --address {args.address} {job_id}", flush=True)

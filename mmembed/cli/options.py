@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 
-
 from mmembed.errors import EXIT_USAGE, UsageError  # noqa: F401 - re-exported: jobs raise it from here
 
 
@@ -268,7 +267,7 @@ def add_embedding_options(p: argparse.ArgumentParser):
 
 
 def modality_list(text: str) -> tuple[str, ...]:
-    from mmembed.records import MODALITIES
+    from mmembed.inputs.discover import MODALITIES
 
     values = tuple(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
     bad = [v for v in values if v not in MODALITIES]
@@ -350,7 +349,7 @@ def add_embed_run_options(g) -> None:
 
 def add_executor_options(compute) -> None:
     """The embed job's own compute options: where the stages run, and decoding on the device."""
-    from mmembed.cluster import RECORDS_PER_PREPROCESSOR
+    from mmembed.executors.cluster import RECORDS_PER_PREPROCESSOR
 
     compute.add_argument(
         "--executor",

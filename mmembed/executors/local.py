@@ -45,7 +45,7 @@ class WriteResult:
 
 class LocalExecutor:
     """Runs `cpu_stages` (producer thread) then `device_stages` (calling thread) over a stream of Arrow
-    blocks into a Datasink. mmembed/pipeline.py's `run_local` builds both lists from a job's stages."""
+    blocks into a Datasink. mmembed/executors/pipeline.py's `run_local` builds both lists from a job's stages."""
 
     def __init__(self, cpu_stages: list[Callable[[pa.Table], pa.Table]],
                  device_stages: list[Callable[[pa.Table], pa.Table]], *, queue_blocks: int = 2):

@@ -150,7 +150,7 @@ def plan_resources(cpus: float, gpus: float, cfg, spec=None) -> dict:
 
 def local_resources(cfg) -> dict:
     """The in-process executor's "pools": one of each, on this process's device."""
-    from mmembed.models import resolve_device
+    from mmembed.models.loading import resolve_device
 
     return {
         "device": resolve_device(cfg.device),

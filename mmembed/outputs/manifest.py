@@ -8,7 +8,7 @@ import platform
 import sys
 from typing import Any
 
-from mmembed.storage import filesystem, with_retries
+from mmembed.storage.fs import filesystem, with_retries
 
 MANIFEST_NAME = "_manifest.json"
 _SECRET_HINTS = ("key", "secret", "token", "password", "session", "credential", "auth")
@@ -103,7 +103,7 @@ def report(title: str, manifest: dict[str, Any], output: str) -> str:
         details = "".join(f" {k}={m[k]}" for k in ("dim", "normalize", "task") if m.get(k) is not None)
         lines.append(f"  model    {m.get('name')} @ {m.get('revision')}" + (f" {details}" if details else ""))
     if manifest.get("device_use"):
-        from mmembed.device_use import describe
+        from mmembed.models.device_use import describe
 
         lines.append(describe(manifest["device_use"]))
     if c.get("unaccounted"):

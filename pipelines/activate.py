@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mmembed.options import UsageError, add_storage_option
-from mmembed.store import Store, StoreError
+from mmembed.cli.options import add_storage_option
+from mmembed.errors import UsageError
+from mmembed.stores.store import Store, StoreError
 
 
 def build_parser(prog: str = "mmembed activate") -> argparse.ArgumentParser:

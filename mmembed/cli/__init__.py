@@ -1,4 +1,6 @@
-"""`mmembed` command: one subcommand per job. Each is the same code as its Ray job entry point."""
+"""The command line: the `mmembed` console script (here: one subcommand per command, each the parser
+and main in pipelines/<command>.py, imported by name) and the option builders those parsers share
+(options.py). The top of the library: it may import any room below it, never pipelines/ directly."""
 
 from __future__ import annotations
 
@@ -8,15 +10,15 @@ import sys
 # subcommand -> (module with main(argv), one-line help). Imported lazily so `--help` is instant.
 COMMANDS = {
     "embed": ("pipelines.embed", "embed a corpus into sharded Parquet (python -m pipelines.embed)"),
-    "demo": ("mmembed.demo", "generate the offline demo corpus, embed it and show the top matches"),
+    "demo": ("pipelines.demo", "generate the offline demo corpus, embed it and show the top matches"),
     "rerank": ("pipelines.rerank", "score and rank candidate pairs with a CrossEncoder (python -m pipelines.rerank)"),
     "search": ("pipelines.search", "top-k retrieval: exact, or with --index approximate (python -m pipelines.search)"),
     "index": ("pipelines.index", "build a FAISS ANN index over corpus embeddings (python -m pipelines.index)"),
     "retrieve-rerank": ("pipelines.retrieve_rerank", "embed + search + rerank in one job (python -m pipelines.retrieve_rerank)"),
     "reembed": ("pipelines.reembed", "incremental or full re-embed into a versioned store (python -m pipelines.reembed)"),
-    "versions": ("mmembed.versions", "list an embedding store's versions, counts, dates and CURRENT"),
-    "activate": ("mmembed.activate", "point an embedding store's CURRENT at a committed version"),
-    "submit": ("mmembed.submit", "submit any mmembed command to a Ray cluster (Ray Job Submission API)"),
+    "versions": ("pipelines.versions", "list an embedding store's versions, counts, dates and CURRENT"),
+    "activate": ("pipelines.activate", "point an embedding store's CURRENT at a committed version"),
+    "submit": ("pipelines.submit", "submit any mmembed command to a Ray cluster (Ray Job Submission API)"),
 }
 
 
@@ -67,10 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> None:
     """The `mmembed` console script: main() as its own process (see options.exit_process)."""
-    from mmembed.options import exit_process
+    from mmembed.cli.options import exit_process
 
     exit_process(main())
 
-
-if __name__ == "__main__":
-    entry()

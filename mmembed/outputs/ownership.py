@@ -19,9 +19,9 @@ from __future__ import annotations
 import fnmatch
 import os
 
-from mmembed.manifest import MANIFEST_NAME, read_json
-from mmembed.options import UsageError
-from mmembed.storage import filesystem, join_uri, protocol_of
+from mmembed.errors import UsageError
+from mmembed.outputs.manifest import MANIFEST_NAME, read_json
+from mmembed.storage.fs import filesystem, join_uri, protocol_of
 
 RUN_NAME = "_run.json"
 LOCK_NAME = "_lock.json"
