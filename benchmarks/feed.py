@@ -34,7 +34,7 @@ so each side runs at the rate of its CPU stages. The sides alternate, A, B, A, B
 rounds), every job gets the same --num-preprocessors, and the medians and each pair's B/A ratio
 are printed, from the rate while shards stream and from the whole job:
 - pdf_pages: the qwen3vl_shots screenshots as PNG records (A, screenshots/s) against PDFs built
-  from them (benchmarks/fixtures.py pdf_corpus), 8 pages each, one screenshot per page at 72 dpi,
+  from them (mmembed/testing/corpus.py pdf_corpus), 8 pages each, one screenshot per page at 72 dpi,
   so a page is the screenshot's size (B, pages/s: pypdfium2 renders each page at the processor's
   max_pixels, then the processor runs). Pillow stores the pages as JPEG, so B decodes JPEG where
   A decodes PNG. One PreprocessStage call in this process on each side is printed too.
@@ -61,10 +61,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import fixtures  # noqa: E402 - the corpora and models benchmarks/gpu.py measures too
+from mmembed.testing.corpus import corpus, pdf_corpus  # noqa: E402 - the corpora and models gpu.py measures too
+from mmembed.testing.moto import moto_s3, s3_bucket  # noqa: E402
+from mmembed.testing.rates import steady_rate  # noqa: E402
+from mmembed.testing.shapes import build_model  # noqa: E402
 
 WORKLOADS = {
-    # name: model (benchmarks/fixtures.py build_model), corpus kind, distinct files, pipeline options
+    # name: model (mmembed/testing/shapes.py build_model), corpus kind, distinct files, pipeline options
     "clip_photos": {"model": "clip_b32", "corpus": "photos", "files": 1024, "pilot": 1200, "options": []},
     "qwen3vl_shots": {
         "model": "qwen3vl",
@@ -123,7 +126,7 @@ class Bench:
         counts = manifest_json["counts"]
         if rc != 0 or counts["written"] != n or counts["errors"]:
             raise SystemExit(f"feed.py: job {label} over {n} records failed: rc={rc} counts={counts}")
-        streaming = fixtures.steady_rate(str(out), manifest_json["files"], wall)
+        streaming = steady_rate(str(out), manifest_json["files"], wall)
         shutil.rmtree(out, ignore_errors=True)
         self.log(f"{label:>10} n={n:<7} {wall:7.1f} s  {n / wall:8.1f} rec/s whole job"
                  + (f", {streaming:8.1f} rec/s while shards stream" if streaming else ""))
@@ -401,7 +404,7 @@ class WdsS3(Comparison):
         from mmembed.testing.shards import tar_shard
 
         fs, bucket = s3_filesystem(opts), "feed-bench"
-        fixtures.s3_bucket(opts, bucket)
+        s3_bucket(opts, bucket)
         photos = [Path(p).read_bytes() for p in self.files]
         t0 = time.perf_counter()
         # A: one object per distinct image; the manifest cycles over them as every workload here does.
@@ -426,7 +429,7 @@ class WdsS3(Comparison):
 
 
 COMPARISONS = {
-    # name: class, model (benchmarks/fixtures.py build_model), corpus kind, distinct files, pipeline options
+    # name: class, model (mmembed/testing/shapes.py build_model), corpus kind, distinct files, pipeline options
     "pdf_pages": {"class": PdfPages, "model": "qwen3vl", "corpus": "shots", "files": 256, "pages_per_pdf": 8,
                   "options": WORKLOADS["qwen3vl_shots"]["options"]},
     "wds_s3": {"class": WdsS3, "model": "clip_b32", "corpus": "photos", "files": 1024, "options": []},
@@ -526,20 +529,20 @@ def main(argv: list[str] | None = None) -> int:
     results, comparisons = {}, {}
     with contextlib.ExitStack() as stack:
         # The S3 server starts before Ray, so Ray's workers see its (dummy) credentials too.
-        s3 = stack.enter_context(fixtures.moto_s3()) if "wds_s3" in chosen else None
+        s3 = stack.enter_context(moto_s3()) if "wds_s3" in chosen else None
         init_ray(None)
         cpus = ray.cluster_resources().get("CPU")
         with mp.get_context("spawn").Pool(max(1, min(4, os.cpu_count() or 1))) as pool:
             for name in chosen:
                 spec = WORKLOADS.get(name) or COMPARISONS[name]
-                files = fixtures.corpus(args.workdir, spec["corpus"], 8 if args.smoke else spec["files"], pool)
-                model_dir = fixtures.build_model(args.workdir, spec["model"], True, "float32", "cpu")
+                files = corpus(args.workdir, spec["corpus"], 8 if args.smoke else spec["files"], pool)
+                model_dir = build_model(args.workdir, spec["model"], True, "float32", "cpu")
                 if name in WORKLOADS:
                     results[name] = Bench(args, name, spec, model_dir, files).run()
                     continue
                 extra = {"s3": s3}
                 if "pages_per_pdf" in spec:
-                    extra["pdfs"] = fixtures.pdf_corpus(args.workdir, files, spec["pages_per_pdf"], pool)
+                    extra["pdfs"] = pdf_corpus(args.workdir, files, spec["pages_per_pdf"], pool)
                 comparisons[name] = spec["class"](args, name, spec, model_dir, files, extra=extra,
                                                   pool_size=pool_size(args, cpus, model_dir)).run()
     print(f"\nbenchmarks/feed.py  ({cpus:g} CPUs, stand-in encoders, marginal rates; {'smoke' if args.smoke else 'full'})")

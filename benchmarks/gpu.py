@@ -20,9 +20,9 @@ For each workload, on the same files and the same model directory:
 
 Models have random weights in the real shapes (compute does not depend on the weights); they are
 the tiny test models of mmembed.testing grown to full size, so ST loads them through its usual
-path; benchmarks/fixtures.py builds them and the corpora. Parity is checked in the same run: the
-cosine between mmembed's and ST's embeddings of the same files must be >= --min-cosine (0.999)
-in the run's dtype.
+path (mmembed/testing/shapes.py; corpora: mmembed/testing/corpus.py; the st, forward and pre
+baselines: mmembed/testing/baselines.py). Parity is checked in the same run: the cosine between
+mmembed's and ST's embeddings of the same files must be >= --min-cosine (0.999) in the run's dtype.
 
 Writes results.json and throughput.png under --out, and prints the table.
 """
@@ -33,7 +33,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
 import shutil
 import sys
 import time
@@ -47,7 +46,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 
-from benchmarks.fixtures import build_model, corpus, steady_rate  # noqa: E402 - corpora, models, shard rates
+from mmembed.testing.baselines import (  # noqa: E402 - the same-run baselines, corpora, models, rates
+    forward_only,
+    free_device,
+    init_worker,
+    parity,
+    pool_preprocess,
+    preprocess_job,
+    st_encode,
+)
+from mmembed.testing.corpus import corpus  # noqa: E402
+from mmembed.testing.rates import GpuSampler, environment, steady_rate, usable_cpus  # noqa: E402
+from mmembed.testing.shapes import build_model  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,187 +117,6 @@ def workloads(smoke: bool, scale: float, cpus: int) -> dict[str, Workload]:
             max_batch_tokens=32 * 384 if not smoke else 4 * 384, encode_window=128 if not smoke else 8,
         ),
     }
-
-
-# ---------------------------------------------------------------------------------------------
-# CPU pool: the preprocess stage in one process per core
-# ---------------------------------------------------------------------------------------------
-_STAGES: dict = {}
-
-
-def _pool_init(stage_args: list) -> None:
-    import torch
-
-    torch.set_num_threads(1)  # one decode per core, as the preprocess actors run
-    from mmembed.models.loading import ModelSpec
-    from mmembed.stages.preprocess import PreprocessStage
-
-    for model_dir, transport, on_device in stage_args:
-        _STAGES[(model_dir, transport, on_device)] = PreprocessStage(
-            ModelSpec(model_dir), transport_dtype=transport, decode_on_device=on_device
-        )
-
-
-def records(paths: list[str], root: str):
-    import pyarrow as pa
-
-    from mmembed.inputs.discover import RECORD_SCHEMA
-
-    columns = {f.name: pa.nulls(len(paths), f.type) for f in RECORD_SCHEMA}
-    columns["id"] = pa.array([os.path.relpath(p, root) for p in paths], pa.string())
-    columns["image_uri"] = pa.array(paths, pa.string())
-    return pa.table(columns, schema=RECORD_SCHEMA)
-
-
-def _preprocess(job):
-    """One preprocess call; returns counts and costs, or the table itself when asked."""
-    from mmembed.models.batching import row_cost
-
-    key, paths, root, keep = job
-    table = _STAGES[key](records(paths, root))
-    if keep:
-        return table
-    errors = table.column("error").null_count
-    rows = [r for r in table.select(["error", "feat_keys", "feat_shapes"]).to_pylist() if r["error"] is None]
-    return len(rows), table.num_rows - errors, [row_cost(r) for r in rows]
-
-
-def pool_preprocess(pool, key, paths: list[str], root: str, chunk: int) -> dict:
-    jobs = [(key, paths[i : i + chunk], root, False) for i in range(0, len(paths), chunk)]
-    pool.map(_preprocess, jobs[: pool._processes], chunksize=1)  # warm caches in every worker
-    start = time.perf_counter()
-    results = pool.map(_preprocess, jobs, chunksize=1)
-    seconds = time.perf_counter() - start
-    ok = sum(r[0] for r in results)
-    return {
-        "img_s": ok / seconds,
-        "files": len(paths),
-        "ok": ok,
-        "errors": sum(r[1] for r in results),
-        "costs": [c for r in results for c in r[2]],
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# GPU side, in this process
-# ---------------------------------------------------------------------------------------------
-def _sync(device: str) -> None:
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def forward_only(stage, table, device: str, min_seconds: float) -> dict:
-    """EncodeStage.embed over the stage's own batches, inputs already on the device."""
-    from mmembed.models.batching import plan_batches, row_cost
-
-    rows = [r for r in table.to_pylist() if r["error"] is None]
-    costs = [row_cost(r) for r in rows]
-    batches = plan_batches(costs, stage.budget)
-    on_device = [stage.to_device(stage.collate([rows[i] for i in b])) for b in batches]
-    for features in on_device:
-        stage.embed(features)
-    _sync(device)
-    done, start = 0, time.perf_counter()
-    while True:
-        for features, batch in zip(on_device, batches):
-            stage.embed(features)
-            done += len(batch)
-        _sync(device)
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_seconds:
-            break
-    del on_device
-    # The stage's whole call on the same rows (Arrow in, Arrow out, copies included) but no Ray,
-    # once per --copy-mode: the gap to `forward` is the host-side cost of one encoder actor, and
-    # which mode wins on this card decides the default.
-    out = {"img_s": done / elapsed, "batches": len(batches), "rows": len(rows)}
-    default = (stage.copy_mode, stage._staging)
-    for mode in ("staged", "pinned", "plain"):
-        stage.copy_mode = mode
-        if mode == "staged" and device == "cuda":
-            from mmembed.models.staging import PinnedStaging
-
-            stage._staging = default[1] or PinnedStaging(stage.model.device)
-        else:
-            stage._staging = None
-        best = float("inf")
-        for _ in range(3):
-            _sync(device)
-            start = time.perf_counter()
-            stage(table)
-            _sync(device)
-            best = min(best, time.perf_counter() - start)
-        out[f"stage_call_{mode}_img_s"] = len(rows) / best
-    stage.copy_mode, stage._staging = default
-    out["stage_call_img_s"] = out[f"stage_call_{stage.copy_mode}_img_s"]
-    return out
-
-
-def st_encode(model_dir: str, paths: list[str], batch_size: int, device: str, model_kwargs: dict) -> dict:
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(model_dir, device=device, model_kwargs=dict(model_kwargs))
-    model.encode(paths[: min(len(paths), batch_size)], batch_size=batch_size, show_progress_bar=False)
-    _sync(device)
-    start = time.perf_counter()
-    emb = model.encode(paths, batch_size=batch_size, show_progress_bar=False, convert_to_numpy=True)
-    _sync(device)
-    seconds = time.perf_counter() - start
-    del model
-    return {"img_s": len(paths) / seconds, "embeddings": np.asarray(emb, dtype=np.float32)}
-
-
-# ---------------------------------------------------------------------------------------------
-# End to end, on Ray
-# ---------------------------------------------------------------------------------------------
-class GpuSampler:
-    """Samples the GPU's utilisation and memory through NVML (nvidia-ml-py) every `period` seconds
-    while it is open; on a machine without NVML it records nothing and says why."""
-
-    def __init__(self, period: float = 0.1):
-        import threading
-
-        self.period, self.samples, self.why = period, [], None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-        except Exception as exc:  # noqa: BLE001 - no NVML: the figure is absent, not the run
-            self.why = f"{type(exc).__name__}: {exc}"
-            return
-        while not self._stop.is_set():
-            util = pynvml.nvmlDeviceGetUtilizationRates(handle)
-            mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            self.samples.append((time.perf_counter(), util.gpu, mem.used))
-            self._stop.wait(self.period)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-    def summary(self, start: float | None = None) -> dict:
-        """Mean utilisation over all samples and over those after `start` (the steady part)."""
-        if not self.samples:
-            return {"samples": 0, "why": self.why}
-        util = [u for _, u, _ in self.samples]
-        after = [u for t, u, _ in self.samples if start is not None and t >= start]
-        return {
-            "samples": len(util),
-            "mean_util": sum(util) / len(util),
-            "steady_mean_util": sum(after) / len(after) if after else None,
-            "peak_mem_gib": max(m for _, _, m in self.samples) / 2**30,
-        }
 
 
 def e2e(w: Workload, model_dir: str, paths: list[str], root: str, out_dir: str, args, model_kwargs: dict) -> dict:
@@ -374,16 +203,6 @@ def _drop_gpu_only(extra: list[str]) -> list[str]:
     return out
 
 
-def parity(st_emb: np.ndarray, ids: list[str], by_id: dict) -> dict:
-    missing = [i for i in ids if i not in by_id]
-    if missing:
-        return {"min_cosine": None, "max_abs_diff": None, "missing": len(missing)}
-    ours = np.stack([by_id[i] for i in ids]).astype(np.float64)
-    ref = st_emb.astype(np.float64)
-    cos = (ours * ref).sum(1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(ref, axis=1))
-    return {"min_cosine": float(cos.min()), "max_abs_diff": float(np.abs(ours - ref).max()), "missing": 0}
-
-
 # ---------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------
@@ -450,37 +269,6 @@ def chart(results: dict, card: str, path: str) -> None:
     img.save(path)
 
 
-def environment(device: str) -> dict:
-    import sentence_transformers
-    import torch
-    import transformers
-
-    card = torch.cuda.get_device_name(0) if device == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
-    try:
-        import ray
-
-        ray_version = ray.__version__
-    except ImportError:
-        ray_version = None
-    return {
-        "card": card,
-        "cpus": _cpus(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "transformers": transformers.__version__,
-        "sentence_transformers": sentence_transformers.__version__,
-        "ray": ray_version,
-    }
-
-
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 # ---------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -543,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         if importlib.util.find_spec("flash_attn") is None:
             print("benchmarks/gpu.py: --attn flash_attention_2 needs the flash-attn package; use --attn sdpa", file=sys.stderr)
             return 2
-    cpus = args.cpus or _cpus()
+    cpus = args.cpus or usable_cpus()
     fwd_seconds = args.fwd_seconds or (0.3 if args.smoke else 3.0)
     all_workloads = workloads(args.smoke, args.scale, cpus)
     chosen = [w.strip() for w in args.workloads.split(",") if w.strip()]
@@ -595,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
                   | {(models[all_workloads[n].model], args.transport_dtype, True) for n in chosen
                      if all_workloads[n].decode_on_device})
     samples = {}
-    with spawn.Pool(cpus, initializer=_pool_init, initargs=(keys,)) as pool:
+    with spawn.Pool(cpus, initializer=init_worker, initargs=(keys,)) as pool:
         for name in chosen:
             w = all_workloads[name]
             key = (models[w.model], args.transport_dtype, w.decode_on_device)
@@ -610,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
                 # The forward-only ceiling runs on pixel rows (the CPU pool's), whatever the workload.
                 pixel_key = (models[w.model], args.transport_dtype, False)
                 parts = pool.map(
-                    _preprocess,
+                    preprocess_job,
                     [(pixel_key, files[name][i : i + 4], root, True) for i in range(0, w.n_fwd, 4)],
                     chunksize=1,
                 )
@@ -641,16 +429,16 @@ def main(argv: list[str] | None = None) -> int:
             )
             results[name]["forward"] = forward_only(stage, samples[name], args.device, fwd_seconds)
             del stage
-            _free(args.device)
+            free_device(args.device)
             stamp(f"{name}: forward-only {results[name]['forward']['img_s']:.1f} img/s")
             st = st_encode(models[w.model], files[name][: w.n_st], w.st_batch_size, args.device, model_kwargs)
             results[name]["st"] = {"img_s": st["img_s"], "files": w.n_st}
             results[name]["_st_emb"] = st["embeddings"]
-            _free(args.device)
+            free_device(args.device)
             stamp(f"{name}: ST encode {st['img_s']:.1f} img/s")
         except Exception as exc:  # noqa: BLE001
             fail(name, "forward/ST", exc)
-            _free(args.device)
+            free_device(args.device)
     save()
 
     # 4. End to end on Ray
@@ -735,16 +523,6 @@ def padding_report(costs: list, w: Workload) -> dict:
         "window": window,
         "max_batch_tokens": w.max_batch_tokens,
     }
-
-
-def _free(device: str) -> None:
-    import gc
-
-    gc.collect()
-    if device == "cuda":
-        import torch
-
-        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

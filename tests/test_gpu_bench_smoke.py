@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.slow
 def test_gpu_benchmark_smoke(ray_session, tmp_path, capsys):
-    sys.path.insert(0, ROOT)  # spawned pool workers import benchmarks.gpu the same way
+    sys.path.insert(0, ROOT)  # benchmarks/ is not a package on the path; its pool workers import mmembed.testing
     from benchmarks import gpu
 
     out = tmp_path / "out"

@@ -3,8 +3,12 @@ offline, and its top matches for a query: what `mmembed demo`, the notebooks and
 
 from __future__ import annotations
 
+import io
+import os
 import random
 from pathlib import Path
+
+import numpy as np
 
 TOPICS = {
     "sourdough": [
@@ -103,3 +107,138 @@ def top_matches(output: str, model_path: str, query: str, k: int = 5, texts_mani
         t = pq.read_table(texts_manifest, columns=["id", "text"]).to_pydict()
         text_of = dict(zip(t["id"], t["text"]))
     return [(ids[i], float(scores[i]), text_of.get(ids[i], "")) for i in order]
+
+
+# ---------------------------------------------------------------------------------------------
+# Corpora: synthetic photos (JPEG) and screenshots (PNG), written once into the work directory
+# ---------------------------------------------------------------------------------------------
+# Screen sizes the `mixed` corpus cycles through.
+MIXED_SIZES = [
+    (800, 600), (1024, 768), (1280, 800), (1366, 768), (1440, 900), (1600, 1000), (1920, 1080),
+    (1920, 1200), (2560, 1440), (2560, 1600), (1200, 1600), (900, 1600),
+]  # fmt: skip
+
+
+def make_photo(i: int, w: int = 640, h: int = 480) -> bytes:
+    """A photo-like JPEG: smooth colour fields, sensor noise and a few solid shapes."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(i)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    phase = rng.uniform(0, 6.28, 3)
+    rgb = [127 + 100 * np.sin(xx / (40 + 30 * k) + yy / (55 + 20 * k) + phase[k]) for k in range(3)]
+    arr = np.stack(rgb, -1) + rng.normal(0, 10, (h, w, 3))
+    img = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(10):
+        x, y = int(rng.integers(0, w - 40)), int(rng.integers(0, h - 40))
+        s = int(rng.integers(20, 160))
+        draw.rectangle([x, y, x + s, y + s // 2], fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def make_screenshot(i: int, w: int = 1280, h: int = 800) -> bytes:
+    """A UI-like PNG: a title bar, rows of words and a few coloured panels."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(100_000 + i)
+    img = Image.new("RGB", (w, h), (250, 250, 250))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([0, 0, w, 40], fill=(35, 55, 95))
+    for y in range(56, h - 16, 20):
+        x = 16 + int(rng.integers(0, 3)) * 24
+        while x < w - 120:
+            k = int(rng.integers(2, 11))
+            draw.text((x, y), "".join(chr(c) for c in rng.integers(97, 123, k)), fill=(30, 30, 30))
+            x += 7 * k + 9
+        if rng.random() < 0.04:
+            draw.rectangle([w // 3, y, w // 3 + 320, y + 90], fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _write_item(job) -> int:
+    path, kind, i = job
+    if kind == "photos":
+        data = make_photo(i)
+    elif kind == "shots":
+        data = make_screenshot(i)
+    else:
+        w, h = MIXED_SIZES[i % len(MIXED_SIZES)]
+        data = make_screenshot(i, w, h)
+    with open(path, "wb") as f:
+        f.write(data)
+    return len(data)
+
+
+def corpus(root: str, kind: str, count: int, pool, unique: int | None = None) -> list[str]:
+    """`count` files of one kind under root/kind (made once, reused by later runs).
+
+    Only the first `unique` are generated; the rest are hard links to them under their own names,
+    so a long end-to-end run (long enough for a steady rate) costs no generation time. Every file
+    is still fetched, decoded and preprocessed on its own.
+    """
+    ext = ".jpg" if kind == "photos" else ".png"
+    unique = min(count, unique or count)
+    # Generated files live in one pool per kind, shared by every corpus of that kind.
+    made = os.path.join(root, "corpus", f"{kind}-made")
+    os.makedirs(made, exist_ok=True)
+    sources = [os.path.join(made, f"{kind[0]}{i:06d}{ext}") for i in range(unique)]
+    missing = [(p, kind, i) for i, p in enumerate(sources) if not os.path.exists(p)]
+    if missing:
+        pool.map(_write_item, missing, chunksize=8)
+    directory = os.path.join(root, "corpus", f"{kind}-{count}-{unique}")
+    paths = [os.path.join(directory, f"{kind[0]}{i:06d}{ext}") for i in range(count)]
+    if not os.path.exists(os.path.join(directory, ".done")):
+        os.makedirs(directory, exist_ok=True)
+        for i, path in enumerate(paths):
+            if not os.path.exists(path):
+                os.link(sources[i % unique], path)
+        open(os.path.join(directory, ".done"), "w").close()
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# Documents and shards: the same pictures as PDF pages and as WebDataset tar members
+# ---------------------------------------------------------------------------------------------
+def make_pdf(images: list[bytes]) -> bytes:
+    """A PDF with one page per image, written by Pillow at 72 dpi: a w x h image is a page of
+    w x h points, so a page is the image's size. Pillow stores RGB pages as JPEG (DCTDecode)."""
+    from PIL import Image
+
+    pages = [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
+    buf = io.BytesIO()
+    pages[0].save(buf, "PDF", save_all=True, append_images=pages[1:], resolution=72.0)
+    return buf.getvalue()
+
+
+def _write_pdf(job) -> int:
+    path, sources = job
+    pictures = []
+    for source in sources:
+        with open(source, "rb") as f:
+            pictures.append(f.read())
+    data = make_pdf(pictures)
+    with open(path + ".part", "wb") as f:
+        f.write(data)
+    os.replace(path + ".part", path)
+    return len(data)
+
+
+def pdf_corpus(root: str, sources: list[str], pages: int, pool) -> list[str]:
+    """PDFs of `pages` pages each, page k of document d being sources[(d * pages + k) % len(sources)]
+    (made once under root/corpus, reused by later runs): len(sources) // pages documents, at least one."""
+    count = max(1, len(sources) // pages)
+    directory = os.path.join(root, "corpus", f"pdf-{os.path.basename(os.path.dirname(sources[0]))}-{pages}p")
+    paths = [os.path.join(directory, f"d{d:06d}.pdf") for d in range(count)]
+    if not os.path.exists(os.path.join(directory, ".done")):
+        os.makedirs(directory, exist_ok=True)
+        jobs = [(p, [sources[(d * pages + k) % len(sources)] for k in range(pages)])
+                for d, p in enumerate(paths) if not os.path.exists(p)]
+        if jobs:
+            pool.map(_write_pdf, jobs, chunksize=1)
+        open(os.path.join(directory, ".done"), "w").close()
+    return paths

@@ -97,3 +97,26 @@ def s3_filesystem(options: dict):
 
     return s3fs.S3FileSystem(key=options["key"], secret=options["secret"], endpoint_url=options["endpoint_url"],
                              client_kwargs=options["client_kwargs"], skip_instance_cache=True)
+
+
+# Dummy credentials the moto server accepts (as tests/s3_fixtures.py).
+MOTO_KEY, MOTO_SECRET, MOTO_REGION = "AKIAMMEMBEDBENCHKEY1", "mmembed-bench-secret", "us-east-1"
+
+
+@contextlib.contextmanager
+def moto_s3(timeout_s: float = 60.0):
+    """A moto S3 server (mmembed/testing/moto.py) for the duration of the block; yields fsspec storage
+    options (endpoint, dummy credentials)."""
+    from mmembed.testing.moto import moto_process, storage_options
+
+    with moto_process(MOTO_KEY, MOTO_SECRET, MOTO_REGION, timeout_s) as (endpoint, _):
+        yield storage_options(endpoint, MOTO_KEY, MOTO_SECRET, MOTO_REGION)
+
+
+def s3_bucket(storage_options: dict, bucket: str) -> None:
+    """Make `bucket` on `moto_s3`'s server unless it is there."""
+    from mmembed.testing.moto import boto3_client
+
+    client = boto3_client(storage_options)
+    with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+        client.create_bucket(Bucket=bucket)
