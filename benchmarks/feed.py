@@ -424,8 +424,36 @@ class WdsS3(Comparison):
         inputs = {"objects": (f"s3://{bucket}/objects-manifest-{n}.parquet", extra),
                   "wds_shards": (f"s3://{bucket}/shards-{n}/{{{0:05d}..{shards - 1:05d}}}.tar", extra)}
         notes = {"records_per_shard": per_shard, "shards": shards, "distinct_objects": len(objects),
-                 "upload_s": upload}
+                 "upload_s": upload, "requests": self.count_requests(opts, objects, f"s3://{bucket}/shards-{n}/00000.tar")}
         return n, inputs, notes
+
+    def count_requests(self, opts: dict, objects: list[str], shard: str, sample: int = 32) -> dict:
+        """S3 requests by method, per object fetched (side A: the preprocess stage's fetcher on `sample`
+        objects) and per shard read (side B: the WebDataset reader on one shard), through a logging
+        proxy in front of moto, outside the timed jobs."""
+        from collections import Counter
+
+        from mmembed.inputs.webdataset import read_shard
+        from mmembed.storage.fetch import Fetcher
+        from mmembed.testing.proxy import FaultyProxy
+
+        proxy = FaultyProxy(opts["endpoint_url"])
+        via = {**opts, "endpoint_url": proxy.start()}
+        try:
+            fetcher = Fetcher(via)
+            for uri in objects[:sample]:
+                fetcher.fetch(uri)
+            by_object = Counter(method for method, _, _ in proxy.log)
+            del proxy.log[:]
+            shard_records = sum(t.num_rows for t in read_shard(shard, "00000", via))
+            by_shard = Counter(method for method, _, _ in proxy.log)
+        finally:
+            proxy.stop()
+        out = {"per_object": {m: c / min(sample, len(objects)) for m, c in by_object.items()},
+               "per_shard": dict(by_shard), "records_per_shard": shard_records}
+        self.log(f"S3 requests: {out['per_object']} per object fetched; {out['per_shard']} per shard of "
+                 f"{shard_records} records")
+        return out
 
 
 COMPARISONS = {

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import run_job
-from tests.faulty_proxy import FaultyProxy
+from mmembed.testing.proxy import FaultyProxy
 from tests.helpers import image_bytes
 from tests.s3_fixtures import moto_server, read_output_s3, s3, s3fs_for  # noqa: F401 - fixtures
 

@@ -1,4 +1,5 @@
-"""A small HTTP proxy that forwards to an S3 endpoint (moto) and injects transient failures.
+"""A small HTTP proxy that forwards to an S3 endpoint (moto), logs every request and can inject
+transient failures: tests/test_fault_injection.py; benchmarks/feed.py counts requests with it.
 
 Faults are bounded: a seeded fraction of requests, never more than `max_faults` in all, plus any
 number queued explicitly with `fail_next`. A fault is a 503 SlowDown, a 500 InternalError, or a
