@@ -404,14 +404,17 @@ def add_io_options(p: argparse.ArgumentParser) -> None:
         "--http-timeout",
         type=positive_float,
         default=30.0,
-        help="Seconds an http(s):// media fetch may take, per try (5 tries); a fetch that runs out becomes "
-        "an error row saying it timed out (default: 30).",
+        help="Seconds one try of an http(s):// media fetch may take: connecting, the answer and every byte "
+        "of the body, redirects included. A timed-out, cut-short or 5xx/429 answer is tried again, 5 tries in "
+        "all with backoff of a few seconds between them, so a dead URL costs at most about 5x this; then the "
+        "record becomes an error row naming the URL and the cause (default: 30).",
     )
     g.add_argument(
         "--max-bytes",
         type=positive_int,
         default=256 * 1024 * 1024,
-        help="Largest media object fetched, in bytes; larger ones become error rows (default: 256 MiB).",
+        help="Largest media object fetched, in bytes; larger ones become error rows, whether or not the server "
+        "declares the size: a body is read only up to this many bytes (default: 256 MiB).",
     )
     g.add_argument(
         "--fetch-threads",

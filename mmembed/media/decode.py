@@ -49,6 +49,8 @@ def decode_image(data: bytes, *, max_pixels: int):
         raise
     except Image.DecompressionBombError as exc:
         raise DecodeError(f"image exceeds the pixel limit (--max-image-pixels): {exc}") from None
+    except Image.UnidentifiedImageError:
+        raise DecodeError(f"undecodable image: not in an image format Pillow reads (starts {data[:16]!r})") from None
     except Exception as exc:  # noqa: BLE001 - any decoder failure is this record's problem
         raise DecodeError(f"undecodable image ({type(exc).__name__}: {exc})") from None
     # A 16-bit grey PNG (also a 16-bit grey TIFF) opens as I;16 (as I in older Pillow).

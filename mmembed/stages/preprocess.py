@@ -255,11 +255,18 @@ class PreprocessStage:
         if modality == "image":
             if device_ok and jpeg_for_device(data, max_pixels=self.max_image_pixels):
                 return _DeviceJpeg(data)
-            return decode_image(data, max_pixels=self.max_image_pixels)
-        decoder = self.decoders.get(modality)
-        if decoder is None:
-            raise RecordError(f"{modality} decoding is not available in this build")
-        return decoder(data=data, row=row)
+            decode = lambda: decode_image(data, max_pixels=self.max_image_pixels)  # noqa: E731
+        else:
+            decoder = self.decoders.get(modality)
+            if decoder is None:
+                raise RecordError(f"{modality} decoding is not available in this build")
+            decode = lambda: decoder(data=data, row=row)  # noqa: E731
+        try:
+            return decode()
+        except DecodeError as exc:
+            if uri is None:
+                raise
+            raise DecodeError(f"{exc}: {uri}") from None  # which object, when the bytes came from a URI
 
     def _messages(self, messages):
         """Chat messages with their media parts fetched and decoded like cells of a record.

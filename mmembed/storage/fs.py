@@ -100,13 +100,15 @@ _TRANSIENT_ERRNOS = {
 }
 
 
-def with_retries(fn, *, attempts: int = 5, base_delay: float = 0.2, max_delay: float = 5.0):
-    """Call fn, retrying transient storage errors with jittered exponential backoff."""
+def with_retries(fn, *, attempts: int = 5, base_delay: float = 0.2, max_delay: float = 5.0, transient=None):
+    """Call fn, retrying transient storage errors (`transient`, default `is_transient`) with jittered
+    exponential backoff."""
+    transient = transient or is_transient
     for attempt in range(attempts):
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001 - classification decides
-            if attempt == attempts - 1 or not is_transient(exc):
+            if attempt == attempts - 1 or not transient(exc):
                 raise
             time.sleep(min(max_delay, base_delay * 2**attempt) * (0.5 + random.random()))
     raise AssertionError("unreachable")
