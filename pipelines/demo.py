@@ -8,6 +8,7 @@ built locally with random weights, then shows the top text matches for a query.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import time
@@ -19,8 +20,9 @@ from mmembed.testing.corpus import QUERY, make_corpus, top_matches
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="mmembed demo",
-        description="Generate an offline demo corpus, embed it on an in-process Ray (texts with the real "
-        "all-MiniLM-L6-v2, images with a locally built random-weight CLIP), and show the top matches for a query.",
+        description="Generate an offline demo corpus, embed it (texts with the real all-MiniLM-L6-v2, images with a "
+        "locally built random-weight CLIP) and show the top matches for a query. Inputs this small run in this "
+        "process, without Ray (--executor auto of `mmembed embed`); the summary says where they ran.",
     )
     p.add_argument("--workdir", default="demo-out", help="Where the corpus, models and outputs go (default: demo-out).")
     p.add_argument("--query", default=QUERY, help=f"Query for the top matches (default: {QUERY!r}).")
@@ -55,8 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     rc = run(EmbedJob(EmbedConfig(input=corpus["media"], output=str(work / "image-embeddings"), model=clip)))
     if rc:
         return rc
+    ran = {json.loads((work / sub / "_manifest.json").read_text())["resources"]["executor"]
+           for sub in ("text-embeddings", "image-embeddings")}
+    where = "in this process, without Ray" if ran == {"local"} else "on an in-process Ray" if ran == {"ray"} else \
+        "in this process and on an in-process Ray"
     print(f"\nmmembed demo: {corpus['num_texts']} texts + {corpus['num_images']} images embedded in "
-          f"{time.time() - t0:.1f} s (in-process Ray, local files, offline models)")
+          f"{time.time() - t0:.1f} s ({where}; local files, offline models)")
     print("  images used a locally built CLIP with RANDOM WEIGHTS: its vectors exercise the pipeline and carry "
           "no meaning. For real use: --model sentence-transformers/clip-ViT-B-32 or Qwen/Qwen3-VL-Embedding-2B.")
     print(f"\nTop matches for {args.query!r} (all-MiniLM-L6-v2, cosine):")

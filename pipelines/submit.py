@@ -9,7 +9,7 @@ import os
 import sys
 
 from mmembed.cli.options import json_object
-from mmembed.cli.submit import EXIT_OK, _client, check_command, entrypoint, exit_code, split_command, wait_for
+from mmembed.cli.submit import EXIT_OK, _client, check_command, entrypoint, exit_code, shown, split_command, wait_for
 from mmembed.errors import EXIT_USAGE
 
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     job_id = client.submit_job(entrypoint=entrypoint(command), runtime_env=runtime_env, submission_id=args.submission_id,
                                metadata={"submitted_by": "mmembed submit", "command": command[0]})
-    print(f"submitted {job_id} to {args.address}: {entrypoint(command)}", flush=True)
+    print(f"submitted {job_id} to {args.address}: {shown(command)}", flush=True)
     if not args.wait:
         print(f"follow it with: ray job logs --follow --address {args.address} {job_id}", flush=True)
         return EXIT_OK

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up, then run the main job on the embedded default (in-process Ray, local files, offline models).
+# Set up, then run the main job on the embedded default (in this process, local files, offline models).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

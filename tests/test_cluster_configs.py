@@ -16,7 +16,7 @@ import ray
 import yaml
 
 from mmembed.cli import COMMANDS
-from mmembed.cli.submit import check_command, split_command
+from mmembed.cli.submit import check_command, entrypoint, shown, split_command
 from mmembed.executors import cluster
 
 CLUSTER = Path(__file__).resolve().parent.parent / "cluster"
@@ -300,3 +300,22 @@ def test_misfits_are_caught():
             check_fit(args, groups)
     with pytest.raises(AssertionError, match="unknown mmembed command"):
         parse_entrypoint("mmembed embedd --input x")
+
+
+def test_submit_refuses_credentials_on_the_command_line(capsys):
+    """A submitted job's command line is visible to anyone who can list the cluster's jobs: credentials in
+    --storage-options are refused before anything is contacted, and never printed."""
+    from pipelines import submit
+
+    secret = "wJalrXUtnFEMI-not-a-real-secret"
+    opts = json.dumps({"key": "AKIAMMEMBEDEXAMPLE", "secret": secret, "endpoint_url": "http://127.0.0.1:9"})
+    command = ["embed", "--input", "s3://b/in", "--output", "s3://b/out", "--model", "m", "--storage-options", opts]
+    rc = submit.main(["--address", "http://127.0.0.1:9", "--", *command])
+    out, err = capsys.readouterr()
+    assert rc == 2
+    assert "--storage-options holds credentials" in err and "env_vars" in err and "Nothing was submitted" in err
+    assert secret not in out + err and "AKIAMMEMBEDEXAMPLE" not in out + err
+    # What submit prints of a command is its redacted form; without credentials the command passes.
+    assert secret not in shown(command) and "***" in shown(command)
+    clean = [*command[:-1], json.dumps({"endpoint_url": "http://127.0.0.1:9"})]
+    assert check_command(clean) is None and shown(clean) == entrypoint(clean)

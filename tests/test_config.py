@@ -87,3 +87,32 @@ def test_jobs_never_call_map_batches_themselves():
     for path in (ROOT / "mmembed" / "jobs").glob("*.py"):
         text = path.read_text()
         assert "map_batches" not in text and "ActorPoolStrategy" not in text, path.name
+
+
+def test_ray_is_bounded_at_the_version_tested_and_reads_use_named_parameters(ray_session, tmp_path):
+    """Ray 2.64 removes `ray_remote_args` where 2.60 deprecates it: the reads pass named parameters, and
+    pyproject bounds Ray at the last version tested (constraints.txt)."""
+    import tomllib
+    import warnings
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from packaging.requirements import Requirement
+    from ray.util.annotations import RayDeprecationWarning
+
+    from mmembed.inputs.discover import discover
+    from mmembed.stages.read import ReadStage
+    from mmembed.stages.read_pairs import read_parquet
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    ray_req = next(Requirement(d) for d in deps if Requirement(d).name == "ray")
+    tested = next(line.split("==")[1].strip() for line in (ROOT / "constraints.txt").read_text().splitlines()
+                  if line.startswith("ray=="))
+    assert any(s.operator in ("<", "<=") for s in ray_req.specifier), ray_req
+    assert ray_req.specifier.contains(tested) and not ray_req.specifier.contains("2.64.0")
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"id": ["a"], "text": ["x"]}), manifest)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RayDeprecationWarning)
+        ReadStage(discover(str(manifest))).dataset()
+        read_parquet([str(manifest)], str(manifest))

@@ -228,3 +228,28 @@ def test_missing_columns_fail_before_ray(tmp_path, capsys, monkeypatch):
     assert "found columns: qid, query, doc_id" in err
     assert "--corpus" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_pair_listed_twice_is_refused_before_ray(tiny_cross_encoder, tmp_path, capsys, monkeypatch):
+    """Never rank one document twice: a repeated (query_id, doc_id) pair is refused, as embed refuses a
+    repeated id, across files and row groups; the same ids in other pairs are fine."""
+    import pipelines.rerank as rerank_job
+    from mmembed.executors import cluster
+
+    def no_ray(*_a, **_k):
+        raise AssertionError("Ray must not start for repeated candidates")
+
+    monkeypatch.setattr(cluster, "init_ray", no_ray)
+    cands = tmp_path / "cands"
+    cands.mkdir()
+    pairs = [("q1", "d1"), ("q1", "d2"), ("q2", "d1"), ("q2", "d2")]
+    table = pa.table({"query_id": [q for q, _ in pairs], "query": ["a question"] * 4,
+                      "doc_id": [d for _, d in pairs], "doc": ["a document"] * 4})
+    pq.write_table(table, cands / "a.parquet", row_group_size=2)
+    pq.write_table(table.slice(1, 1), cands / "b.parquet")  # ("q1", "d2") again
+    rc = rerank_job.main(["--candidates", str(cands), "--output", str(tmp_path / "out"), "--model", tiny_cross_encoder])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "list 1 (query_id, doc_id) pair(s) more than once" in err and "('q1', 'd2')" in err
+    assert "('q1', 'd1')" not in err
+    assert not (tmp_path / "out").exists()

@@ -39,11 +39,38 @@ def check_command(command: list[str]) -> str | None:
         except SystemExit as exc:
             if exc.code:
                 return f"the {name} options above do not parse; nothing was submitted"
+    flags = credential_flags(command)
+    if flags:
+        return (
+            f"{', '.join(flags)} holds credentials, and a submitted job's command line is shown to anyone who can "
+            "read the cluster's job list or dashboard. Give the job its credentials through the cluster's "
+            "credential chain (an instance or pod role, e.g. IRSA or workload identity), or as environment "
+            "variables of the job: --runtime-env '{\"env_vars\": {\"AWS_ACCESS_KEY_ID\": \"...\", "
+            "\"AWS_SECRET_ACCESS_KEY\": \"...\"}}'. Nothing was submitted"
+        )
     return None
+
+
+def credential_flags(command: list[str]) -> list[str]:
+    """The options of `command` whose values hold credentials (what a manifest redacts)."""
+    from mmembed.outputs.manifest import redact_argv
+
+    flags = set()
+    for i, (mine, shown) in enumerate(zip(command, redact_argv(command))):
+        if mine != shown:
+            flags.add(mine.split("=", 1)[0] if mine.startswith("--") else command[i - 1])
+    return sorted(flags)
 
 
 def entrypoint(command: list[str]) -> str:
     return shlex.join(["python", "-m", "mmembed.cli", *command])
+
+
+def shown(command: list[str]) -> str:
+    """The entrypoint as printed: credentials redacted, should any reach here."""
+    from mmembed.outputs.manifest import redact_argv
+
+    return entrypoint(redact_argv(command))
 
 
 def _client(address: str):

@@ -255,15 +255,26 @@ def _manifest_spec(uri: str, fs, paths: list[str], root: str, infos: dict[str, d
 
 
 def check_unique_ids(spec: InputSpec, storage_options: dict | None = None, show: int = 5) -> None:
-    """Reject a manifest with duplicate ids before Ray starts.
-
-    Only the id column is read, a row group at a time, and ids are kept as 64-bit hashes
-    (8 bytes a record), so this stays cheap on the driver at corpus scale.
-    """
+    """Reject a manifest with duplicate ids before Ray starts."""
     if spec.kind != "manifest":
         return
+    repeated = repeated_keys(spec, [spec.mapping.id], storage_options)
+    if repeated:
+        first = ", ".join(repr(k[0]) for k in repeated[:show])
+        raise InputError(f"manifest {spec.uri} has {len(repeated)} duplicate ids (ids must be unique); first: {first}")
+
+
+def repeated_keys(spec: InputSpec, columns: list[str], storage_options: dict | None = None) -> list[tuple]:
+    """The keys (tuples of `columns`) that more than one row of the dataset holds, in first-seen order.
+
+    Only the key columns are read, a row group at a time, and keys are kept as 64-bit hashes (8 bytes a
+    row), so this stays cheap on the driver at corpus scale; hash collisions are confirmed on the keys.
+    """
     import numpy as np
     import pandas as pd
+
+    def hashed(table: pa.Table) -> np.ndarray:
+        return pd.util.hash_pandas_object(table.to_pandas(), index=False).to_numpy()
 
     fs, _ = filesystem(spec.uri, storage_options)
     hashes = []
@@ -271,32 +282,26 @@ def check_unique_ids(spec: InputSpec, storage_options: dict | None = None, show:
         with fs.open(fs._strip_protocol(p), "rb") as f:
             pf = pq.ParquetFile(f)
             for rg in range(pf.num_row_groups):
-                col = pf.read_row_group(rg, columns=[spec.mapping.id], use_threads=False).column(0)
-                if col.null_count:
-                    raise InputError(f"manifest {p} has {col.null_count} null ids; every record needs an id")
-                hashes.append(pd.util.hash_array(col.to_numpy(zero_copy_only=False).astype(object)))
+                table = pf.read_row_group(rg, columns=columns, use_threads=False)
+                for name, col in zip(columns, table.columns):
+                    if col.null_count:
+                        raise InputError(f"{p} has {col.null_count} null values in `{name}`; every row needs one")
+                hashes.append(hashed(table))
     if not hashes:
-        return
+        return []
     allh = np.concatenate(hashes)
     allh.sort()
-    dup_hashes = np.unique(allh[1:][allh[1:] == allh[:-1]])
-    if not len(dup_hashes):
-        return
-    # Hash collisions are possible in principle: confirm on the ids themselves.
-    dups: dict[str, int] = {}
-    wanted = set(dup_hashes.tolist())
+    wanted = set(np.unique(allh[1:][allh[1:] == allh[:-1]]).tolist())
+    if not wanted:
+        return []
+    counts: dict[tuple, int] = {}
     for p in spec.paths:
         with fs.open(fs._strip_protocol(p), "rb") as f:
-            ids = pq.read_table(f, columns=[spec.mapping.id], use_threads=False).column(0).to_pylist()
-        for i, h in zip(ids, pd.util.hash_array(np.array(ids, dtype=object))):
+            table = pq.read_table(f, columns=columns, use_threads=False)
+        for key, h in zip(zip(*(c.to_pylist() for c in table.columns)), hashed(table)):
             if int(h) in wanted:
-                dups[i] = dups.get(i, 0) + 1
-    real = [i for i, n in dups.items() if n > 1]
-    if real:
-        first = ", ".join(repr(i) for i in real[:show])
-        raise InputError(
-            f"manifest {spec.uri} has {len(real)} duplicate ids (ids must be unique); first: {first}"
-        )
+                counts[key] = counts.get(key, 0) + 1
+    return [k for k, n in counts.items() if n > 1]
 
 
 def record_modality(row: dict) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from mmembed.errors import UsageError
 from mmembed.executors.pipeline import CPU, DATASET, DEVICE, Stage
-from mmembed.inputs.discover import InputError, check_unique_ids, discover
+from mmembed.inputs.discover import InputError, check_unique_ids, discover, repeated_keys
 from mmembed.jobs.config import RerankConfig, fetch_kwargs
 from mmembed.jobs.runner import Job, Outcome
 from mmembed.models.loading import (
@@ -37,6 +37,21 @@ def resolve_manifest(uri: str, flag: str, storage_options: dict):
     except InputError as exc:
         raise UsageError(f"{flag}: {exc}") from None
     return spec
+
+
+def refuse_repeated_pairs(candidates, storage_options: dict, show: int = 5) -> None:
+    """A (query_id, doc_id) pair listed twice would be scored twice and ranked twice: refused, as embed
+    refuses a repeated id."""
+    from mmembed.stages.read_pairs import SIDES
+
+    repeated = repeated_keys(candidates, list(SIDES.values()), storage_options)
+    if repeated:
+        first = ", ".join(f"({q!r}, {d!r})" for q, d in repeated[:show])
+        raise InputError(
+            f"candidates {candidates.uri} list {len(repeated)} (query_id, doc_id) pair(s) more than once; a pair "
+            f"is scored and ranked once, so each must be listed once. First: {first}. Drop the repeats first "
+            "(e.g. SELECT DISTINCT in DuckDB, or pandas drop_duplicates(['query_id', 'doc_id']))."
+        )
 
 
 def load_reranker(cfg: RerankConfig) -> tuple[ModelSpec, object]:
@@ -114,6 +129,7 @@ def plan(cfg: RerankConfig) -> dict:
         )
     try:
         check_cell_types(candidates, tuple(manifests))
+        refuse_repeated_pairs(candidates, cfg.storage_options)
     except InputError as exc:
         raise UsageError(str(exc)) from None
     spec, model = load_reranker(cfg)

@@ -185,7 +185,7 @@ class ReadStage:
         ds = ray.data.read_parquet(
             paths,
             filesystem=PyFileSystem(FSSpecHandler(fs)),
-            ray_remote_args={"num_cpus": self.read_cpus},
+            num_cpus=self.read_cpus,
         )
         root = self.spec.root
         ds = ds.map_batches(
