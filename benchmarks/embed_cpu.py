@@ -35,6 +35,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mmembed.testing.rates import fresh_process_s  # noqa: E402
+
 
 def make_photos(root: Path, n: int) -> list[Path]:
     import numpy as np
@@ -66,20 +68,6 @@ def st_baseline(model_path: str, paths: list[Path], batch_size: int) -> tuple[fl
         imgs = [Image.open(p).convert("RGB") for p in paths[start : start + batch_size]]
         out.append(model.encode(imgs, batch_size=batch_size))
     return time.perf_counter() - t0, out
-
-
-def fresh_process_s(argv: list[str]) -> float:
-    """Wall time of a new Python process running argv (the CLI's cold start), which must succeed."""
-    import subprocess
-
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    env.pop("RAY_ADDRESS", None)
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode:
-        raise SystemExit(f"embed_cpu.py: {argv} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return wall
 
 
 def link_subset(photos: list[Path], root: Path) -> Path:

@@ -95,3 +95,19 @@ def embedding_matrix(col, dim: int) -> np.ndarray:
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks()
     return np.asarray(col.flatten(), dtype=np.float32).reshape(len(col), dim)
+
+
+def groups_by(table: pa.Table, column: str):
+    """`table`'s rows in groups of equal `column` (nulls last), as a Ray Data groupby hands them to
+    map_groups: what the in-process executor does where a job's Ray pipeline shuffles."""
+    import pyarrow.compute as pc
+
+    if not table.num_rows:
+        return
+    table = table.take(pc.sort_indices(table, sort_keys=[(column, "ascending")], null_placement="at_end"))
+    keys = table.column(column).to_pylist()
+    start = 0
+    for i in range(1, len(keys) + 1):
+        if i == len(keys) or keys[i] != keys[start]:
+            yield table.slice(start, i - start)
+            start = i

@@ -100,6 +100,7 @@ def test_ray_is_bounded_at_the_version_tested_and_reads_use_named_parameters(ray
     from packaging.requirements import Requirement
     from ray.util.annotations import RayDeprecationWarning
 
+    from mmembed.executors.pipeline import CPU, DEVICE, Stage, apply_ray
     from mmembed.inputs.discover import discover
     from mmembed.stages.read import ReadStage
     from mmembed.stages.read_pairs import read_parquet
@@ -114,5 +115,18 @@ def test_ray_is_bounded_at_the_version_tested_and_reads_use_named_parameters(ray
     pq.write_table(pa.table({"id": ["a"], "text": ["x"]}), manifest)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RayDeprecationWarning)
-        ReadStage(discover(str(manifest))).dataset()
+        ds = ReadStage(discover(str(manifest))).dataset()
         read_parquet([str(manifest)], str(manifest))
+        # Pools as every job declares them, applied in the one place that calls map_batches.
+        apply_ray(ds, [Stage(_Identity, pool=CPU, actors=1, resources={"num_cpus": 0.25}),
+                       Stage(_Identity, pool=DEVICE, actors=1, resources={"num_cpus": 0.25, "num_gpus": 0}),
+                       Stage(_identity, resources={"num_cpus": 0.25})])
+
+
+class _Identity:
+    def __call__(self, batch):
+        return batch
+
+
+def _identity(batch):
+    return batch

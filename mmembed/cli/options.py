@@ -217,6 +217,7 @@ def add_runtime_options(p: argparse.ArgumentParser):
         "on GPU). For flash attention pass --model-kwargs '{\"attn_implementation\": \"flash_attention_2\"}' "
         "with the flash-attn package installed.",
     )
+    add_executor_option(g)
     return g
 
 
@@ -347,8 +348,8 @@ def add_embed_run_options(g) -> None:
     )
 
 
-def add_executor_options(compute) -> None:
-    """The embed job's own compute options: where the stages run, and decoding on the device."""
+def add_executor_option(compute) -> None:
+    """--executor, for every command with compute options."""
     from mmembed.executors.cluster import RECORDS_PER_PREPROCESSOR
 
     compute.add_argument(
@@ -361,8 +362,13 @@ def add_executor_options(compute) -> None:
         "and sentence-transformers). auto (default): local when no cluster is given (no --address, no "
         "$RAY_ADDRESS, Ray not already started in this process), no pool size is set, and the input is "
         f"no bigger than one preprocess actor's share ({RECORDS_PER_PREPROCESSOR['media']:,} media or "
-        f"{RECORDS_PER_PREPROCESSOR['text']:,} text records); ray otherwise. Outputs are the same either way.",
+        f"{RECORDS_PER_PREPROCESSOR['text']:,} text records, pairs or queries); ray otherwise. Outputs are "
+        "the same either way.",
     )
+
+
+def add_executor_options(compute) -> None:
+    """The embed job's own compute option: decoding on the device."""
     compute.add_argument(
         "--decode-on-device",
         action="store_true",

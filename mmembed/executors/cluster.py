@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from dataclasses import dataclass
 
 from mmembed.errors import UsageError
 
@@ -20,6 +21,15 @@ RECORDS_PER_PREPROCESSOR = {"media": 2_000, "text": 20_000}
 # Media records cost milliseconds each to decode and preprocess, text records microseconds:
 # media blocks stay small enough that the last ones do not leave the pool waiting on a straggler.
 MAX_BLOCK_ROWS = {"media": 256, "text": 2_000}
+
+
+@dataclass(frozen=True)
+class InputSize:
+    """What sizing reads of an input that is not one manifest (rerank's pairs, search's queries): how
+    many records, and their modalities."""
+
+    num_records: int
+    modalities: tuple[str, ...] = ()
 
 
 def workload(spec) -> str:

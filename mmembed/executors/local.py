@@ -100,6 +100,11 @@ class LocalExecutor:
 
     def write(self, blocks: Iterable[pa.Table], sink) -> None:
         """Stream every block through the stages into `sink`, as `Dataset.write_datasink` would."""
-        sink.on_write_start()
-        result = sink.write(self.results(blocks), TaskContext())
-        sink.on_write_complete(WriteResult([result]))
+        write(self.results(blocks), sink)
+
+
+def write(blocks: Iterable[pa.Table], sink) -> None:
+    """Blocks into a Datasink, as `Dataset.write_datasink` drives one: start, one write task, complete."""
+    sink.on_write_start()
+    result = sink.write(blocks, TaskContext())
+    sink.on_write_complete(WriteResult([result]))

@@ -16,7 +16,8 @@ import pyarrow as pa
 # Pools. cpu: an actor pool of stage objects built once per actor (decode, preprocess, hash).
 # device: an actor pool holding a model on its GPU (or CPU); a lost actor is restarted and its
 # batches retried. task: a plain function of a block, run as stateless Ray tasks. dataset: a
-# function of the whole dataset (a shuffle such as rank's group-by); Ray only.
+# function of the whole dataset (a shuffle such as rank's group-by); in this process, its `local`
+# form takes every block that reached it (inputs small enough to run here are small enough to hold).
 CPU, DEVICE, TASK, DATASET = "cpu", "device", "task", "dataset"
 POOLS = (CPU, DEVICE, TASK, DATASET)
 
@@ -33,6 +34,7 @@ class Stage:
     actors: int = 1  # cpu and device pools
     calls: int = 1  # device pools: concurrent calls per actor, on the actor's threads
     resources: Mapping[str, Any] = field(default_factory=dict)  # Ray remote args: num_cpus, num_gpus, memory...
+    local: Callable | None = None  # dataset pools: the same step over an iterable of blocks, in this process
 
     def __post_init__(self):
         if self.pool not in POOLS:
@@ -93,24 +95,44 @@ def apply_ray(ds, stages: list):
             ds = ds.map_batches(s.fn, fn_args=s.args, fn_kwargs=dict(s.kwargs), batch_size=s.batch_size,
                                 batch_format="pyarrow", **s.resources)
         else:
-            restarts = {"max_restarts": -1, "max_task_retries": -1} if s.pool == DEVICE else {}
+            # A lost actor is restarted and its batches retried: Ray Data's own default for actor pools
+            # (max_restarts=-1, max_task_retries=-1), which the named parameters leave as it is.
             ds = ds.map_batches(s.fn, fn_constructor_args=s.args, fn_constructor_kwargs=dict(s.kwargs),
                                 batch_size=s.batch_size, batch_format="pyarrow", compute=_actor_pool(s),
-                                **restarts, **s.resources)
+                                **s.resources)
     return ds
 
 
 def run_local(blocks: Iterable[pa.Table], stages: list, sink) -> None:
-    """The same stages in this process, block by block, into `sink` (a Datasink).
+    """The same stages in this process, block by block, into `sink` (a Datasink)."""
+    from mmembed.executors.local import write
 
-    Stages before the first device stage run on a producer thread, the rest on this one, so
-    decoding overlaps the forward pass (mmembed/executors/local.py).
+    write(stream_local(blocks, stages), sink)
+
+
+def stream_local(blocks: Iterable[pa.Table], stages: list) -> Iterable[pa.Table]:
+    """`blocks` through `stages` in this process, lazily: what `apply_ray` is on Ray.
+
+    Between dataset stages, stages before the first device stage run on a producer thread, the rest
+    on this one, so decoding overlaps the forward pass (mmembed/executors/local.py); a dataset stage
+    runs its `local` form over the blocks that reach it.
     """
     from mmembed.executors.local import LocalExecutor
 
     for s in stages:
-        if isinstance(s, Limit) or s.pool == DATASET:
+        if isinstance(s, Limit) or (s.pool == DATASET and s.local is None):
             raise ValueError(f"{s} runs on Ray only; use the Ray executor")
-    first_device = next((i for i, s in enumerate(stages) if s.pool == DEVICE), len(stages))
-    built = [s.build() for s in stages]
-    LocalExecutor(built[:first_device], built[first_device:]).write(blocks, sink)
+    stream: Iterable[pa.Table] = blocks
+    segment: list[Stage] = []
+    for s in [*stages, None]:
+        if s is not None and s.pool != DATASET:
+            segment.append(s)
+            continue
+        if segment:
+            first_device = next((i for i, x in enumerate(segment) if x.pool == DEVICE), len(segment))
+            built = [x.build() for x in segment]
+            stream = LocalExecutor(built[:first_device], built[first_device:]).results(stream)
+            segment = []
+        if s is not None:
+            stream = s.local(stream, *s.args, **s.kwargs)
+    return stream

@@ -58,6 +58,7 @@ class ComputeOptions:
     max_batch_patches: int | None = None
     encode_window: int | None = None
     compile: bool = False
+    executor: str = "auto"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,7 +115,6 @@ class EmbedConfig(ModelOptions, EmbeddingOptions, InputOptions, ComputeOptions, 
     retry_errors: bool = False
     lease_seconds: float = 60.0
     split_modalities: bool = False
-    executor: str = "auto"
     decode_on_device: bool = False
 
 

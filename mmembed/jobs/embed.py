@@ -240,6 +240,8 @@ def source(cfg, p: dict, ex, records=None):
     if ex.local:
         # Blocks of a few encoder batches: the producer preprocesses the next while this one encodes.
         rows = max(cfg.preprocess_batch_size, cfg.encode_window or 4 * cfg.batch_size)
+        if records is not None:
+            return (t.slice(i, rows) for t in records for i in range(0, t.num_rows, rows))
         return ReadStage(p["input"], cfg.storage_options, block_rows=rows).tables()
     rows = block_rows(p["input"], ex.res["num_preprocessors"], cfg.preprocess_batch_size)
     if records is not None:

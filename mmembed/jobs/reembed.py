@@ -8,7 +8,8 @@ into a new version. Either way the run writes a new snapshot, commits it with it
 only then moves CURRENT: automatically when the version is the current one (or the store has
 none yet), else only with --activate or a later `mmembed activate`.
 
-Two streaming passes on Ray Data; neither holds every id anywhere (mmembed/stores/changes.py):
+Two streaming passes, on Ray Data or (a small input, --executor) in this process; neither holds every
+id anywhere (mmembed/stores/changes.py):
   1. changes: read -> content hash (CPU pool) -> records and base rows split into id-hash buckets
      (scratch `_diff/`) -> one diff task per bucket -> `_changes/` (id, content_hash, status),
      `_diff/todo/` (records to embed) and `_diff/carry/` (base rows of unchanged records)
@@ -40,48 +41,75 @@ def _shard_paths(store: Store, snap: Snapshot, key: str = "files") -> list[str]:
     return [store.uri(snap.slug, snap.version, snap.snapshot, f["name"]) for f in snap.manifest.get(key, [])]
 
 
-def _read(paths: list[str], storage_options: dict, columns: list[str] | None = None):
+def _read(paths: list[str], storage_options: dict, columns: list[str] | None = None, local: bool = False):
+    """Parquet shards as a Ray dataset, or (local) as Arrow blocks read in this process."""
+    if local:
+        return _read_local(paths, storage_options, columns)
     return read_parquet(paths, paths[0], storage_options, columns=columns)
 
 
-def write_buckets(ds, uri: str, buckets: int, storage_options: dict) -> None:
-    """Write a dataset split by id bucket (`uri/bucket=K/*.parquet`), streaming."""
+def _read_local(paths: list[str], storage_options: dict, columns: list[str] | None):
+    import pyarrow.parquet as pq
+
+    from mmembed.storage.fs import filesystem
+
+    for path in paths:
+        fs, stripped = filesystem(path, storage_options)
+        with fs.open(stripped, "rb") as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=4096, columns=columns, use_threads=False):
+                yield pa.Table.from_batches([batch])
+
+
+def write_buckets(ds, uri: str, buckets: int, storage_options: dict, local: bool = False) -> None:
+    """Write a dataset (local: Arrow blocks) split by id bucket (`uri/bucket=K/*.parquet`), streaming."""
+    import pyarrow.parquet as pq
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
     from mmembed.storage.fs import filesystem
     from mmembed.stores.changes import BUCKET, add_bucket
 
-    ds = apply_ray(ds, [Stage(add_bucket, kwargs={"buckets": buckets}, resources={"num_cpus": 0.25})])
     fs, _ = filesystem(uri, storage_options)
-    ds.write_parquet(fs._strip_protocol(uri), filesystem=PyFileSystem(FSSpecHandler(fs)), partition_cols=[BUCKET],
-                     ray_remote_args={"num_cpus": 0.25})
+    root, arrow_fs = fs._strip_protocol(uri), PyFileSystem(FSSpecHandler(fs))
+    if local:
+        for i, block in enumerate(ds):
+            if block.num_rows:
+                pq.write_to_dataset(add_bucket(block, buckets), root, partition_cols=[BUCKET], filesystem=arrow_fs,
+                                    basename_template=f"part-{i:06d}-{{i}}.parquet")
+        return
+    ds = apply_ray(ds, [Stage(add_bucket, kwargs={"buckets": buckets}, resources={"num_cpus": 0.25})])
+    ds.write_parquet(root, filesystem=arrow_fs, partition_cols=[BUCKET], ray_remote_args={"num_cpus": 0.25})
 
 
 def diff_buckets(records, base_paths: list[str], base_errors: list[str], buckets: int, out: str, schema: pa.Schema,
-                 storage_options: dict) -> tuple[dict, str]:
-    """Diff records carrying (id, content_hash) against a base snapshot's shards, bucket by bucket.
+                 storage_options: dict, local: bool = False) -> tuple[dict, str]:
+    """Diff records carrying (id, content_hash) against a base snapshot's shards, bucket by bucket: in
+    Ray tasks, or (local) one bucket after the other in this process.
 
     Writes `out/_changes/` and, under the scratch directory it returns with the counts, `todo/`
     (the records to embed, with their hash) and `carry/` (the base rows to keep, in `schema`).
     """
-    import ray
-
     from mmembed.storage.fs import join_uri
     from mmembed.stores.changes import diff_bucket
 
     scratch = join_uri(out, SCRATCH_DIR)
-    write_buckets(records, join_uri(scratch, "new"), buckets, storage_options)
+    write_buckets(records, join_uri(scratch, "new"), buckets, storage_options, local)
     if base_paths:
-        base = _read(base_paths, storage_options, columns=["id", "content_hash", "modality", "embedding"])
-        write_buckets(base, join_uri(scratch, "base"), buckets, storage_options)
+        base = _read(base_paths, storage_options, columns=["id", "content_hash", "modality", "embedding"], local=local)
+        write_buckets(base, join_uri(scratch, "base"), buckets, storage_options, local)
     if base_errors:
-        write_buckets(_read(base_errors, storage_options, columns=["id"]), join_uri(scratch, "base_errors"),
-                      buckets, storage_options)
-    # Half a CPU each: at most two buckets per core in memory at once.
-    task = ray.remote(diff_bucket).options(num_cpus=0.5)
-    refs = [task.remote(k, scratch, join_uri(out, CHANGES_DIR), schema, storage_options) for k in range(buckets)]
+        write_buckets(_read(base_errors, storage_options, columns=["id"], local=local),
+                      join_uri(scratch, "base_errors"), buckets, storage_options, local)
+    args = (scratch, join_uri(out, CHANGES_DIR), schema, storage_options)
+    if local:
+        results = [diff_bucket(k, *args) for k in range(buckets)]
+    else:
+        import ray
+
+        # Half a CPU each: at most two buckets per core in memory at once.
+        task = ray.remote(diff_bucket).options(num_cpus=0.5)
+        results = ray.get([task.remote(k, *args) for k in range(buckets)])
     counts = {NEW: 0, CHANGED: 0, UNCHANGED: 0}
-    for c in ray.get(refs):
+    for c in results:
         for key, n in c.items():
             counts[key] += n
     return counts, scratch
@@ -141,6 +169,9 @@ class ReembedJob(Job):
         cfg = self.cfg
         return RunLock(self.store.root, cfg.storage_options, ttl_s=cfg.lease_seconds,
                        run=f"mmembed reembed of {cfg.input} with {cfg.model}")
+
+    def executor(self, p: dict) -> str:
+        return p["executor"]  # the embed plan's choice, for the records of this input
 
     def acquire(self, lock) -> None:
         lock.acquire(wait=self.cfg.wait, timeout_s=self.cfg.wait_timeout,
@@ -204,22 +235,25 @@ class ReembedJob(Job):
                      schema: pa.Schema) -> tuple[dict, str]:
         """Pass 1: hash every record and diff it against the base (see mmembed/stores/changes.py)."""
         from mmembed.executors.cluster import cpu_pool
+        from mmembed.executors.pipeline import stream_local
         from mmembed.stages.content_hash import ContentHashStage
         from mmembed.stages.read import ReadStage
         from mmembed.stores.changes import num_buckets
 
         so = ecfg.storage_options
-        hashed = apply_ray(ReadStage(p["input"], so).dataset(), [Stage(
+        hash_stage = [Stage(
             ContentHashStage,
             kwargs={"storage_options": so, "max_bytes": ecfg.max_bytes, "allow_http": ecfg.allow_http,
                     "http_timeout_s": ecfg.http_timeout, "keep_record": True},
             pool=CPU, batch_size=ecfg.preprocess_batch_size, actors=ex.res["num_preprocessors"],
             resources=cpu_pool(ecfg, ex.res),
-        )])
+        )]
+        read = ReadStage(p["input"], so, block_rows=ecfg.preprocess_batch_size if ex.local else None)
+        hashed = stream_local(read.tables(), hash_stage) if ex.local else apply_ray(read.dataset(), hash_stage)
         buckets = num_buckets(max(p["input"].num_records, base_rows))
         base_paths = _shard_paths(self.store, base) if base else []
         base_errors = _shard_paths(self.store, base, "error_files") if base else []
-        return diff_buckets(hashed, base_paths, base_errors, buckets, out, schema, so)
+        return diff_buckets(hashed, base_paths, base_errors, buckets, out, schema, so, ex.local)
 
     def embed_pass(self, ecfg: EmbedConfig, p: dict, ex, counts: dict, scratch: str, schema: pa.Schema,
                    out: str) -> dict:
@@ -236,16 +270,16 @@ class ReembedJob(Job):
         parts = []
         if counts[NEW] + counts[CHANGED]:
             # The preprocess and encode stages carry each record's content hash through to its result row.
-            todo = embed.source(ecfg, p, ex, records=_read(files("todo"), so))
-            parts.append(apply_ray(todo, self.with_stand_ins([
+            todo = embed.source(ecfg, p, ex, records=_read(files("todo"), so, local=ex.local))
+            parts.append((todo, self.with_stand_ins([
                 *embed.stages(ecfg, p, ex.res, passthrough=("content_hash",)),
                 Stage(conform, kwargs={"schema": schema}, resources={"num_cpus": 0.25}),
             ])))
         if counts[UNCHANGED]:
-            parts.append(_read(files("carry"), so, columns=schema.names))
+            parts.append((_read(files("carry"), so, columns=schema.names, local=ex.local), []))
         sink = ex.sink(out, RESULT_COLUMNS, ecfg)
         if parts:
-            totals = ex.write(parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0], [], sink)
+            totals = ex.write_parts(parts, sink)
         else:
             sink.on_write_start()
             totals = {**empty_totals(), **(sink.result or {})}

@@ -10,6 +10,7 @@ Scores equal `CrossEncoder.predict` on the same pairs and ranks equal `CrossEnco
 from __future__ import annotations
 
 from mmembed.errors import UsageError
+from mmembed.executors.cluster import InputSize
 from mmembed.executors.pipeline import CPU, DATASET, DEVICE, Stage
 from mmembed.inputs.discover import InputError, check_unique_ids, discover, repeated_keys
 from mmembed.jobs.config import RerankConfig, fetch_kwargs
@@ -71,9 +72,10 @@ def load_reranker(cfg: RerankConfig) -> tuple[ModelSpec, object]:
     return spec, model
 
 
-def refuse_unsupported(cfg, model, candidates, manifests: dict) -> None:
+def refuse_unsupported(cfg, model, candidates, manifests: dict) -> set[str]:
     """The modalities of the candidates (a sample) and of the --corpus/--queries manifests that the
-    reranker cannot take: refused before Ray starts unless --on-unsupported error-row."""
+    reranker cannot take: refused before Ray starts unless --on-unsupported error-row. Returns the
+    modalities seen (they size the run)."""
     from mmembed.stages.pair_preprocess import SIDE_MESSAGES
     from mmembed.stages.read import sample_record_modalities
     from mmembed.stages.read_pairs import sample_pair_modalities
@@ -81,12 +83,14 @@ def refuse_unsupported(cfg, model, candidates, manifests: dict) -> None:
     supported = ", ".join(modality_label(m) for m in model.modalities)
     problems = []
     labels = sample_pair_modalities(candidates, tuple(manifests), cfg.storage_options)
+    seen = set(labels)
     bad = unsupported_modalities(model, labels)
     if bad:
         problems.append(f"the candidates hold {', '.join(bad)} inputs")
     for side, spec in manifests.items():
         flag = "--corpus" if side == "doc" else "--queries"
         labels = (set(spec.modalities) | sample_record_modalities(spec, cfg.storage_options)) - {"message"}
+        seen |= labels
         bad = unsupported_modalities(model, labels)
         if bad:
             problems.append(f"{flag} holds {', '.join(bad)} records")
@@ -98,6 +102,7 @@ def refuse_unsupported(cfg, model, candidates, manifests: dict) -> None:
             "(e.g. a Qwen3-VL reranker for images and video), filter those pairs out, or pass --on-unsupported "
             "error-row to write them as error rows and score the rest."
         )
+    return seen
 
 
 def plan(cfg: RerankConfig) -> dict:
@@ -133,7 +138,7 @@ def plan(cfg: RerankConfig) -> dict:
     except InputError as exc:
         raise UsageError(str(exc)) from None
     spec, model = load_reranker(cfg)
-    refuse_unsupported(cfg, model, candidates, manifests)
+    seen = refuse_unsupported(cfg, model, candidates, manifests)
     try:
         prompt = resolve_prompt(model, None, cfg.prompt_name, cfg.prompt)
     except ValueError as exc:
@@ -147,6 +152,8 @@ def plan(cfg: RerankConfig) -> dict:
         "prompt": prompt,
         "activation_fn": type(model.activation_fn).__name__ if model.activation_fn is not None else None,
         "modalities": [str(m) for m in model.modalities],
+        # What --executor auto sizes by: the pairs, and whether any side holds media.
+        "sizing": InputSize(candidates.num_records, tuple(sorted(seen))),
     }
 
 
@@ -158,11 +165,13 @@ def shuffle_partitions(cfg: RerankConfig, cpus: float) -> int:
     return cfg.shuffle_partitions or max(2, int(cpus))
 
 
-def source(cfg: RerankConfig, p: dict, partitions: int):
+def source(cfg: RerankConfig, p: dict, partitions: int, local: bool = False):
+    """The pairs: a Ray dataset, or Arrow blocks read in this process."""
     from mmembed.stages.read_pairs import ReadPairsStage
 
-    return ReadPairsStage(p["candidates"], manifests=p["manifests"], storage_options=cfg.storage_options,
-                          num_partitions=partitions).dataset()
+    read = ReadPairsStage(p["candidates"], manifests=p["manifests"], storage_options=cfg.storage_options,
+                          num_partitions=partitions)
+    return read.tables(block_rows=max(cfg.preprocess_batch_size, 256)) if local else read.dataset()
 
 
 def stages(cfg: RerankConfig, p: dict, res: dict, partitions: int) -> list:
@@ -182,7 +191,8 @@ def stages(cfg: RerankConfig, p: dict, res: dict, partitions: int) -> list:
                       "max_batch_patches": cfg.max_batch_patches, "copy_mode": cfg.copy_mode},
               pool=DEVICE, batch_size=cfg.encode_window or cfg.batch_size, actors=res["num_encoders"],
               calls=res.get("calls_per_encoder", 1), resources=device_pool(cfg, res)),
-        Stage(RankStage(cfg.top_k, num_partitions=partitions).apply, pool=DATASET),
+        Stage(RankStage(cfg.top_k, num_partitions=partitions).apply, pool=DATASET,
+              local=RankStage(cfg.top_k).apply_local),
     ]
 
 
@@ -195,6 +205,11 @@ class RerankJob(Job):
     def plan(self) -> dict:
         return plan(self.cfg)
 
+    def executor(self, p: dict) -> str:
+        from mmembed.executors.cluster import choose_executor
+
+        return choose_executor(self.cfg, p["sizing"], standin=bool(self.replacements))
+
     def execute(self, p: dict, ex) -> Outcome:
         from mmembed.outputs.ownership import clear_owned
 
@@ -203,7 +218,8 @@ class RerankJob(Job):
             clear_owned("rerank", cfg.output, cfg.storage_options)
         partitions = shuffle_partitions(cfg, ex.cpus)
         sink = ex.sink(cfg.output, RESULT_COLUMNS, cfg)
-        totals = ex.write(source(cfg, p, partitions), self.with_stand_ins(stages(cfg, p, ex.res, partitions)), sink)
+        totals = ex.write(source(cfg, p, partitions, ex.local), self.with_stand_ins(stages(cfg, p, ex.res, partitions)),
+                          sink)
         records = p["candidates"].num_records
         rest = records - totals["written"] - totals["errors"]
         manifest = {

@@ -78,12 +78,22 @@ class Executor:
 
         `source` is a Ray dataset, or for the local executor an iterable of Arrow blocks.
         """
-        from mmembed.executors.pipeline import apply_ray, run_local
+        return self.write_parts([(source, stages)], sink)
+
+    def write_parts(self, parts: list[tuple], sink) -> dict:
+        """Each (source, stages) part through its own stages, all into one `sink`: a union on Ray, one
+        part after the other here."""
+        import itertools
+
+        from mmembed.executors.local import write
+        from mmembed.executors.pipeline import apply_ray, stream_local
 
         if self.local:
-            run_local(source, stages, sink)
+            write(itertools.chain.from_iterable(stream_local(src, stages) for src, stages in parts), sink)
         else:
-            apply_ray(source, stages).write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
+            datasets = [apply_ray(src, stages) for src, stages in parts]
+            ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+            ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
         return {**empty_totals(), **(sink.result or {})}
 
     def call(self, fn, *args):

@@ -89,6 +89,7 @@ def plan(cfg: SearchConfig) -> dict:
                 f"{cmodel.get('name')} @ {cmodel.get('revision')}; embed both with the same model."
             )
         embed_cfg = None
+        query_records = queries["counts"]["records"]
     elif not cfg.model:
         raise UsageError(
             f"--queries {cfg.queries} are not embeddings written by `mmembed embed` (no complete _manifest.json); "
@@ -101,7 +102,7 @@ def plan(cfg: SearchConfig) -> dict:
                 "query and corpus vectors must come from the same model."
             )
         embed_cfg = query_embed_config(cfg, cmodel)
-        embed_plan(embed_cfg)
+        query_records = embed_plan(embed_cfg)["input"].num_records
         qmodel = cmodel
     if queries is not None and qmodel.get("quantization"):
         raise UsageError(
@@ -117,6 +118,7 @@ def plan(cfg: SearchConfig) -> dict:
         "similarity": similarity,
         "dim": cmodel["dim"],
         "queries": queries,
+        "query_records": query_records,
         "embed_cfg": embed_cfg,
     }
 
@@ -124,17 +126,33 @@ def plan(cfg: SearchConfig) -> dict:
 # --------------------------------------------------------------------------------------------
 # The stages
 # --------------------------------------------------------------------------------------------
-def source(cfg: SearchConfig, queries_uri: str, queries: dict):
+def source(cfg: SearchConfig, queries_uri: str, queries: dict, local: bool = False):
     """Query rows: the query embeddings and the query job's error rows (which stay error rows), each
-    brought to one layout before the union."""
+    brought to one layout before the union; a Ray dataset, or Arrow blocks read in this process."""
     from mmembed.executors.pipeline import apply_ray
     from mmembed.stages.read_pairs import read_parquet
     from mmembed.stages.search import as_query_rows
 
     parts = [shard_uris(queries_uri, queries), shard_uris(queries_uri, queries, "error_files")]
+    if local:
+        return local_query_rows([p for paths in parts for p in paths], cfg.storage_options)
     datasets = [apply_ray(read_parquet(paths, queries_uri, cfg.storage_options), [Stage(as_query_rows)])
                 for paths in parts if paths]
     return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+
+
+def local_query_rows(paths: list[str], storage_options: dict):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mmembed.stages.search import as_query_rows
+    from mmembed.storage.fs import filesystem
+
+    for path in paths:
+        fs, stripped = filesystem(path, storage_options)
+        with fs.open(stripped, "rb") as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=4096, use_threads=False):
+                yield as_query_rows(pa.Table.from_batches([batch]))
 
 
 def stages(cfg: SearchConfig, p: dict, res: dict) -> list:
@@ -172,6 +190,12 @@ class SearchJob(Job):
     def plan(self) -> dict:
         return plan(self.cfg)
 
+    def executor(self, p: dict) -> str:
+        from mmembed.executors.cluster import InputSize, choose_executor
+
+        # Sized by the queries (raw queries are embedded first, by a job that makes the same choice).
+        return choose_executor(self.cfg, InputSize(p["query_records"], ("text",)), standin=bool(self.replacements))
+
     def execute(self, p: dict, ex) -> Outcome | int:
         from mmembed.outputs.ownership import clear_owned
 
@@ -186,7 +210,8 @@ class SearchJob(Job):
             if queries is None:
                 return rc or 1
         sink = ex.sink(cfg.output, RESULT_COLUMNS, cfg)
-        totals = ex.write(source(cfg, queries_uri, queries), self.with_stand_ins(stages(cfg, p, ex.res)), sink)
+        totals = ex.write(source(cfg, queries_uri, queries, ex.local), self.with_stand_ins(stages(cfg, p, ex.res)),
+                          sink)
         records = queries["counts"]["records"]
         per_query = min(cfg.top_k, p["corpus"]["counts"]["written"])
         cmodel = p["corpus"]["model"]

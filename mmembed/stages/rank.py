@@ -13,6 +13,8 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from mmembed.schema import groups_by
+
 RANKED_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
@@ -44,7 +46,8 @@ def rank_group(group: pa.Table, top_k: int | None = None) -> pa.Table:
 
 
 class RankStage:
-    """Applies `rank_group` per query to a dataset of SCORE_SCHEMA rows."""
+    """Applies `rank_group` per query to a dataset of SCORE_SCHEMA rows (`apply`), or to the blocks of
+    the in-process executor (`apply_local`)."""
 
     def __init__(self, top_k: int | None = None, *, num_partitions: int = 2, num_cpus: float = 0.25):
         self.top_k = top_k
@@ -55,3 +58,11 @@ class RankStage:
         return ds.groupby("query_id", num_partitions=self.num_partitions).map_groups(
             rank_group, fn_kwargs={"top_k": self.top_k}, batch_format="pyarrow", num_cpus=self.num_cpus
         )
+
+    def apply_local(self, blocks):
+        """The same grouping in this process, over every block (an input small enough to run here)."""
+        tables = [b for b in blocks if b.num_rows]
+        if not tables:
+            return
+        for group in groups_by(pa.concat_tables(tables, promote_options="default"), "query_id"):
+            yield rank_group(group, self.top_k)

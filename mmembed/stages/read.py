@@ -241,7 +241,7 @@ class ReadStage:
         rows = self.block_rows or LISTING_BLOCK_ROWS
         for path in self.spec.paths:
             with fs.open(fs._strip_protocol(path), "rb") as f:
-                # No pyarrow threads on a Python file object (see records.check_unique_ids).
+                # No pyarrow threads on a Python file object (see inputs/discover.py repeated_keys).
                 for batch in pq.ParquetFile(f).iter_batches(batch_size=rows, use_threads=False):
                     yield normalize_manifest_table(pa.Table.from_batches([batch]), self.spec.root, self.spec.mapping)
 

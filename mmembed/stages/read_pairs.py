@@ -34,6 +34,7 @@ from mmembed.inputs.discover import (
     modality_of_extension,
     record_modality,
 )
+from mmembed.schema import groups_by
 from mmembed.stages.read import normalize_manifest_table
 from mmembed.storage.fs import filesystem, is_absolute_uri, unstrip
 
@@ -375,3 +376,27 @@ class ReadPairsStage:
                 .map_groups(attach_side, fn_kwargs={"side": side}, batch_format="pyarrow", num_cpus=self.read_cpus)
             )
         return ds
+
+    def tables(self, block_rows: int = 256):
+        """The same pairs in this process, as blocks of at most `block_rows` (the in-process executor:
+        inputs small enough to hold). A side looked up in a manifest is joined as the Ray shuffle
+        joins it: the manifest's rows and the candidates grouped by that side's id."""
+        from mmembed.stages.read import ReadStage
+
+        resolved = tuple(self.manifests)
+        wanted = candidate_columns(self.candidates, resolved)
+        schema = candidates_pair_schema(self.candidates)
+        fs, _ = filesystem(self.candidates.uri, self.storage_options)
+        parts = []
+        for path in self.candidates.paths:
+            with fs.open(fs._strip_protocol(path), "rb") as f:
+                pf = pq.ParquetFile(f)
+                t = pf.read(columns=[c for c in wanted if c in pf.schema_arrow.names], use_threads=False)
+            parts.append(normalize_candidates(t, self.candidates.root, resolved, schema))
+        table = pa.concat_tables(parts) if parts else schema.empty_table()
+        for side, spec in self.manifests.items():
+            records = [manifest_as_side(t, side, schema) for t in ReadStage(spec, self.storage_options).tables()]
+            joined = [attach_side(g, side) for g in groups_by(pa.concat_tables([table, *records]), SIDES[side])]
+            table = pa.concat_tables(joined) if joined else schema.empty_table()
+        for start in range(0, table.num_rows, block_rows):
+            yield table.slice(start, block_rows)

@@ -1,6 +1,7 @@
 """How the benchmarks read a rate and the machine it ran on: rows per second while an embed job's
 shards stream out (`steady_rate`), the GPU's utilisation sampled through NVML (`GpuSampler`), the
-CPUs this process may use and the library versions (`usable_cpus`, `environment`)."""
+CPUs this process may use and the library versions (`usable_cpus`, `environment`), a fresh process's
+wall time (`fresh_process_s`)."""
 
 from __future__ import annotations
 
@@ -114,3 +115,19 @@ def usable_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
+
+
+def fresh_process_s(argv: list[str]) -> float:
+    """Wall time of a new Python process running argv (a command's cold start), which must succeed."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": root}
+    env.pop("RAY_ADDRESS", None)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise SystemExit(f"{argv} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return wall
