@@ -10,7 +10,7 @@ import argparse
 import json
 import os
 
-from mmembed.errors import EXIT_USAGE, UsageError  # noqa: F401 - re-exported: jobs raise it from here
+from mmembed.errors import EXIT_FAILED, EXIT_USAGE, JobError, UsageError  # noqa: F401 - re-exported: jobs raise it from here
 
 
 def job_main(name: str, parser: argparse.ArgumentParser, run, argv: list[str] | None) -> int:
@@ -25,6 +25,9 @@ def job_main(name: str, parser: argparse.ArgumentParser, run, argv: list[str] | 
     except UsageError as exc:
         print(f"mmembed {name}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except JobError as exc:
+        print(f"mmembed {name}: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 def exit_process(code: int):
@@ -218,6 +221,15 @@ def add_runtime_options(p: argparse.ArgumentParser):
         "with the flash-attn package installed.",
     )
     add_executor_option(g)
+    g.add_argument(
+        "--placement-timeout",
+        type=float,
+        default=600.0,
+        help="Seconds a Ray job waits for the cluster to place its planned actor pools before it exits 1 "
+        "saying so (nothing written), instead of waiting for actors that cannot start, e.g. when a node was "
+        "just lost. Pools are planned from the nodes that answer; an autoscaler sees the wait as demand "
+        "(default: 600; 0: do not check).",
+    )
     return g
 
 

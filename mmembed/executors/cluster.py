@@ -11,7 +11,9 @@ import os
 import sys
 from dataclasses import dataclass
 
-from mmembed.errors import UsageError
+from mmembed.errors import JobError, UsageError
+
+logger = logging.getLogger(__name__)
 
 # Records one preprocess actor should have to itself before another is worth starting: an actor
 # start costs seconds of imports and model load, which a few thousand images or tens of
@@ -101,6 +103,90 @@ def init_ray(address: str | None) -> str:
     ctx.enable_progress_bars = True
     ctx.enable_operator_progress_bars = True
     return where
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+def live_resources(timeout_s: float = 10.0, dead_wait_s: float = 90.0) -> dict[str, float]:
+    """The resources (CPU, GPU, custom) of the nodes that answer now, summed: what pools are planned from.
+
+    A node lost moments ago is still listed alive by Ray until its health checks fail (15-30 s), and
+    `ray.cluster_resources()` still counts it: pools sized for it can never all be placed, and Ray Data
+    places its own tasks and actors (file listing, Parquet footers) on it, which then die with it. So on
+    a cluster of several nodes each listed node runs a trivial task pinned to it (no CPU asked); a node
+    that does not answer within `timeout_s` is left out of the plan, and the job starts only once Ray
+    has marked it dead (at most `dead_wait_s`). One node (an in-process Ray): no probe.
+    """
+    import time
+
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        probe = ray.remote(num_cpus=0, max_retries=0)(_node_id)
+        refs = {probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(): n
+                for n in nodes}
+        ready, late = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+        lost = {refs[r]["NodeID"]: refs[r].get("NodeManagerAddress") for r in late}
+        for ref in late:
+            ray.cancel(ref, force=True)
+        if lost:
+            listed = sum(n.get("Resources", {}).get("CPU", 0) for n in nodes)
+            answering = sum(refs[r].get("Resources", {}).get("CPU", 0) for r in ready)
+            logger.warning("node(s) %s did not answer within %g s: left out of this job's plan (Ray lists %g CPUs, "
+                           "the answering nodes have %g); waiting up to %g s for Ray to mark them dead before the "
+                           "job starts", sorted(lost.values()), timeout_s, listed, answering, dead_wait_s)
+            deadline = time.monotonic() + dead_wait_s
+            while time.monotonic() < deadline and any(n.get("Alive") and n["NodeID"] in lost for n in ray.nodes()):
+                time.sleep(1.0)
+        nodes = [refs[r] for r in ready]
+    total: dict[str, float] = {}
+    for n in nodes:
+        for key, value in n.get("Resources", {}).items():
+            total[key] = total.get(key, 0.0) + value
+    return total
+
+
+def check_placement(res: dict, cfg, timeout_s: float) -> None:
+    """Raise JobError unless the planned pools can be placed on the cluster within `timeout_s`.
+
+    Ray Data would otherwise wait for actors that cannot be placed, warning once that the job "may
+    hang forever". A placement group of one bundle per planned actor is asked for and removed at once:
+    it asks no more than the pools will, and an autoscaler sees it as demand.
+    """
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    def bundle(remote: dict) -> dict:
+        out = {"CPU": remote.get("num_cpus") or 0, "GPU": remote.get("num_gpus") or 0,
+               "memory": remote.get("memory") or 0, **remote.get("resources", {})}
+        return {k: v for k, v in out.items() if v}
+
+    bundles = [bundle(cpu_pool(cfg, res))] * res["num_preprocessors"] + [bundle(device_pool(cfg, res))] * res["num_encoders"]
+    bundles = [b for b in bundles if b]
+    if not bundles or timeout_s <= 0:
+        return
+    pg = placement_group(bundles, strategy="PACK")
+    try:
+        placed = pg.wait(timeout_seconds=timeout_s)
+    finally:
+        remove_placement_group(pg)
+    if not placed:
+        available = {k: round(v, 2) for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+        raise JobError(
+            f"the planned pools ({res['num_preprocessors']} preprocess actors x {cpu_pool(cfg, res)}, "
+            f"{res['num_encoders']} encoders x {device_pool(cfg, res)}) could not be placed within "
+            f"{timeout_s:g} s (--placement-timeout); the cluster has {available} free now. If a node was just "
+            "lost, Ray takes about 30 s to mark it dead: rerun then (a RayJob retry does). Otherwise free "
+            "resources, or size the pools to fit (--num-preprocessors, --num-encoders, --cpus-per-*). "
+            "Nothing was written."
+        )
 
 
 def plan_resources(cpus: float, gpus: float, cfg, spec=None) -> dict:

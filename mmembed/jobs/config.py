@@ -59,6 +59,7 @@ class ComputeOptions:
     encode_window: int | None = None
     compile: bool = False
     executor: str = "auto"
+    placement_timeout: float = 600.0
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -52,12 +52,11 @@ class Executor:
             self.where = "local"
             self.res = cluster.local_resources(cfg)
         else:
-            import ray
-
             self.where = cluster.init_ray(cfg.address)
-            resources = ray.cluster_resources()
+            resources = cluster.live_resources()
             self.cpus = resources.get("CPU", 1)
             self.res = cluster.plan_resources(self.cpus, resources.get("GPU", 0), cfg, spec)
+            cluster.check_placement(self.res, cfg, cfg.placement_timeout)
 
     @property
     def local(self) -> bool:
@@ -118,7 +117,8 @@ class Executor:
         return IndexRef(big), ray.get(small)
 
     def resources(self, **extra) -> dict:
-        return {**self.res, "executor": self.kind, **extra, "ray": self.where}
+        planned_from = {} if self.local else {"cluster_cpus": self.cpus}  # the live nodes' CPUs
+        return {**self.res, "executor": self.kind, **planned_from, **extra, "ray": self.where}
 
 
 class Job:
