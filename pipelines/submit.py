@@ -9,7 +9,7 @@ import os
 import sys
 
 from mmembed.cli.options import json_object
-from mmembed.cli.submit import EXIT_OK, _client, check_command, entrypoint, exit_code, shown, split_command, wait_for
+from mmembed.cli.submit import EXIT_OK, check_command, entrypoint, exit_code, job_client, shown, split_command, wait_for
 from mmembed.errors import EXIT_USAGE
 
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_USAGE
         runtime_env = {"working_dir": args.working_dir}
     try:
-        client = _client(args.address)
+        client = job_client(args.address)
     except Exception as exc:  # noqa: BLE001 - any failure to reach the job server is the same usage error
         print(
             f"mmembed submit: error: cannot reach a Ray job server at {args.address} ({type(exc).__name__}: {exc}). "

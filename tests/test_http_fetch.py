@@ -90,6 +90,9 @@ class Server:
         if path.startswith("/hop/"):  # /hop/3 -> /hop/2 -> /hop/1 -> /photo.jpg
             n = int(path.rsplit("/", 1)[1])
             return self.redirect(h, f"/hop/{n - 1}" if n > 1 else "/photo.jpg")
+        if path.startswith("/far/"):  # /far/12 -> ... -> /far/0 -> /photo.jpg: more hops than a fetch follows
+            n = int(path.rsplit("/", 1)[1])
+            return self.redirect(h, f"/far/{n - 1}" if n > 0 else "/photo.jpg")
         if path == "/loop-a.jpg":
             return self.redirect(h, "/loop-b.jpg")
         if path == "/loop-b.jpg":
@@ -168,6 +171,7 @@ CASES = {
     "short-body": ("/short.jpg", ["truncated body", f"received {len(PHOTO):,} of {len(PHOTO) + 5000:,} bytes"]),
     "chunked-cut": ("/chunked-cut.png", ["truncated body"]),
     "redirect-loop": ("/loop-a.jpg", ["redirect loop"]),
+    "too-many-redirects": ("/far/12", ["too many redirects (more than 10)"]),
     "not-found": ("/missing.jpg", ["not found", "HTTP 404"]),
     "server-error": ("/broken.jpg", ["HTTP 500", "after 5 tries"]),
     "stall": ("/stall.jpg", ["timed out after 5 tries of 1 s"]),

@@ -73,7 +73,7 @@ def shown(command: list[str]) -> str:
     return entrypoint(redact_argv(command))
 
 
-def _client(address: str):
+def job_client(address: str):
     from ray.job_submission import JobSubmissionClient
 
     return JobSubmissionClient(address)
