@@ -56,6 +56,16 @@ def test_on_a_gpu_node_the_pool_is_bounded_by_cpus_and_batches_not_records(recor
     assert res["num_preprocessors"] == want
 
 
+@pytest.mark.parametrize("cpus, want", [(2, 2), (16, 13)])
+def test_pdfs_are_not_sized_as_one_record_each(cpus, want):
+    """398 PDFs of 8 pages are 3,184 pages: a pool capped at one actor per 2,000 documents halved the rate."""
+    for spec in (InputSpec(uri="in", kind="media", num_records=398, modalities={"pdf"}, documents=398),
+                 InputSpec(uri="in", kind="manifest", num_records=398, modalities={"image"}, columns=["id", "pdf"])):
+        gpus = 1 if cpus == 16 else 0
+        extra = ("--gpus-per-encoder", "0.5") if gpus else ()
+        assert cluster.plan_resources(cpus, gpus, _args(*extra), spec)["num_preprocessors"] == want
+
+
 def test_an_explicit_pool_size_is_kept_whatever_the_input():
     assert cluster.plan_resources(8, 0, _args("--num-preprocessors", "4"), _spec(10))["num_preprocessors"] == 4
 

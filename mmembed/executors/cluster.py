@@ -218,7 +218,8 @@ def plan_resources(cpus: float, gpus: float, cfg, spec=None) -> dict:
             # time, and a large model's encoder is the bottleneck whatever feeds it. The price is
             # one more actor start.
             preprocessors = max(preprocessors, min(2, int(cpus)))
-        if spec is not None and spec.num_records:
+        # A PDF is one record of pages not yet counted (they are known once rendered): no cap from records.
+        if spec is not None and spec.num_records and not (spec.documents or "pdf" in spec.columns):
             # On a GPU node the preprocess actors start while the encoders load their weights, so
             # another actor costs no wall time: only a preprocess batch apiece bounds the pool (the
             # CPU rule of thumb starved an H200, benchmarks/RESULTS.md).
