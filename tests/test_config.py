@@ -92,11 +92,11 @@ def test_jobs_never_call_map_batches_themselves():
 def test_ray_is_bounded_at_the_version_tested_and_reads_use_named_parameters(ray_session, tmp_path):
     """Ray 2.64 removes `ray_remote_args` where 2.60 deprecates it: the reads pass named parameters, and
     pyproject bounds Ray at the last version tested (constraints.txt)."""
-    import tomllib
     import warnings
 
     import pyarrow as pa
     import pyarrow.parquet as pq
+    import tomllib
     from packaging.requirements import Requirement
     from ray.util.annotations import RayDeprecationWarning
 

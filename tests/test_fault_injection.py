@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import run_job
 from mmembed.testing.proxy import FaultyProxy
+from tests.conftest import run_job
 from tests.helpers import image_bytes
 from tests.s3_fixtures import moto_server, read_output_s3, s3, s3fs_for  # noqa: F401 - fixtures
 

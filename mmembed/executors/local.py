@@ -45,7 +45,7 @@ class WriteResult:
 
 class LocalExecutor:
     """Runs `cpu_stages` (producer thread) then `device_stages` (calling thread) over a stream of Arrow
-    blocks into a Datasink. mmembed/executors/pipeline.py's `run_local` builds both lists from a job's stages."""
+    blocks (`results`). mmembed/executors/pipeline.py's `stream_local` builds both lists from a job's stages."""
 
     def __init__(self, cpu_stages: list[Callable[[pa.Table], pa.Table]],
                  device_stages: list[Callable[[pa.Table], pa.Table]], *, queue_blocks: int = 2):
@@ -97,10 +97,6 @@ class LocalExecutor:
         finally:
             stop.set()
             producer.join(timeout=5)
-
-    def write(self, blocks: Iterable[pa.Table], sink) -> None:
-        """Stream every block through the stages into `sink`, as `Dataset.write_datasink` would."""
-        write(self.results(blocks), sink)
 
 
 def write(blocks: Iterable[pa.Table], sink) -> None:

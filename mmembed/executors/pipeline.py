@@ -1,7 +1,7 @@
 """A job's stages as declarations, and the one place that applies them, on Ray Data or in-process.
 
 A job builds its list of `Stage`s once (mmembed/jobs/<job>.py). `apply_ray` turns the list into
-Ray Data operators; `run_local` runs the same list in this process (mmembed/executors/local.py). No job
+Ray Data operators; `stream_local` runs the same list in this process (mmembed/executors/local.py). No job
 calls `map_batches` itself, so pools, restarts and resources are set the same way everywhere.
 """
 
@@ -101,13 +101,6 @@ def apply_ray(ds, stages: list):
                                 batch_size=s.batch_size, batch_format="pyarrow", compute=_actor_pool(s),
                                 **s.resources)
     return ds
-
-
-def run_local(blocks: Iterable[pa.Table], stages: list, sink) -> None:
-    """The same stages in this process, block by block, into `sink` (a Datasink)."""
-    from mmembed.executors.local import write
-
-    write(stream_local(blocks, stages), sink)
 
 
 def stream_local(blocks: Iterable[pa.Table], stages: list) -> Iterable[pa.Table]:

@@ -28,7 +28,7 @@ from mmembed.jobs.config import EmbedConfig, ReembedConfig, derive
 from mmembed.jobs.runner import EXIT_OK, Job, Outcome
 from mmembed.outputs.manifest import MANIFEST_NAME, write_json
 from mmembed.outputs.runstate import empty_totals
-from mmembed.stages.read_pairs import read_parquet
+from mmembed.stages.read_pairs import read_parquet, read_parquet_local
 from mmembed.stores.changes import CHANGED, NEW, UNCHANGED
 from mmembed.stores.store import Snapshot, Store, embedding_settings, model_slug, new_snapshot_id, version_id
 
@@ -44,20 +44,8 @@ def _shard_paths(store: Store, snap: Snapshot, key: str = "files") -> list[str]:
 def _read(paths: list[str], storage_options: dict, columns: list[str] | None = None, local: bool = False):
     """Parquet shards as a Ray dataset, or (local) as Arrow blocks read in this process."""
     if local:
-        return _read_local(paths, storage_options, columns)
+        return read_parquet_local(paths, storage_options, columns)
     return read_parquet(paths, paths[0], storage_options, columns=columns)
-
-
-def _read_local(paths: list[str], storage_options: dict, columns: list[str] | None):
-    import pyarrow.parquet as pq
-
-    from mmembed.storage.fs import filesystem
-
-    for path in paths:
-        fs, stripped = filesystem(path, storage_options)
-        with fs.open(stripped, "rb") as f:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=4096, columns=columns, use_threads=False):
-                yield pa.Table.from_batches([batch])
 
 
 def write_buckets(ds, uri: str, buckets: int, storage_options: dict, local: bool = False) -> None:

@@ -130,29 +130,16 @@ def source(cfg: SearchConfig, queries_uri: str, queries: dict, local: bool = Fal
     """Query rows: the query embeddings and the query job's error rows (which stay error rows), each
     brought to one layout before the union; a Ray dataset, or Arrow blocks read in this process."""
     from mmembed.executors.pipeline import apply_ray
-    from mmembed.stages.read_pairs import read_parquet
+    from mmembed.stages.read_pairs import read_parquet, read_parquet_local
     from mmembed.stages.search import as_query_rows
 
     parts = [shard_uris(queries_uri, queries), shard_uris(queries_uri, queries, "error_files")]
     if local:
-        return local_query_rows([p for paths in parts for p in paths], cfg.storage_options)
+        return (as_query_rows(t) for t in read_parquet_local([p for paths in parts for p in paths],
+                                                             cfg.storage_options))
     datasets = [apply_ray(read_parquet(paths, queries_uri, cfg.storage_options), [Stage(as_query_rows)])
                 for paths in parts if paths]
     return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
-
-
-def local_query_rows(paths: list[str], storage_options: dict):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from mmembed.stages.search import as_query_rows
-    from mmembed.storage.fs import filesystem
-
-    for path in paths:
-        fs, stripped = filesystem(path, storage_options)
-        with fs.open(stripped, "rb") as f:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=4096, use_threads=False):
-                yield as_query_rows(pa.Table.from_batches([batch]))
 
 
 def stages(cfg: SearchConfig, p: dict, res: dict) -> list:
