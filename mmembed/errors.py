@@ -12,3 +12,4 @@ class JobError(RuntimeError):
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
+EXIT_NOT_BETTER = 4  # an --if-better gate kept CURRENT: the candidate did not reach CURRENT's figure

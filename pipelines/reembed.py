@@ -11,6 +11,7 @@ import argparse
 
 from mmembed.cli.options import (
     add_embedding_options,
+    add_gate_options,
     add_input_options,
     add_io_options,
     add_model_options,
@@ -33,14 +34,12 @@ def build_parser(prog: str = "mmembed reembed") -> argparse.ArgumentParser:
         "snapshot), changed (content hash differs, or the base has an error row for it), unchanged (carried over) "
         "and deleted (in the base, not in the input). A run that fails or is killed leaves CURRENT and "
         "every committed snapshot as they were. Exit codes: 0 ok, 2 bad usage (nothing modified), 3 more "
-        "errors than --max-error-fraction (snapshot kept, CURRENT not moved), 1 job failed.",
+        "errors than --max-error-fraction (snapshot kept, CURRENT not moved), 4 --activate-if-better kept CURRENT "
+        "(snapshot kept), 1 job failed.",
     )
     p.add_argument("--input", required=True, help="Manifest or media directory/glob: local path or fsspec URI.")
-    p.add_argument(
-        "--store",
-        required=True,
-        help="Embedding store root: local path or fsspec URI. A missing or empty directory becomes a new store.",
-    )
+    p.add_argument("--store", required=True, help="Embedding store root: local path or fsspec URI. A missing or "
+                   "empty directory becomes a new store.")
     add_input_options(p)
     add_model_options(p)
     add_embedding_options(p)
@@ -52,11 +51,9 @@ def build_parser(prog: str = "mmembed reembed") -> argparse.ArgumentParser:
         "one (a new model or new settings). Runs of the current version, and the first run in a store, "
         "move CURRENT without it.",
     )
-    g.add_argument(
-        "--full",
-        action="store_true",
-        help="Embed every record again, carrying nothing over from the version's latest snapshot.",
-    )
+    add_gate_options(g, "--activate-if-better")
+    g.add_argument("--full", action="store_true", help="Embed every record again, carrying nothing over from the "
+                   "version's latest snapshot.")
     g = p.add_argument_group("concurrent runs")
     g.add_argument(
         "--wait",

@@ -15,13 +15,28 @@ def build_parser(prog: str = "mmembed versions") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
         description="List the committed versions of an embedding store: records and errors in each version's "
-        "latest snapshot, when it was created and last updated, and which one CURRENT points at. Read-only.",
+        "latest snapshot, when it was created and last updated, which one CURRENT points at, and under each "
+        "version its latest evaluation (`mmembed evaluate`) and --if-better gate decision. Read-only.",
         epilog="Exit codes: 0 ok, 2 not an mmembed store.",
     )
     p.add_argument("root", help="Embedding store root: local path or fsspec URI.")
     p.add_argument("--json", action="store_true", help="Print the listing as JSON (one object per version).")
     add_storage_option(p)
     return p
+
+
+def judged(v: dict) -> list[str]:
+    """The version's latest evaluation and gate decision, one line each."""
+    lines = []
+    e = v.get("evaluation")
+    if e:
+        shown = " ".join(f"{k}={e['metrics'][k]:.4f}" for k in ("ndcg@10", "mrr@10", "recall@10") if k in e["metrics"])
+        lines.append(f"evaluated {e['evaluated_at']}: {shown or e['metrics']} ({e['queries']} queries, {e['qrels']})")
+    d = v.get("decision")
+    if d:
+        verdict = "activated" if d["activated"] else "refused"
+        lines.append(f"gate {d['decided_at']}: {verdict}, {d['reason']}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"  {mark} {v['version']:<{width}}  {v['records']:>10,}  {v['errors']:>7,}  {v['snapshots']:>9}  "
                 f"{v['updated_at'] or '':<25}  {v['model']} @ {v['revision']} dim={v['dim']}"
             )
+            for line in judged(v):
+                print(f"      {line}")
     return 0
 
 

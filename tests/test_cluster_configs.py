@@ -234,6 +234,9 @@ def test_cronjob_submits_a_nightly_incremental_reembed_rayjob():
     # RayJobs outlive the CronJob's pod, so Forbid does not stop two nights overlapping: the later waits, boundedly.
     assert args.wait and 0 < args.wait_timeout < 24 * 3600, "queue behind an overrunning night, not for ever"
     assert args.store.startswith("s3://") and args.input.startswith("s3://")
+    # A model upgrade in the entrypoint goes live only through the gate, on judgements the cluster can read.
+    assert args.activate_if_better and not args.activate and args.metric == "ndcg@10"
+    assert args.queries.startswith("s3://") and args.qrels.startswith("s3://")
     check_fit(args, kuberay_groups(rayjob["spec"]["rayClusterSpec"]))
     # The pod may create RayJobs, and nothing more.
     assert pod["serviceAccountName"] == docs["ServiceAccount"]["metadata"]["name"]

@@ -21,6 +21,7 @@ MINIMAL = {
     "index": ["--embeddings", "e", "--output", "o"],
     "retrieve-rerank": ["--queries", "q", "--corpus", "c", "--output", "o", "--embedder", "e", "--reranker", "r"],
     "reembed": ["--input", "i", "--store", "s", "--model", "m"],
+    "evaluate": ["root", "--queries", "q", "--qrels", "r"],
 }
 
 

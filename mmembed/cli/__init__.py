@@ -16,8 +16,9 @@ COMMANDS = {
     "index": ("pipelines.index", "build a FAISS ANN index over corpus embeddings (python -m pipelines.index)"),
     "retrieve-rerank": ("pipelines.retrieve_rerank", "embed + search + rerank in one job (python -m pipelines.retrieve_rerank)"),
     "reembed": ("pipelines.reembed", "incremental or full re-embed into a versioned store (python -m pipelines.reembed)"),
+    "evaluate": ("pipelines.evaluate", "retrieval quality of a store version on your queries and qrels (ST's metrics)"),
     "versions": ("pipelines.versions", "list an embedding store's versions, counts, dates and CURRENT"),
-    "activate": ("pipelines.activate", "point an embedding store's CURRENT at a committed version"),
+    "activate": ("pipelines.activate", "point an embedding store's CURRENT at a committed version (--if-better: gated)"),
     "submit": ("pipelines.submit", "submit any mmembed command to a Ray cluster (Ray Job Submission API)"),
 }
 
@@ -30,6 +31,7 @@ CONFIGS = {
     "index": "IndexConfig",
     "retrieve-rerank": "RetrieveRerankConfig",
     "reembed": "ReembedConfig",
+    "evaluate": "EvaluateConfig",
 }
 
 

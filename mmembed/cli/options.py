@@ -457,3 +457,60 @@ def add_io_options(p: argparse.ArgumentParser) -> None:
         help="Exit non-zero when more than this fraction of records fail (output and error rows are "
         "still written; default: 1.0, never).",
     )
+
+
+def add_judgement_options(g, *, required: bool = True) -> None:
+    """--queries and --qrels: the relevance judgements `evaluate` and the --if-better gates score with."""
+    g.add_argument("--queries", required=required, default=None,
+                   help="Queries: BEIR's queries.jsonl (`_id`, `text` per line) or Parquet with `id` and the embed "
+                   "job's input columns (text, image, ...: e.g. text queries against a screenshot corpus); a file "
+                   "or a folder of *.parquet, local or fsspec URI. They are embedded as encode_query would, with "
+                   "the model and settings recorded for the version.")
+    g.add_argument("--qrels", required=required, default=None,
+                   help="Relevance judgements: BEIR's qrels/<split>.tsv (query-id, corpus-id, score, with that "
+                   "header) or Parquet with query_id, corpus_id, score. As in ST's InformationRetrievalEvaluator, "
+                   "a judged document with score > 0 is relevant; queries with none are not scored.")
+
+
+def add_evaluation_options(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+    """What `mmembed evaluate` and `mmembed activate --if-better` share: judgements, k's, compute, storage."""
+    from mmembed.jobs.evaluate import k_list
+
+    g = p.add_argument_group("evaluation")
+    add_judgement_options(g, required=required)
+    g.add_argument("--k", type=k_list, default=(1, 3, 5, 10, 100),
+                   help="Cut-offs of every metric, comma-separated (default: 1,3,5,10,100).")
+    g.add_argument("--recompute", action="store_true",
+                   help="Evaluate again even when the snapshot's _eval/ folder records an evaluation on the same "
+                   "queries and qrels files (same fingerprints), e.g. after replacing query images in place.")
+    g.add_argument("--work-dir", default=None,
+                   help="Where the query embeddings and top-k lists are written while evaluating, removed after "
+                   "(default: ROOT/_work/ for a store, a local temporary folder for an embed output; on a "
+                   "multi-node cluster give a URI every node can write).")
+    g.add_argument("--query-batch-size", type=positive_int, default=None,
+                   help="Queries scored per pass over the corpus (default: all of them up to 8,192: one pass).")
+    g.add_argument("--corpus-block-rows", type=positive_int, default=None,
+                   help="Corpus vectors scored at a time (default: 2^25 / the query batch, at least 1,024).")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="Let the version's model run code from its repository when it loads (as ST's option).")
+    g.add_argument("--lease-seconds", type=float, default=60.0, help=argparse.SUPPRESS)
+    add_runtime_options(p)
+    add_io_options(p)
+
+
+def add_gate_options(g, flag: str) -> None:
+    """The upgrade gate (`activate --if-better`, `reembed --activate-if-better`): the flag, metric and margin."""
+    if flag == "--if-better":
+        g.add_argument("--if-better", action="store_true", help="Evaluate this version and CURRENT on --queries and "
+                       "--qrels (reusing recorded evaluations of the same files) and activate only when this "
+                       "version's --metric is at least CURRENT's plus --min-gain; otherwise keep CURRENT and exit 4.")
+    else:
+        g.add_argument(flag, action="store_true", help="Once a new version commits, evaluate it and CURRENT on "
+                       "--queries and --qrels and point CURRENT at it only when its --metric is at least CURRENT's "
+                       "plus --min-gain (as `mmembed activate --if-better`); otherwise keep CURRENT and exit 4. "
+                       "Runs of the current version, and the first run in a store, move CURRENT as usual.")
+        add_judgement_options(g, required=False)
+    g.add_argument("--metric", default="ndcg@10", help="The metric the gate compares, as ST keys it "
+                   "(accuracy|precision|recall|mrr|ndcg|map @k; default: ndcg@10).")
+    g.add_argument("--min-gain", type=float, default=0.0, help="How much better than CURRENT the version must be "
+                   "(default: 0.0: at least as good). Every decision, with both figures, is kept in ROOT/_decisions/.")

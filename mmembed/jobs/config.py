@@ -157,9 +157,31 @@ class ReembedConfig(ModelOptions, EmbeddingOptions, InputOptions, ComputeOptions
     input: str
     store: str
     activate: bool = False
+    activate_if_better: bool = False
+    queries: str | None = None
+    qrels: str | None = None
+    metric: str = "ndcg@10"
+    min_gain: float = 0.0
     full: bool = False
     wait: bool = False
     wait_timeout: float | None = None
+    lease_seconds: float = 60.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateConfig(ComputeOptions, StorageOptions):
+    root: str
+    queries: str
+    qrels: str
+    version: str | None = None
+    snapshot: str | None = None
+    json: str | None = None
+    k: tuple[int, ...] = (1, 3, 5, 10, 100)
+    recompute: bool = False
+    work_dir: str | None = None
+    query_batch_size: int | None = None
+    corpus_block_rows: int | None = None
+    trust_remote_code: bool = False
     lease_seconds: float = 60.0
 
 

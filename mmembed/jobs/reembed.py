@@ -129,6 +129,18 @@ class ReembedJob(Job):
         cfg = self.cfg
         if cfg.wait_timeout is not None and not cfg.wait:
             raise UsageError("--wait-timeout needs --wait")
+        judgements = None
+        if cfg.activate_if_better:
+            from mmembed.jobs.evaluate import DEFAULT_K, check_judgements, check_metric
+
+            if cfg.activate:
+                raise UsageError("--activate and --activate-if-better disagree; pass one of them")
+            if not (cfg.queries and cfg.qrels):
+                raise UsageError("--activate-if-better needs --queries and --qrels")
+            check_metric(cfg.metric, DEFAULT_K)
+            judgements = check_judgements(cfg.queries, cfg.qrels, dict(cfg.storage_options))
+        elif cfg.queries or cfg.qrels:
+            raise UsageError("--queries and --qrels are for --activate-if-better")
         if cfg.precision in QUANTIZED:
             # Carried-over vectors would need the base snapshot's calibration ranges; not supported yet.
             raise UsageError(f"reembed stores float32 or float16 vectors; --precision {cfg.precision} is for "
@@ -145,7 +157,7 @@ class ReembedJob(Job):
             # A store diffs records by id and content hash; a PDF's records are its pages, known only once rendered.
             raise UsageError(f"--input {cfg.input} holds PDFs, which reembed does not take yet (a document's pages "
                              "are its records); embed them with `mmembed embed`.")
-        return {**p, "embed_cfg": ecfg}
+        return {**p, "embed_cfg": ecfg, "judgements": judgements}
 
     def lease(self, p: dict):
         # One lease for the whole store root, not per version: CURRENT is store-wide, and two runs of
@@ -301,6 +313,8 @@ class ReembedJob(Job):
             return code
         current, snap = p["current"], p["snap"]
         is_current = current is not None and (current.slug, current.version) == (snap.slug, snap.version)
+        if self.cfg.activate_if_better and current is not None and not is_current:
+            return self.gate(p, snap)
         if self.cfg.activate or current is None or is_current:
             self.store.set_current(snap)
             print(f"  CURRENT  -> {snap.path}", flush=True)
@@ -309,3 +323,14 @@ class ReembedJob(Job):
                   f"mmembed activate {self.store.root} {snap.slug}/{snap.version}", flush=True)
         return code
 
+    def gate(self, p: dict, snap: Snapshot) -> int:
+        """--activate-if-better: the new version against CURRENT, under this run's lease on the store."""
+        from mmembed.jobs.config import EvaluateConfig, derive
+        from mmembed.jobs.gate import decide
+
+        cfg = self.cfg
+        ecfg = derive(EvaluateConfig, cfg, root=self.store.root, query_batch_size=None, corpus_block_rows=None)
+        queries, qrels = p["judgements"]
+        code, _ = decide(ecfg, self.store, snap, queries, qrels, cfg.metric, cfg.min_gain,
+                         say=lambda line: print(line, flush=True))
+        return code

@@ -34,7 +34,8 @@ def embed_manifest(uri: str, storage_options: dict) -> dict | None:
         m = read_json(join_uri(uri, MANIFEST_NAME), storage_options)
     except (NotADirectoryError, IsADirectoryError):
         return None
-    return m if m and m.get("job") == "embed" and m.get("status") == "complete" else None
+    # A store snapshot (reembed) has the same shards and model record as an embed output.
+    return m if m and m.get("job") in ("embed", "reembed") and m.get("status") == "complete" else None
 
 
 def shard_uris(uri: str, manifest: dict, key: str = "files") -> list[str]:
@@ -44,7 +45,9 @@ def shard_uris(uri: str, manifest: dict, key: str = "files") -> list[str]:
 def query_embed_config(cfg: SearchConfig, corpus_model: dict) -> EmbedConfig:
     """The embed job for raw queries: encode_query, normalised and truncated as the corpus was."""
     return derive(EmbedConfig, cfg, input=cfg.queries, output=join_uri(cfg.output, QUERY_EMBEDDINGS), task="query",
-                  overwrite=True, normalize=bool(corpus_model.get("normalize_flag")),
+                  overwrite=True,
+                  # A store snapshot records one normalize (the flag or the model's Normalize module).
+                  normalize=bool(corpus_model.get("normalize_flag", corpus_model.get("normalize"))),
                   truncate_dim=corpus_model.get("truncate_dim") or None)
 
 

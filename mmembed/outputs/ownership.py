@@ -35,7 +35,7 @@ _RECORDS = (MANIFEST_NAME, RUN_NAME, LOCK_NAME)
 _SHARDS = (RESULT_GLOB, ERRORS_DIR, *TMP_GLOBS, *_RECORDS)
 # The names each command writes at the top of its --output.
 OWNED = {
-    "embed": _SHARDS,
+    "embed": (*_SHARDS, "_eval"),  # `mmembed evaluate` records its evaluations of an embed output there
     "rerank": _SHARDS,
     "search": (*_SHARDS, "_query_embeddings"),  # raw queries are embedded into a folder of the search output
     "index": ("index-*.faiss", "ids-*.parquet", *TMP_GLOBS, *_RECORDS),

@@ -19,6 +19,8 @@ corpus similarity function, and the best k of those are kept, with their float s
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -132,7 +134,11 @@ class SearchStage:
         """[nq, rows] scores of prepared queries against one stored corpus block; higher is better."""
         torch = self.torch
         if not self.quantized:
-            return self.similarity(q, torch.from_numpy(block).to(self.device)).float()
+            with warnings.catch_warnings():
+                # A view of the shard's Arrow buffer, only read: copying each block would cost a pass over memory.
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                corpus = torch.from_numpy(block)
+            return self.similarity(q, corpus.to(self.device)).float()
         if self.precision in ("binary", "ubinary"):
             bits = torch.from_numpy(unpacked_bits(block, self.precision)).to(self.device)
             hamming = q.sum(1, keepdim=True) + bits.sum(1)[None, :] - 2 * (q @ bits.T)
@@ -142,6 +148,8 @@ class SearchStage:
     def search(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k over the whole corpus: ([nq, k'] scores, [nq, k'] doc ids), k' = min(k, corpus)."""
         torch = self.torch
+        if not queries.flags.writeable:  # a view of an Arrow buffer; torch wants memory it may write
+            queries = queries.copy()
         q = self.prepare_queries(queries)
         qf = torch.from_numpy(queries).to(self.device) if self.float_column else None
         dtype = torch.float64 if self.quantized else torch.float32

@@ -5,7 +5,9 @@
     <root>/<slug>/<version>/_version.json      the model and embedding settings of the version
     <root>/<slug>/<version>/<snapshot>/        one run's output: part-*.parquet (id, embedding,
                                                modality, content_hash), _errors/, _changes/,
-                                               _manifest.json
+                                               _manifest.json, and _eval/<key>.json: its evaluations
+                                               (`mmembed evaluate`, keyed by the queries and qrels)
+    <root>/_decisions/<time>-<slug>--<version>.json   each `--if-better` gate's decision: both figures
 
 A version is named after the model revision and the embedding settings, so the same model and
 settings always map to the same version; each run writes a new snapshot of it. A snapshot counts
@@ -27,11 +29,13 @@ from mmembed.errors import UsageError
 from mmembed.outputs.manifest import MANIFEST_NAME, now_iso, read_json, write_json
 from mmembed.outputs.runstate import LOCK_NAME
 from mmembed.schema import DEFAULT_COLUMNS
-from mmembed.storage.fs import filesystem, join_uri
+from mmembed.storage.fs import filesystem, join_uri, unstrip
 
 STORE_MARKER = "_mmembed_store.json"
 CURRENT_NAME = "CURRENT"
 VERSION_INFO = "_version.json"
+EVAL_DIR = "_eval"
+DECISIONS_DIR = "_decisions"
 STORE_FORMAT = "mmembed-store"
 LAYOUT = 1
 
@@ -197,6 +201,8 @@ class Store:
         if not self.exists:
             return []
         cur = self.current() or {}
+        # Each candidate version's latest gate decision (decisions are named by time, so the last wins).
+        decisions = {d["candidate"]["version"]: d for d in self.decisions()}
         out = []
         for slug in self._dirs():
             for version in self._dirs(slug):
@@ -205,6 +211,7 @@ class Store:
                     continue
                 last = snaps[-1]
                 info = self.version_info(slug, version) or {}
+                evaluation = self.latest_evaluation(last)
                 counts = last.manifest.get("counts", {})
                 out.append(
                     {
@@ -222,9 +229,42 @@ class Store:
                         "current_snapshot": cur.get("snapshot")
                         if cur.get("model_slug") == slug and cur.get("version") == version
                         else None,
+                        "evaluation": evaluation and {
+                            "evaluated_at": evaluation.get("evaluated_at"),
+                            "queries": evaluation.get("queries", {}).get("scored"),
+                            "qrels": evaluation.get("qrels", {}).get("uri"),
+                            "metrics": evaluation.get("metrics", {}),
+                        },
+                        "decision": decisions.get(f"{slug}/{version}"),
                     }
                 )
         return out
+
+    def latest_evaluation(self, snap: Snapshot) -> dict | None:
+        """The most recent `_eval/` record of a snapshot, or None."""
+        fs = self.fs
+        folder = self.fs._strip_protocol(self.uri(snap.slug, snap.version, snap.snapshot, EVAL_DIR))
+        try:
+            names = [n for n in fs.ls(folder, detail=False) if n.endswith(".json") and "/.tmp-" not in n]
+        except FileNotFoundError:
+            return None
+        records = [r for r in (read_json(unstrip(fs, n), self.storage_options) for n in names) if r]
+        return max(records, key=lambda r: r.get("evaluated_at") or "", default=None)
+
+    def record_decision(self, decision: dict) -> str:
+        """Keep a gate's decision (append-only: one file per decision); its URI."""
+        name = f"{new_snapshot_id()}-{decision['candidate']['version'].replace('/', '--')}.json"
+        self._write_json(decision, DECISIONS_DIR, name)
+        return self.uri(DECISIONS_DIR, name)
+
+    def decisions(self) -> list[dict]:
+        """Every recorded gate decision, oldest first."""
+        folder = self.fs._strip_protocol(self.uri(DECISIONS_DIR))
+        try:
+            names = sorted(n for n in self.fs.ls(folder, detail=False) if n.endswith(".json") and "/.tmp-" not in n)
+        except FileNotFoundError:
+            return []
+        return [r for r in (read_json(unstrip(self.fs, n), self.storage_options) for n in names) if r]
 
     def resolve(self, ref: str) -> tuple[str, str]:
         """`slug/version` or a bare version id (when only one model has it) -> (slug, version)."""
