@@ -124,17 +124,45 @@ def test_text_queries_against_an_image_corpus_equal_st(tiny_clip, tmp_path):
     queries = {f"q{i}": text for i, text in enumerate(
         ["a red bicycle", "mountains at dawn", "a cat asleep", "espresso cup", "city at night", "green leaves"])}
     rows = [(q, f"img{(3 * i + j) % 24:02d}", 1) for i, q in enumerate(queries) for j in range(1 + i % 3)]
-    pq.write_table(pa.table({"id": list(queries), "text": list(queries.values())}), tmp_path / "queries.parquet")
-    pq.write_table(pa.table({"query_id": [r[0] for r in rows], "corpus_id": [r[1] for r in rows],
-                             "score": [r[2] for r in rows]}), tmp_path / "qrels.parquet")
+    # One more query, an image query whose file is missing: an error row of the query embedding.
+    pq.write_table(pa.table({"id": [*queries, "qbad"], "text": [*queries.values(), None],
+                             "image": [None] * len(queries) + ["media/missing.jpg"]}), tmp_path / "queries.parquet")
+    judged = rows + [("qbad", "img00", 1)]
+    pq.write_table(pa.table({"query_id": [r[0] for r in judged], "corpus_id": [r[1] for r in judged],
+                             "score": [r[2] for r in judged]}), tmp_path / "qrels.parquet")
     metrics = tmp_path / "m.json"
     assert run_job("pipelines.evaluate", [out, "--queries", tmp_path / "queries.parquet", "--qrels",
                                           tmp_path / "qrels.parquet", "--json", metrics, *LOCAL]) == 0
     ours = json.loads(metrics.read_text())
     corpus = {name: decoded(data) for name, data in images.items()}
     ref = st_reference(SentenceTransformer(tiny_clip, device="cpu"), queries, corpus, rows)
-    assert max(abs(ours[k] - ref[k]) for k in ours) <= 1e-6, {k: (ours[k], ref[k]) for k in ours}
-    assert list((out / "_eval").glob("*.json"))  # an embed output keeps its evaluations beside its shards
+    # The failed query retrieves nothing: a miss, worth 0 in every metric's mean over the 7 judged queries.
+    n = len(queries)
+    assert max(abs(ours[k] - ref[k] * n / (n + 1)) for k in ours) <= 1e-6, {k: (ours[k], ref[k]) for k in ours}
+    (record,) = [json.loads(p.read_text()) for p in (out / "_eval").glob("*.json")]  # beside the embed shards
+    assert record["queries"]["failed"] == ["qbad"] and record["queries"]["scored"] == n + 1
+
+
+def test_metrics_in_chunks_equal_one_call_of_st():
+    """evaluate hands ST's compute_metrics a chunk of queries at a time; recombined, equal to one call."""
+    import numpy as np
+    from sentence_transformers.evaluation import InformationRetrievalEvaluator
+
+    from mmembed.inputs.judgements import Qrels
+    from mmembed.jobs.evaluate import st_metrics
+
+    rng = np.random.default_rng(3)
+    qids = [f"q{i}" for i in range(50)]
+    relevant = {q: {f"d{j}" for j in rng.choice(40, int(rng.integers(1, 6)), replace=False)} for q in qids[:45]}
+    rows = [(q, f"d{j}", float(s)) for q in qids for j, s in zip(rng.choice(40, 20, replace=False), rng.random(20))]
+    hits = pa.table({"query_id": [r[0] for r in rows], "doc_id": [r[1] for r in rows], "score": [r[2] for r in rows]})
+    ours, scored = st_metrics(Qrels("x", relevant, 0, ""), qids, hits, tuple(KS), chunk=7)
+    ev = InformationRetrievalEvaluator({q: q for q in qids}, {}, relevant, mrr_at_k=KS, ndcg_at_k=KS,
+                                       accuracy_at_k=KS, precision_recall_at_k=KS, map_at_k=KS, write_csv=False)
+    lists = [[{"corpus_id": d, "score": s} for q2, d, s in rows if q2 == q] for q in ev.queries_ids]
+    ref = {f"{m.split('@')[0]}@{k}": float(v) for m, by_k in ev.compute_metrics(lists).items() for k, v in by_k.items()}
+    assert scored == 45 and set(ours) == set(ref)
+    assert max(abs(ours[k] - ref[k]) for k in ref) <= 1e-12
 
 
 def test_the_gate_refuses_a_worse_model_and_accepts_a_better_one(judged, minilm_path, tiny_clip, tmp_path, capsys):

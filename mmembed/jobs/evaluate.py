@@ -31,7 +31,7 @@ from mmembed.errors import JobError, UsageError
 from mmembed.inputs.judgements import Qrels, Queries, read_qrels, read_queries, write_text_queries
 from mmembed.jobs.config import EvaluateConfig, SearchConfig, derive
 from mmembed.outputs.manifest import MANIFEST_NAME, now_iso, read_json, write_json
-from mmembed.storage.fs import filesystem, join_uri
+from mmembed.storage.fs import filesystem, join_uri, protocol_of
 from mmembed.stores.store import EVAL_DIR, STORE_MARKER, Snapshot, Store, StoreError
 
 DEFAULT_K = (1, 3, 5, 10, 100)
@@ -121,18 +121,46 @@ def evaluation_key(queries: Queries, qrels: Qrels, ks: tuple[int, ...]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def st_metrics(qrels: Qrels, query_ids: list[str], hits: dict[str, list[dict]], ks: tuple[int, ...]) -> tuple[dict, int]:
+def st_metrics(qrels: Qrels, query_ids: list[str], hits, ks: tuple[int, ...],
+               chunk: int = 2048) -> tuple[dict, int]:
     """ST's own computation on the retrieved lists, flattened as ST keys its metrics (`ndcg@10`), and the
-    number of queries it scored (those with a relevant judgement)."""
+    number of queries it scored (those with a relevant judgement, as ST's evaluator keeps them).
+
+    `hits` is an Arrow table (query_id, doc_id, score). ST's compute_metrics wants a dict per hit; for 10,000
+    queries x 100 hits that is a gigabyte of Python objects, so it is called on `chunk` queries at a time and
+    each metric, a mean over queries, is recombined weighted by the chunk's queries (equal to one call up to
+    float rounding: tests/test_evaluate.py)."""
+    import numpy as np
+    import pyarrow.compute as pc
     from sentence_transformers.evaluation import InformationRetrievalEvaluator
 
     ks = list(ks)
-    # The corpus is never handed over: compute_metrics reads only the lists, the judgements and query ids.
-    ev = InformationRetrievalEvaluator(
-        {q: q for q in query_ids}, {}, qrels.relevant, mrr_at_k=ks, ndcg_at_k=ks, accuracy_at_k=ks,
-        precision_recall_at_k=ks, map_at_k=ks, write_csv=False)
-    scores = ev.compute_metrics([hits.get(q, []) for q in ev.queries_ids])
-    return {f"{name}@{k}": float(scores[f"{name}@k"][k]) for name in METRICS for k in ks}, len(ev.queries_ids)
+    scored = [q for q in query_ids if q in qrels.relevant]
+    enc = pc.dictionary_encode(hits.column("query_id")).combine_chunks()
+    where = {name: i for i, name in enumerate(enc.dictionary.to_pylist())}
+    codes = enc.indices.to_numpy(zero_copy_only=False)
+    order = np.argsort(codes, kind="stable")  # each query's rows together, in the order they were written
+    bounds = np.searchsorted(codes[order], np.arange(len(where) + 1))
+    docs, scores = hits.column("doc_id"), hits.column("score")
+    sums: dict[str, float] = {}
+    for start in range(0, len(scored), chunk):
+        part = scored[start:start + chunk]
+        lists = []
+        for q in part:
+            c = where.get(q)
+            rows = order[bounds[c]:bounds[c + 1]] if c is not None else order[:0]
+            lists.append([{"corpus_id": d, "score": v} for d, v in
+                          zip(docs.take(rows).to_pylist(), scores.take(rows).to_pylist())])
+        # The corpus is never handed over: compute_metrics reads only the lists, the judgements and query ids.
+        ev = InformationRetrievalEvaluator(
+            {q: q for q in part}, {}, {q: qrels.relevant[q] for q in part}, mrr_at_k=ks, ndcg_at_k=ks,
+            accuracy_at_k=ks, precision_recall_at_k=ks, map_at_k=ks, write_csv=False)
+        result = ev.compute_metrics(lists)
+        for name in METRICS:
+            for k in ks:
+                key = f"{name}@{k}"
+                sums[key] = sums.get(key, 0.0) + float(result[f"{name}@k"][k]) * len(part)
+    return {key: total / len(scored) for key, total in sums.items()}, len(scored)
 
 
 def missing_corpus_ids(target: Target, qrels: Qrels, storage_options: dict) -> int:
@@ -153,14 +181,14 @@ def missing_corpus_ids(target: Target, qrels: Qrels, storage_options: dict) -> i
     return sum(1 for docs in qrels.relevant.values() for c in docs if c not in found)
 
 
-def work_dir(cfg: EvaluateConfig, target: Target) -> tuple[str, bool]:
-    """(folder, created here): where the query embeddings and top-k lists go while evaluating."""
+def work_dir(cfg: EvaluateConfig, target: Target) -> tuple[str, str | None]:
+    """(folder, what else to remove if empty afterwards): where the query embeddings and top-k lists go."""
     token = f"evaluate-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
     if cfg.work_dir:
-        return join_uri(cfg.work_dir, token), False
+        return join_uri(cfg.work_dir, token), None  # the user's folder stays, whatever it holds
     if target.store is not None:
-        return target.store.uri("_work", token), False
-    return tempfile.mkdtemp(prefix="mmembed-evaluate-"), True
+        return target.store.uri("_work", token), target.store.uri("_work")
+    return tempfile.mkdtemp(prefix="mmembed-evaluate-"), None
 
 
 def search_config(cfg: EvaluateConfig, target: Target, queries_uri: str, out: str, top_k: int,
@@ -205,26 +233,31 @@ def run_search(scfg: SearchConfig) -> dict:
     return manifest
 
 
-def read_hits(search_out: str, manifest: dict, storage_options: dict) -> tuple[dict[str, list[dict]], list[str]]:
-    """query id -> [{corpus_id, score}] from the search output, and the ids of queries that failed."""
+def read_hits(search_out: str, manifest: dict, storage_options: dict):
+    """(query_id, doc_id, score) rows of the search output as one Arrow table, and the ids of the queries
+    that failed (error rows: no doc_id)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    hits: dict[str, list[dict]] = {}
-    failed: list[str] = []
-    for name in [f["name"] for f in manifest.get("files", []) + manifest.get("error_files", [])]:
+    cols = ["query_id", "doc_id", "score"]
+    tables = []
+    errors = {f["name"] for f in manifest.get("error_files", [])}
+    for name in [f["name"] for f in manifest.get("files", [])] + sorted(errors):
         fs, path = filesystem(join_uri(search_out, name), storage_options)
         with fs.open(path, "rb") as f:
-            cols = ["query_id", "doc_id", "score"]
-            t = pq.read_table(f, columns=[c for c in cols if c in pq.ParquetFile(f).schema_arrow.names] or None)
-        if "doc_id" not in t.column_names:
-            failed += t.column("query_id" if "query_id" in t.column_names else "id").to_pylist()
-            continue
-        for q, d, s in zip(*(t.column(c).to_pylist() for c in cols)):
-            if d is None:
-                failed.append(q)
-            else:
-                hits.setdefault(q, []).append({"corpus_id": d, "score": s})
-    return hits, failed
+            t = pq.read_table(f, columns=None if name in errors else cols)
+        if "doc_id" not in t.column_names:  # an error shard: the queries that could not be embedded
+            qcol = t.column("query_id" if "query_id" in t.column_names else "id")
+            t = pa.table({"query_id": qcol, "doc_id": pa.nulls(t.num_rows, pa.string()),
+                          "score": pa.nulls(t.num_rows, pa.float64())})
+        tables.append(t.select(cols).cast(pa.schema([("query_id", pa.string()), ("doc_id", pa.string()),
+                                                     ("score", pa.float64())])))
+    t = pa.concat_tables(tables) if tables else pa.table({c: pa.array([], pa.string()) for c in cols[:2]} |
+                                                          {"score": pa.array([], pa.float64())})
+    ok = pc.is_valid(t.column("doc_id"))
+    failed = sorted(set(t.filter(pc.invert(ok)).column("query_id").to_pylist()))
+    return t.filter(ok), failed
 
 
 def evaluate(cfg: EvaluateConfig, target: Target, queries: Queries, qrels: Qrels, ks: tuple[int, ...],
@@ -241,7 +274,7 @@ def evaluate(cfg: EvaluateConfig, target: Target, queries: Queries, qrels: Qrels
             return recorded
     started = time.time()
     judged = [q for q in queries.ids if q in qrels.relevant]
-    work, temporary = work_dir(cfg, target)
+    work, tidy = work_dir(cfg, target)
     fs, work_path = filesystem(work, so)
     try:
         if queries.kind == "jsonl":
@@ -259,9 +292,9 @@ def evaluate(cfg: EvaluateConfig, target: Target, queries: Queries, qrels: Qrels
     finally:
         with contextlib.suppress(FileNotFoundError):
             fs.rm(work_path, recursive=True)
-        if not temporary:
+        if tidy and protocol_of(tidy) == "file":  # object stores have no empty folders to leave behind
             with contextlib.suppress(OSError):
-                fs.rmdir(fs._parent(work_path))  # ROOT/_work, when no other evaluation is using it
+                fs.rmdir(filesystem(tidy, so)[1])  # ROOT/_work, when no other evaluation is using it
     metrics, scored = st_metrics(qrels, queries.ids, hits, ks)
     record = {
         "format": EVAL_FORMAT,

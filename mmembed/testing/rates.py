@@ -131,3 +131,24 @@ def fresh_process_s(argv: list[str]) -> float:
     if proc.returncode:
         raise SystemExit(f"{argv} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
     return wall
+
+
+def fresh_process_peak(argv: list[str]) -> tuple[float, int]:
+    """(wall seconds, peak resident bytes) of a new Python process running argv, which must succeed."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": root}
+    env.pop("RAY_ADDRESS", None)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = proc.stdout.read()
+    proc.stdout.close()
+    # wait4 on this child alone: its own peak RSS, not the largest of every child so far.
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise SystemExit(f"{argv} failed (rc {proc.returncode}):\n{out.decode(errors='replace')[-3000:]}")
+    return wall, usage.ru_maxrss * 1024
