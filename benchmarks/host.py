@@ -94,7 +94,8 @@ def bare_rate(model_dir: str, fast: bool, paths: list[str], cpus: int) -> float:
         return done / (time.perf_counter() - t0)
 
 
-def mmembed_rate(model_dir: str, files: list[str], n: int, work: Path, column: str, label: str) -> dict:
+def mmembed_rate(model_dir: str, files: list[str], n: int, work: Path, column: str, label: str,
+                 extra: tuple = ()) -> dict:
     """The embed job on Ray with the null encoder over n records cycling over `files`; its streaming rate."""
     import shutil
 
@@ -114,7 +115,7 @@ def mmembed_rate(model_dir: str, files: list[str], n: int, work: Path, column: s
     out = work / f"{label}-out-{n}"
     dim = load_model(ModelSpec(model_dir), weights=False).get_embedding_dimension()
     cfg = cli.parse("embed", ["--input", manifest, "--output", out, "--model", model_dir, "--device", "cpu",
-                              "--executor", "ray", "--shard-rows", max(8, n // 40), "--overwrite"])
+                              "--executor", "ray", "--shard-rows", max(8, n // 40), "--overwrite", *extra])
     t0 = time.perf_counter()
     rc = run(EmbedJob(cfg, replacements={EncodeStage: (NullEncoder, {"dim": dim})}))
     wall = time.perf_counter() - t0
@@ -124,7 +125,8 @@ def mmembed_rate(model_dir: str, files: list[str], n: int, work: Path, column: s
     units = m["counts"].get("pages") or m["counts"]["written"]
     streaming = steady_rate(str(out), m["files"], wall)
     shutil.rmtree(out, ignore_errors=True)
-    return {"n": n, "units": units, "wall_s": wall, "streaming": streaming, "resources": m["resources"]}
+    return {"n": n, "units": units, "wall_s": wall, "streaming": streaming, "resources": m["resources"],
+            "pixels": m["model"].get("pixels")}
 
 
 def profile(model_dir: str, paths: list[str], column: str) -> list[tuple[str, float]]:
@@ -139,8 +141,13 @@ def profile(model_dir: str, paths: list[str], column: str) -> list[tuple[str, fl
     from mmembed.stages.preprocess import PreprocessStage
     from mmembed.stages.read import normalize_manifest_table
 
-    # One fetch thread: fetch and decode run inline, where the profiler sees them (the actors use 8).
-    stage = PreprocessStage(ModelSpec(model_dir), fetch_threads=1)
+    from mmembed.models.loading import load_model
+    from mmembed.models.pixel_tail import check
+
+    # One fetch thread: fetch and decode run inline, where the profiler sees them (the actors use 8). Pixels
+    # leave as the embed job would send them (uint8 where exact).
+    uint8 = check(load_model(ModelSpec(model_dir), weights=False))["transport"] == "uint8"
+    stage = PreprocessStage(ModelSpec(model_dir), fetch_threads=1, uint8_pixels=uint8)
     table = normalize_manifest_table(pa.table({"id": [f"p{i}" for i in range(len(paths))], column: paths}), "")
     stage(table.slice(0, 1))
     prof = cProfile.Profile()
@@ -171,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=20.0, help="Least time each mmembed job streams shards.")
     p.add_argument("--workdir", default="/tmp/mmembed_host")
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--compare-float", action="store_true", help="Also run mmembed with --transport-dtype float32 "
+                   "(the processor's float pixels, as before uint8 transport) in each pair.")
     p.add_argument("--smoke", action="store_true", help="Tiny corpora, one pair: a check of the script.")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -214,9 +223,17 @@ def main(argv: list[str] | None = None) -> int:
             pairs.append({"bare": b, "mmembed": rate, "ratio": rate / b, "job": mm})
             print(f"[{name}] pair {i + 1}: bare {b:.1f}/s, mmembed {rate:.1f}/s while shards stream "
                   f"({mm['units']} in {mm['wall_s']:.1f} s, {mm['resources'].get('num_preprocessors')} preprocess "
-                  f"actors): {rate / b:.3f}", flush=True)
+                  f"actors, pixels {(mm['pixels'] or {}).get('transport')}): {rate / b:.3f}", flush=True)
+            if args.compare_float:
+                fl = mmembed_rate(model_dir, unit_files, n, work, column, name, ("--transport-dtype", "float32"))
+                frate = fl["streaming"] or fl["units"] / fl["wall_s"]
+                pairs[-1].update(float_mmembed=frate, float_ratio=frate / b)
+                print(f"[{name}] pair {i + 1}: mmembed with float32 pixels {frate:.1f}/s: {frate / b:.3f}", flush=True)
         out = {"bare": bare, "baseline": baseline, "pairs": pairs,
                "median_ratio": statistics.median(x["ratio"] for x in pairs)}
+        if args.compare_float:
+            out["median_float_ratio"] = statistics.median(x["float_ratio"] for x in pairs)
+            print(f"[{name}] mmembed with float32 pixels / bare: {out['median_float_ratio']:.3f}", flush=True)
         if args.profile:
             out["profile"] = profile(model_dir, unit_files[: 8 if args.smoke else 32], column)
             for fn, share in out["profile"]:

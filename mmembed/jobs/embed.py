@@ -84,6 +84,7 @@ def plan(cfg: EmbedConfig, *, standin: bool = False) -> dict:
             raise UsageError(f"--decode-on-device cannot serve model {cfg.model}: {why}. Drop the option; the "
                              "CPU pool then decodes every image.")
     dim = meta_model.get_embedding_dimension()
+    pixels = pixel_transport(cfg, spec, meta_model, prompt)
     if cfg.truncate_dim:
         dim = min(dim, cfg.truncate_dim)
     quantization = quantization_plan(cfg, dim)
@@ -98,6 +99,7 @@ def plan(cfg: EmbedConfig, *, standin: bool = False) -> dict:
         "similarity_fn_name": getattr(meta_model, "similarity_fn_name", None),
         "has_normalize_module": any(type(m).__name__ == "Normalize" for m in meta_model),
         "unsupported": unsupported,
+        "pixels": pixels,
     }
     if quantization and quantization["ranges"] is None and not cfg.overwrite:
         # A resumed run quantises with the ranges its first attempt calibrated, never fresh ones.
@@ -114,6 +116,19 @@ def plan(cfg: EmbedConfig, *, standin: bool = False) -> dict:
     out["identity"] = run_identity(cfg, out)
     out["state"] = inspect_output(cfg.output, out["identity"], cfg.storage_options, overwrite=cfg.overwrite)
     return out
+
+
+def pixel_transport(cfg, spec, meta_model, prompt) -> dict:
+    """How image pixels cross from the CPU pool to the encoders: uint8 with the processor's rescale and
+    normalise moved to the encoder's device where that is exact (mmembed/models/pixel_tail.py), else the
+    processor's float output; recorded in the manifest."""
+    if cfg.transport_dtype:
+        return {"transport": cfg.transport_dtype, "reason": "--transport-dtype"}
+    if not spec.documents and not ({"image", "message", "pdf"} & {str(m) for m in spec.modalities}):
+        return {"transport": "float32", "reason": "no image inputs"}
+    from mmembed.models.pixel_tail import check
+
+    return check(meta_model, prompt, cfg.task)
 
 
 def quantization_plan(cfg, dim: int) -> dict | None:
@@ -215,6 +230,7 @@ def stages(cfg: EmbedConfig, p: dict, res: dict, *, skip=None, limit: int | None
         kwargs={"task": cfg.task, "prompt_name": cfg.prompt_name, "prompt": cfg.prompt,
                 "decode_on_device": decode_on_device, **fetch_kwargs(cfg),
                 "pdf_dpi": cfg.pdf_dpi, "max_pages": cfg.max_pages, "skip": skip,
+                "uint8_pixels": p.get("pixels", {}).get("transport") == "uint8",
                 **({"passthrough": tuple(passthrough)} if passthrough else {})},
         pool=CPU, batch_size=cfg.preprocess_batch_size, actors=res["num_preprocessors"], resources=cpu_pool(cfg, res),
     ))
@@ -370,6 +386,7 @@ class EmbedJob(Job):
                 "model_kwargs": cfg.model_kwargs,
                 "processor_kwargs": cfg.processor_kwargs,
                 "modalities": [modality_label(m) for m in p["modalities"]],
+                "pixels": p.get("pixels"),
             },
             "input": {"uri": cfg.input, "kind": p["input"].kind, "fingerprint": p["input"].fingerprint,
                       "records": records, **p["input"].mapping.describe(),

@@ -38,14 +38,19 @@ def _to_numpy(t) -> tuple[np.ndarray, str]:
     return arr, str(arr.dtype)
 
 
-def pack(features: dict[str, Any], transport_dtype: str | None = None) -> dict[str, Any]:
-    """One record's preprocessed features as Arrow-ready cells."""
+def pack(features: dict[str, Any], transport_dtype: str | None = None, uint8_pixels: bool = False) -> dict[str, Any]:
+    """One record's preprocessed features as Arrow-ready cells; with `uint8_pixels`, pixel_values are the
+    processor's pixels before its rescale and normalise (mmembed/models/pixel_tail.py)."""
     import torch
 
     keys, dtypes, shapes, data, meta = [], [], [], [], {}
     for key, value in features.items():
         if isinstance(value, torch.Tensor):
-            if transport_dtype and value.is_floating_point() and key in ("pixel_values", "pixel_values_videos"):
+            if uint8_pixels and key == "pixel_values":
+                from mmembed.models.pixel_tail import as_uint8
+
+                value = as_uint8(value)
+            elif transport_dtype and value.is_floating_point() and key in ("pixel_values", "pixel_values_videos"):
                 value = value.to(getattr(torch, transport_dtype))
             arr, dtype = _to_numpy(value.detach().cpu())
             keys.append(key)

@@ -112,6 +112,10 @@ class ModelStage:
         # Time in forward over wall time, utilisation and memory, for the run's manifest.
         self.device_use = DeviceUse(self.model.device, actor=uuid.uuid4().hex[:12])
         self._jpeg_decoder = None  # --decode-on-device: JPEG bytes decoded on the GPU
+        from mmembed.models.pixel_tail import image_processor, tail_of
+
+        # uint8 pixels from the CPU pool get the processor's rescale and normalise here, on the device.
+        self.pixel_tail = tail_of(image_processor(self.model))[0]
 
     def _set_padding(self, tokenizer):
         """collate pads as the model's tokenizer does (ST sets left padding on load for causal models)."""
@@ -250,7 +254,13 @@ class ModelStage:
             if self._jpeg_decoder is None:
                 raise RuntimeError("a JPEG row reached an encoder without --decode-on-device")
             return self._jpeg_decoder([r["feat_data"][0] for r in rows], self.model.device)
-        return self.to_device(self.collate(rows))
+        features = self.to_device(self.collate(rows))
+        pixels = features.get("pixel_values")
+        if pixels is not None and pixels.dtype == self.torch.uint8:
+            if self.pixel_tail is None:
+                raise RuntimeError("uint8 pixel_values reached an encoder whose model has no image processor tail")
+            features["pixel_values"] = self.pixel_tail.apply(pixels)
+        return features
 
     def collate(self, rows: list[dict]) -> dict:
         return collate(rows, pad_token_id=self.pad_token_id, padding_side=self.padding_side)

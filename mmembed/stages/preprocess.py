@@ -63,6 +63,7 @@ class PreprocessStage:
         pdf_dpi: float | None = None,
         max_pages: int | None = None,
         skip=None,
+        uint8_pixels: bool = False,
     ):
         self.spec = model
         # Image-only records whose JPEG the encoder can decode on its device leave here as bytes.
@@ -70,6 +71,13 @@ class PreprocessStage:
         # Input columns copied to the output unchanged (row i out is record i in): reembed's content hash.
         self.passthrough = tuple(passthrough)
         self.model = load_model(model, weights=False)
+        # Pixels leave as uint8 and the encoder rescales and normalises them (checked exact at plan time).
+        self.uint8_pixels = uint8_pixels
+        if uint8_pixels:
+            from mmembed.models.pixel_tail import image_processor
+
+            ip = image_processor(self.model)
+            ip.do_rescale, ip.do_normalize = False, False
         self.task = task
         self.prompt = resolve_prompt(self.model, task, prompt_name, prompt)
         self.fetcher = Fetcher(storage_options, max_bytes=max_bytes, allow_http=allow_http, http_timeout_s=http_timeout_s)
@@ -149,7 +157,7 @@ class PreprocessStage:
                 batchable[label].append((i, st_input))
                 continue
             try:
-                results[i] = (pack(self._call([st_input], processing_kwargs), self.transport_dtype), None)
+                results[i] = (pack(self._call([st_input], processing_kwargs), self.transport_dtype, self.uint8_pixels), None)
             except Exception as exc:  # noqa: BLE001 - never let one record kill the job
                 results[i] = (None, _reason(exc))
         for label, items in batchable.items():
@@ -192,7 +200,7 @@ class PreprocessStage:
         for k, (i, st_input) in enumerate(items):
             try:
                 features = per_record[k] if per_record is not None else self._call([st_input], None)
-                results[i] = (pack(features, self.transport_dtype), None)
+                results[i] = (pack(features, self.transport_dtype, self.uint8_pixels), None)
             except Exception as exc:  # noqa: BLE001
                 results[i] = (None, _reason(exc))
 
