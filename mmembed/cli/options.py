@@ -188,8 +188,10 @@ def add_runtime_options(p: argparse.ArgumentParser):
         "--transport-dtype",
         choices=["float32", "float16", "bfloat16"],
         default=None,
-        help="Send pixel tensors from the CPU pool to the encoders in this dtype (halves the bytes; "
-        "default: the processor's own dtype, which is exact).",
+        help="Send pixel tensors from the CPU pool to the encoders in this dtype (halves float32's bytes, not "
+        "exact). Default: uint8 pixels, with the processor's rescale and normalise applied on the encoder's "
+        "device, wherever that gives the processor's own values (checked before the run, recorded as "
+        "model.pixels in the manifest; a quarter of float32's bytes); else the processor's own dtype.",
     )
     g.add_argument(
         "--max-batch-tokens",
