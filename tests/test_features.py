@@ -76,3 +76,21 @@ def test_collate_benchmark_runs_and_agrees_with_its_baseline(monkeypatch, capsys
     assert bench.main() == 0  # it asserts equal tensors from both routes before timing them
     out = capsys.readouterr().out
     assert out.count("ratio mmembed / user's route") == 2 and out.count("ratio mmembed / plain route") == 2
+
+
+def test_a_batched_qwen_vl_call_splits_into_each_records_own_features(tiny_qwen3vl):
+    """Qwen-VL concatenates the patch rows of a batch; each record's rows, counted by its image_grid_thw,
+    and its unpadded tokens are what a call for that record alone returns, so screenshots are processed
+    a batch per processor call."""
+    from mmembed.models.features import same_features, split_batch
+    from mmembed.models.loading import ModelSpec, load_model
+    from tests.helpers import make_image
+
+    model = load_model(ModelSpec(tiny_qwen3vl), weights=False)
+    images = [make_image(i, size) for i, size in enumerate([(56, 56), (112, 84), (140, 56), (84, 168)])]
+    batched = model.preprocess(images)
+    assert batched["pixel_values"].shape[0] == int(batched["image_grid_thw"].prod(dim=1).sum())
+    parts = split_batch(batched, len(images))
+    assert parts is not None
+    for image, part in zip(images, parts):
+        assert same_features(part, model.preprocess([image]))

@@ -128,3 +128,31 @@ def test_image_variants_equal_st_on_the_same_files(request, model, given, corpus
     st = SentenceTransformer(model_dir, device="cpu")
     diffs = {n: float(np.abs(emb[n] - st_reference(st, str(root / n))).max()) for n in names}
     assert max(diffs.values()) <= TOL, diffs
+
+
+@pytest.mark.parametrize("model", ["tiny_clip", "tiny_qwen3vl"])
+def test_plain_jpegs_decoded_to_tensors_give_the_pillow_features(request, model):
+    """Plain baseline JPEGs skip Pillow (torchvision's libjpeg-turbo straight to a [3, H, W] tensor); the
+    features are the same as from the Pillow image, and every other kind still goes through Pillow."""
+    import torch
+
+    from mmembed.models.features import collate, feature_rows
+    from mmembed.models.loading import ModelSpec
+    from mmembed.stages.preprocess import PreprocessStage, _PlainJpeg
+
+    files = {**variants(), **{f"photo{i}.jpg": _save(make_image(30 + i, size=(320 - 40 * i, 240)), "JPEG",
+                                                       quality=90) for i in range(4)}}
+    stage = PreprocessStage(ModelSpec(request.getfixturevalue(model)), fetch_threads=1)
+    assert stage.jpeg_tensors
+    plain = [name for name, data in files.items() if isinstance(stage._media({"image_bytes": data}, "image"),
+                                                                   _PlainJpeg)]
+    assert len(plain) >= 4 and all(name.endswith(".jpg") for name in plain)
+    batch = pa.table({"id": list(files), "image_bytes": pa.array(list(files.values()), pa.binary())})
+    fast = feature_rows(stage(batch))
+    stage.jpeg_tensors = False
+    slow = feature_rows(stage(batch))
+    for a, b in zip(fast, slow):
+        assert (a["error"], a["feat_keys"]) == (b["error"], b["feat_keys"]), a["id"]
+        if a["error"] is None:
+            x, y = collate([a]), collate([b])
+            assert all(torch.equal(x[k], y[k]) for k in y if torch.is_tensor(y[k])), a["id"]

@@ -115,3 +115,14 @@ def decode_text(data: bytes) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise DecodeError(f"text file is not UTF-8: {exc}") from None
+
+
+def decode_jpeg_tensor(data: bytes):
+    """A plain baseline RGB JPEG (media/device_decode.jpeg_for_device) as a [3, H, W] uint8 tensor, decoded
+    by torchvision's libjpeg-turbo, as ST decodes an image path: the same pixels as Pillow's decode
+    (tests/test_image_variants.py), without Pillow's image object and the copy into a tensor that a fast
+    processor makes of it."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)

@@ -72,17 +72,23 @@ def split_batch(features: dict[str, Any], n: int) -> list[dict[str, Any]] | None
     """Per-record features from one batched processor call, or None when they cannot be told apart.
 
     Token-aligned tensors lose their padding (the attention mask says where it is); other tensors
-    must have one entry per record on their first axis. Processors that concatenate records
-    (VLM patch tensors) fail that test and are processed one record at a time instead.
+    must have one entry per record on their first axis, except Qwen-VL's patch rows, which a record's
+    image_grid_thw (t x h x w patches) tells apart. Anything else that concatenates records fails
+    and is processed one record at a time instead.
     """
     import torch
 
     mask = features.get("attention_mask")
+    patches = _patch_rows(features, n)
     rows: list[dict[str, Any]] = [{} for _ in range(n)]
     for key, value in features.items():
         if not isinstance(value, torch.Tensor):
             for row in rows:
                 row[key] = value
+            continue
+        if key in patches:
+            for row, part in zip(rows, patches[key]):
+                row[key] = part
             continue
         if value.ndim == 0 or value.shape[0] != n:
             return None
@@ -90,6 +96,21 @@ def split_batch(features: dict[str, Any], n: int) -> list[dict[str, Any]] | None
         for i, row in enumerate(rows):
             row[key] = value[i][mask[i].bool()].unsqueeze(0) if token_aligned else value[i : i + 1]
     return rows
+
+
+def _patch_rows(features: dict[str, Any], n: int) -> dict[str, tuple]:
+    """{pixel key: one slice of its rows per record} for Qwen-VL-style patch tensors, whose records'
+    rows are concatenated and counted by their grid (image_grid_thw / video_grid_thw: t x h x w)."""
+    import torch
+
+    out = {}
+    for key, grid_key in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
+        value, grid = features.get(key), features.get(grid_key)
+        if isinstance(value, torch.Tensor) and isinstance(grid, torch.Tensor) and grid.ndim == 2 and len(grid) == n:
+            counts = grid.prod(dim=1).tolist()
+            if sum(counts) == value.shape[0]:
+                out[key] = torch.split(value, counts)
+    return out
 
 
 def same_features(a: dict[str, Any], b: dict[str, Any]) -> bool:
