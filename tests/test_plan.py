@@ -87,3 +87,18 @@ def test_calls_per_encoder_default_two_on_cuda_one_on_cpu():
     assert cluster.plan_resources(2, 0, _args())["calls_per_encoder"] == 1
     assert cluster.plan_resources(8, 1, _args())["calls_per_encoder"] == 2
     assert cluster.plan_resources(8, 1, _args("--calls-per-encoder", "3"))["calls_per_encoder"] == 3
+
+
+def test_preprocess_actors_reserve_memory_and_the_pool_fits_the_clusters_memory():
+    """A preprocess actor holds about a gigabyte; Ray is told so, and a default pool fits the memory."""
+    from mmembed.executors.cluster import PREPROCESS_MEMORY, cpu_pool
+
+    cfg = _args()
+    res = cluster.plan_resources(64, 4, cfg, memory=8 * PREPROCESS_MEMORY)
+    assert res["num_preprocessors"] == 6 and cpu_pool(cfg, res)["memory"] == PREPROCESS_MEMORY
+    assert cluster.plan_resources(64, 4, cfg)["num_preprocessors"] > 6  # memory unknown: CPUs alone
+    mine = _args("--memory-per-preprocessor", str(2 * PREPROCESS_MEMORY))
+    res = cluster.plan_resources(64, 4, mine, memory=8 * PREPROCESS_MEMORY)
+    assert res["num_preprocessors"] == 3 and cpu_pool(mine, res)["memory"] == 2 * PREPROCESS_MEMORY
+    assert cluster.plan_resources(64, 4, _args("--num-preprocessors", "20"), memory=PREPROCESS_MEMORY)[
+        "num_preprocessors"] == 20  # an explicit size is the user's

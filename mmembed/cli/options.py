@@ -170,7 +170,9 @@ def add_runtime_options(p: argparse.ArgumentParser):
         "--memory-per-preprocessor",
         type=int,
         default=None,
-        help="Memory (bytes) reserved per preprocess actor, for scheduling.",
+        help="Memory (bytes) reserved per preprocess actor, so Ray places no more on a node than it holds "
+        "(default: 1 GiB, about what one uses on screenshots; a default-sized pool is also capped at three "
+        "quarters of the cluster's memory).",
     )
     g.add_argument(
         "--encoder-resources",

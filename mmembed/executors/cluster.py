@@ -19,6 +19,9 @@ logger = logging.getLogger(__name__)
 # start costs seconds of imports and model load, which a few thousand images or tens of
 # thousands of texts repay (benchmarks/RESULTS.md, "executor").
 RECORDS_PER_PREPROCESSOR = {"media": 2_000, "text": 20_000}
+# What a preprocess actor holds (torch, transformers, the processor, a batch of decoded images): Ray
+# showed about 944 MiB each on Qwen3-VL screenshots (benchmarks/RESULTS.md, GPU); reserved per actor.
+PREPROCESS_MEMORY = 1 << 30
 
 # Media records cost milliseconds each to decode and preprocess, text records microseconds:
 # media blocks stay small enough that the last ones do not leave the pool waiting on a straggler.
@@ -189,12 +192,15 @@ def check_placement(res: dict, cfg, timeout_s: float) -> None:
         )
 
 
-def plan_resources(cpus: float, gpus: float, cfg, spec=None) -> dict:
+def plan_resources(cpus: float, gpus: float, cfg, spec=None, memory: float | None = None) -> dict:
     """Actor counts and per-actor resources for the cluster Ray reports.
 
     One CPU stays unclaimed by the actor pools: Ray Data's file listing takes a whole CPU and
     read/write tasks need a slice, and actors that hold every CPU would starve them forever.
     With the input's InputSpec, a default-sized preprocess pool is no bigger than the input needs.
+    Each preprocess actor reserves --memory-per-preprocessor (default PREPROCESS_MEMORY: what one
+    measured), so Ray does not pack more onto a node than its memory holds; with the cluster's
+    `memory` resource known, a default-sized pool is no bigger than three quarters of it allow.
     """
     device = cfg.device
     if device == "auto":
@@ -225,6 +231,9 @@ def plan_resources(cpus: float, gpus: float, cfg, spec=None) -> dict:
             # CPU rule of thumb starved an H200, benchmarks/RESULTS.md).
             per_actor = cfg.preprocess_batch_size if device == "cuda" else RECORDS_PER_PREPROCESSOR[workload(spec)]
             preprocessors = min(preprocessors, -(-spec.num_records // per_actor))
+    pre_memory = cfg.memory_per_preprocessor or PREPROCESS_MEMORY
+    if memory and not cfg.num_preprocessors:
+        preprocessors = max(1, min(preprocessors, int(0.75 * memory // pre_memory)))
     if pre_cpus is None:
         # Fit the pool into what is left; decode is single-threaded, so a fraction still works.
         pre_cpus = 1.0 if preprocessors * 1.0 <= free else max(0.1, round(free / preprocessors, 3))
@@ -241,6 +250,7 @@ def plan_resources(cpus: float, gpus: float, cfg, spec=None) -> dict:
         "gpus_per_encoder": cfg.gpus_per_encoder if device == "cuda" else 0,
         "num_preprocessors": preprocessors,
         "cpus_per_preprocessor": pre_cpus,
+        "memory_per_preprocessor": pre_memory,
         "calls_per_encoder": cfg.calls_per_encoder or (2 if device == "cuda" else 1),
     }
 
@@ -262,8 +272,8 @@ def local_resources(cfg) -> dict:
 def cpu_pool(cfg, res: dict) -> dict:
     """Remote args of a CPU (preprocess) actor."""
     remote = {"num_cpus": res["cpus_per_preprocessor"]}
-    if cfg.memory_per_preprocessor:
-        remote["memory"] = cfg.memory_per_preprocessor
+    if res.get("memory_per_preprocessor") or cfg.memory_per_preprocessor:
+        remote["memory"] = res.get("memory_per_preprocessor") or cfg.memory_per_preprocessor
     if cfg.preprocessor_resources:
         remote["resources"] = dict(cfg.preprocessor_resources)
     return remote

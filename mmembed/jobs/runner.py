@@ -55,7 +55,8 @@ class Executor:
             self.where = cluster.init_ray(cfg.address)
             resources = cluster.live_resources()
             self.cpus = resources.get("CPU", 1)
-            self.res = cluster.plan_resources(self.cpus, resources.get("GPU", 0), cfg, spec)
+            self.res = cluster.plan_resources(self.cpus, resources.get("GPU", 0), cfg, spec,
+                                              memory=resources.get("memory"))
             cluster.check_placement(self.res, cfg, cfg.placement_timeout)
 
     @property
