@@ -12,9 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from mmembed.media.device_decode import image_processor
 from mmembed.models.features import collate, feature_rows
 from mmembed.models.loading import ModelSpec, load_model
-from mmembed.models.pixel_tail import check, image_processor, tail_of
+from mmembed.models.pixel_tail import check, tail_of
 from tests.conftest import run_job
 from tests.helpers import image_bytes, read_output
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mmembed.media.device_decode import image_processor
+
 TOLERANCE = 1e-6
 
 
@@ -49,15 +51,6 @@ class PixelTail:
             return (x - shift[channel]) / divisor[channel]
         shape = (1, len(self.shift)) + (1,) * (x.ndim - 2)
         return (x - shift.view(shape)) / divisor.view(shape)
-
-
-def image_processor(model):
-    """The image processor inside an ST model, or None."""
-    for module in model:
-        found = getattr(getattr(module, "processor", None), "image_processor", None)
-        if found is not None:
-            return found
-    return None
 
 
 def _channels(value, n: int = 3) -> list[float]:

@@ -112,7 +112,8 @@ class ModelStage:
         # Time in forward over wall time, utilisation and memory, for the run's manifest.
         self.device_use = DeviceUse(self.model.device, actor=uuid.uuid4().hex[:12])
         self._jpeg_decoder = None  # --decode-on-device: JPEG bytes decoded on the GPU
-        from mmembed.models.pixel_tail import image_processor, tail_of
+        from mmembed.media.device_decode import image_processor
+        from mmembed.models.pixel_tail import tail_of
 
         # uint8 pixels from the CPU pool get the processor's rescale and normalise here, on the device.
         self.pixel_tail = tail_of(image_processor(self.model))[0]

@@ -77,7 +77,7 @@ class PreprocessStage:
         # Pixels leave as uint8 and the encoder rescales and normalises them (checked exact at plan time).
         self.uint8_pixels = uint8_pixels
         if uint8_pixels:
-            from mmembed.models.pixel_tail import image_processor
+            from mmembed.media.device_decode import image_processor
 
             ip = image_processor(self.model)
             ip.do_rescale, ip.do_normalize = False, False
