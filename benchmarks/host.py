@@ -213,6 +213,12 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         units = max(4 * per_unit, int(args.seconds * 1.5 * bare[baseline])) if not args.smoke else 4 * per_unit
         n = max(1, -(-units // per_unit))
+        if not spec.get("pages") and not args.smoke:
+            # The plan gives an input of at most 2,000 media records one preprocess actor (a small job is
+            # mostly start-up): a slow machine's 20 s would measure one actor against `cpus` processes.
+            from mmembed.executors.cluster import RECORDS_PER_PREPROCESSOR
+
+            n = max(n, (cpus - 1) * RECORDS_PER_PREPROCESSOR["media"] + 1)
         if not ray.is_initialized():
             ray.init(num_cpus=cpus, include_dashboard=False, logging_level="ERROR")
         pairs = []

@@ -17,6 +17,7 @@ from mmembed.errors import EXIT_NOT_BETTER
 from mmembed.testing.judged import judged_set, write_beir
 from tests.conftest import run_job
 from tests.helpers import decoded, image_bytes
+from tests.s3_fixtures import moto_server, s3  # noqa: F401 - fixtures
 
 KS = [1, 3, 5, 10, 100]
 LOCAL = ["--executor", "local"]
@@ -262,3 +263,25 @@ def test_gate_options_are_checked_before_anything_runs(minilm_store, judged, cap
     assert run_job("pipelines.reembed", ["--input", judged["corpus"], "--store", minilm_store, "--model", "m",
                                          "--activate-if-better", "--queries", judged["queries"]]) == 2
     assert "needs --queries and --qrels" in capsys.readouterr().err
+
+
+def test_a_store_and_judgements_on_s3(s3, judged, minilm_path, tmp_path):
+    """The same evaluation and gate with the store, queries and qrels on an object store (moto)."""
+    from tests.s3_fixtures import s3fs_for
+
+    server, bucket, opts = s3
+    fs = s3fs_for(server)
+    for name in ("queries", "qrels", "corpus"):
+        fs.put_file(judged[name], f"{bucket}/judged/{Path(judged[name]).name}")
+    store = f"s3://{bucket}/store"
+    q, r = (f"s3://{bucket}/judged/{Path(judged[k]).name}" for k in ("queries", "qrels"))
+    common = ["--storage-options", opts, *LOCAL]
+    assert run_job("pipelines.reembed", ["--input", f"s3://{bucket}/judged/corpus.parquet", "--store", store,
+                                         "--model", minilm_path, *common]) == 0
+    local, remote = tmp_path / "local.json", tmp_path / "remote.json"
+    assert run_job("pipelines.evaluate", [store, "--queries", q, "--qrels", r, "--json", remote, *common]) == 0
+    assert run_job("pipelines.evaluate", [store, "--queries", judged["queries"], "--qrels", judged["qrels"],
+                                          "--json", local, *common]) == 0
+    assert json.loads(remote.read_text()) == json.loads(local.read_text())  # same vectors, same metrics
+    assert len(fs.glob(f"{bucket}/store/**/_eval/*.json")) == 1  # same files' bytes: one record, reused
+    assert not fs.exists(f"{bucket}/store/_work")
