@@ -168,16 +168,15 @@ def missing_corpus_ids(target: Target, qrels: Qrels, storage_options: dict) -> i
     scores them), streaming the shards' id column."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
+
+    from mmembed.jobs.search import shard_uris
+    from mmembed.stages.read_pairs import read_parquet_local
 
     wanted = pa.array(sorted(qrels.corpus_ids()), pa.string())
     found: set[str] = set()
-    for name in (f["name"] for f in target.manifest.get("files", [])):
-        fs, path = filesystem(join_uri(target.uri, name), storage_options)
-        with fs.open(path, "rb") as f:
-            for batch in pq.ParquetFile(f).iter_batches(columns=["id"], batch_size=65_536):
-                ids = batch.column(0).cast(pa.string())
-                found.update(ids.filter(pc.is_in(ids, value_set=wanted)).to_pylist())
+    for t in read_parquet_local(shard_uris(target.uri, target.manifest), storage_options, ["id"], batch_rows=65_536):
+        ids = t.column(0).combine_chunks().cast(pa.string())
+        found.update(ids.filter(pc.is_in(ids, value_set=wanted)).to_pylist())
     return sum(1 for docs in qrels.relevant.values() for c in docs if c not in found)
 
 
@@ -238,23 +237,20 @@ def read_hits(search_out: str, manifest: dict, storage_options: dict):
     that failed (error rows: no doc_id)."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
+
+    from mmembed.jobs.search import shard_uris
+    from mmembed.stages.read_pairs import read_parquet_local
 
     cols = ["query_id", "doc_id", "score"]
-    tables = []
-    errors = {f["name"] for f in manifest.get("error_files", [])}
-    for name in [f["name"] for f in manifest.get("files", [])] + sorted(errors):
-        fs, path = filesystem(join_uri(search_out, name), storage_options)
-        with fs.open(path, "rb") as f:
-            t = pq.read_table(f, columns=None if name in errors else cols)
-        if "doc_id" not in t.column_names:  # an error shard: the queries that could not be embedded
-            qcol = t.column("query_id" if "query_id" in t.column_names else "id")
-            t = pa.table({"query_id": qcol, "doc_id": pa.nulls(t.num_rows, pa.string()),
-                          "score": pa.nulls(t.num_rows, pa.float64())})
-        tables.append(t.select(cols).cast(pa.schema([("query_id", pa.string()), ("doc_id", pa.string()),
-                                                     ("score", pa.float64())])))
-    t = pa.concat_tables(tables) if tables else pa.table({c: pa.array([], pa.string()) for c in cols[:2]} |
-                                                          {"score": pa.array([], pa.float64())})
+    schema = pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("score", pa.float64())])
+    tables = [t.cast(schema) for t in read_parquet_local(shard_uris(search_out, manifest), storage_options, cols,
+                                                         batch_rows=65_536)]
+    for t in read_parquet_local(shard_uris(search_out, manifest, "error_files"), storage_options):
+        # An error shard: the queries that could not be embedded.
+        qcol = t.column("query_id" if "query_id" in t.column_names else "id")
+        tables.append(pa.table({"query_id": qcol, "doc_id": pa.nulls(t.num_rows, pa.string()),
+                                "score": pa.nulls(t.num_rows, pa.float64())}).cast(schema))
+    t = pa.concat_tables(tables) if tables else schema.empty_table()
     ok = pc.is_valid(t.column("doc_id"))
     failed = sorted(set(t.filter(pc.invert(ok)).column("query_id").to_pylist()))
     return t.filter(ok), failed
@@ -274,6 +270,7 @@ def evaluate(cfg: EvaluateConfig, target: Target, queries: Queries, qrels: Qrels
             return recorded
     started = time.time()
     judged = [q for q in queries.ids if q in qrels.relevant]
+    embedded = len(judged) if queries.kind == "jsonl" else len(queries.ids)  # Parquet queries are read whole
     work, tidy = work_dir(cfg, target)
     fs, work_path = filesystem(work, so)
     try:
@@ -283,9 +280,9 @@ def evaluate(cfg: EvaluateConfig, target: Target, queries: Queries, qrels: Qrels
         else:
             queries_uri = queries.uri
         top_k = max(ks)
-        scfg = search_config(cfg, target, queries_uri, join_uri(work, "search"), top_k, len(judged))
+        scfg = search_config(cfg, target, queries_uri, join_uri(work, "search"), top_k, embedded)
         check_model_unchanged(target, scfg)
-        say(f"  {target.label}: embedding {len(judged if queries.kind == 'jsonl' else queries.ids):,} queries "
+        say(f"  {target.label}: embedding {embedded:,} queries "
             f"with {scfg.model} and searching the top {top_k} ...")
         manifest = run_search(scfg)
         hits, failed = read_hits(scfg.output, manifest, so)

@@ -240,15 +240,18 @@ class Store:
                 )
         return out
 
+    def _records(self, *parts: str) -> list[dict]:
+        """The JSON records in a folder of the store, by name; a missing folder holds none."""
+        folder = self.fs._strip_protocol(self.uri(*parts))
+        try:
+            names = sorted(n for n in self.fs.ls(folder, detail=False) if n.endswith(".json") and "/.tmp-" not in n)
+        except FileNotFoundError:
+            return []
+        return [r for r in (read_json(unstrip(self.fs, n), self.storage_options) for n in names) if r]
+
     def latest_evaluation(self, snap: Snapshot) -> dict | None:
         """The most recent `_eval/` record of a snapshot, or None."""
-        fs = self.fs
-        folder = self.fs._strip_protocol(self.uri(snap.slug, snap.version, snap.snapshot, EVAL_DIR))
-        try:
-            names = [n for n in fs.ls(folder, detail=False) if n.endswith(".json") and "/.tmp-" not in n]
-        except FileNotFoundError:
-            return None
-        records = [r for r in (read_json(unstrip(fs, n), self.storage_options) for n in names) if r]
+        records = self._records(snap.slug, snap.version, snap.snapshot, EVAL_DIR)
         return max(records, key=lambda r: r.get("evaluated_at") or "", default=None)
 
     def record_decision(self, decision: dict) -> str:
@@ -258,13 +261,8 @@ class Store:
         return self.uri(DECISIONS_DIR, name)
 
     def decisions(self) -> list[dict]:
-        """Every recorded gate decision, oldest first."""
-        folder = self.fs._strip_protocol(self.uri(DECISIONS_DIR))
-        try:
-            names = sorted(n for n in self.fs.ls(folder, detail=False) if n.endswith(".json") and "/.tmp-" not in n)
-        except FileNotFoundError:
-            return []
-        return [r for r in (read_json(unstrip(self.fs, n), self.storage_options) for n in names) if r]
+        """Every recorded gate decision, oldest first (their names start with the time)."""
+        return self._records(DECISIONS_DIR)
 
     def resolve(self, ref: str) -> tuple[str, str]:
         """`slug/version` or a bare version id (when only one model has it) -> (slug, version)."""

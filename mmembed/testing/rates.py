@@ -119,18 +119,7 @@ def usable_cpus() -> int:
 
 def fresh_process_s(argv: list[str]) -> float:
     """Wall time of a new Python process running argv (a command's cold start), which must succeed."""
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": root}
-    env.pop("RAY_ADDRESS", None)
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode:
-        raise SystemExit(f"{argv} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return wall
+    return fresh_process_peak(argv)[0]
 
 
 def fresh_process_peak(argv: list[str]) -> tuple[float, int]:
