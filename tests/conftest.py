@@ -68,6 +68,20 @@ def tiny_cross_encoder(models_root) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_colbert(models_root) -> str:
+    from mmembed.testing import tiny_model
+
+    return tiny_model("colbert", models_root)
+
+
+@pytest.fixture(scope="session")
+def tiny_colqwen2(models_root) -> str:
+    from mmembed.testing import tiny_model
+
+    return tiny_model("colqwen2", models_root)
+
+
+@pytest.fixture(scope="session")
 def tiny_reranker(models_root) -> str:
     from mmembed.testing import tiny_model
 

@@ -91,7 +91,8 @@ def test_build_is_small_and_deterministic(kind, tiny_root, tmp_path):
     rebuilt = Path(tiny_models_module._BUILDERS[kind](tmp_path / kind))
     files = sorted(p.relative_to(cached) for p in cached.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(rebuilt) for p in rebuilt.rglob("*") if p.is_file())
-    assert Path("modules.json") in files and Path("model.safetensors") in files
+    # The tiny ColQwen2 is shaped as the hub ships it: transformers files only, no ST modules.json.
+    assert (Path("modules.json") in files or kind == "colqwen2") and Path("model.safetensors") in files
     for name in ("model.safetensors", "tokenizer.json"):
         assert (cached / name).read_bytes() == (rebuilt / name).read_bytes(), name
     assert sum((cached / f).stat().st_size for f in files) < 5 * 1024 * 1024

@@ -17,7 +17,15 @@ from mmembed.executors.pipeline import CPU, DEVICE, Limit, Stage
 from mmembed.inputs.discover import InputError, check_unique_ids, discover
 from mmembed.jobs.config import EmbedConfig, fetch_kwargs
 from mmembed.jobs.runner import EXIT_OK, Job, Outcome
-from mmembed.models.loading import ModelPathError, load_model, modality_label, model_revision, resolve_prompt
+from mmembed.models.loading import (
+    ModelPathError,
+    MultiVectorModelError,
+    load_model,
+    modality_label,
+    model_revision,
+    refuse_multi_vector,
+    resolve_prompt,
+)
 from mmembed.outputs.manifest import MANIFEST_NAME, read_json, report
 from mmembed.storage.fs import join_uri
 
@@ -39,7 +47,10 @@ def plan(cfg: EmbedConfig, *, standin: bool = False) -> dict:
         raise UsageError(str(exc)) from None
     model_spec = cfg.model_spec()
     try:
+        refuse_multi_vector(model_spec, "embed")
         meta_model = load_model(model_spec, weights=False)
+    except MultiVectorModelError as exc:
+        raise UsageError(str(exc)) from None
     except ModelPathError as exc:
         raise UsageError(f"{exc}. Give the directory of a saved sentence-transformers model, or a hub id.") from None
     except Exception as exc:  # noqa: BLE001 - any load failure is a usage problem here

@@ -17,9 +17,11 @@ from mmembed.jobs.config import RerankConfig, fetch_kwargs
 from mmembed.jobs.runner import Job, Outcome
 from mmembed.models.loading import (
     ModelSpec,
+    MultiVectorModelError,
     load_model,
     modality_label,
     model_revision,
+    refuse_multi_vector,
     resolve_prompt,
     unsupported_modalities,
 )
@@ -58,7 +60,10 @@ def refuse_repeated_pairs(candidates, storage_options: dict, show: int = 5) -> N
 def load_reranker(cfg: RerankConfig) -> tuple[ModelSpec, object]:
     spec = cfg.model_spec("reranker")
     try:
+        refuse_multi_vector(spec, "rerank")
         model = load_model(spec, weights=False)
+    except MultiVectorModelError as exc:
+        raise UsageError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - a model that does not load is a usage problem
         raise UsageError(
             f"cannot load reranker {cfg.model!r} as a CrossEncoder: {type(exc).__name__}: {exc}. Check the "

@@ -26,7 +26,7 @@ class ModelSpec:
     trust_remote_code: bool = False
     model_kwargs: dict = field(default_factory=dict)
     processor_kwargs: dict = field(default_factory=dict)
-    kind: str = "embedder"  # "embedder" | "reranker"
+    kind: str = "embedder"  # "embedder" | "reranker" | "multivector"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -93,6 +93,58 @@ def check_model_path(name: str) -> None:
     as_path = name.startswith(("/", "./", "../", "~", ".\\")) or name.endswith(("/", os.sep)) or name.count("/") > 1
     if as_path and not os.path.exists(os.path.expanduser(name)):
         raise ModelPathError(f"model path {name} does not exist (looked for {os.path.abspath(os.path.expanduser(name))})")
+
+
+class MultiVectorModelError(ValueError):
+    """A multi-vector (late-interaction) checkpoint given where one vector per record is expected."""
+
+
+MULTI_VECTOR = "MultiVectorEncoder"
+
+
+def model_family(spec: ModelSpec) -> str:
+    """The sentence-transformers class a checkpoint is saved for, read as ST 6 reads it before loading.
+
+    `config_sentence_transformers.json`'s model_type ("ColBERT" is PyLate's name for a multi-vector
+    model); else config.json's architectures: Stanford ColBERT (`HF_ColBERT`) and transformers-native
+    late-interaction retrievers (`*ForRetrieval`: ColPali, ColQwen2) are multi-vector. Needed because
+    loading such a checkpoint with `SentenceTransformer` either fails on its configuration class or,
+    for a ColBERT-style one, silently drops its projection and mask and mean-pools one vector.
+    """
+    from sentence_transformers.util import load_file_path
+
+    def read(filename: str) -> dict:
+        try:
+            path = load_file_path(spec.name_or_path, filename, revision=spec.revision,
+                                  local_files_only=os.environ.get("HF_HUB_OFFLINE") == "1")
+        except Exception:  # noqa: BLE001 - an unreachable hub: the load itself will say why
+            return {}
+        if path is None:
+            return {}
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+
+    model_type = read("config_sentence_transformers.json").get("model_type")
+    if model_type == "ColBERT":
+        return MULTI_VECTOR
+    if model_type:
+        return model_type
+    architectures = read("config.json").get("architectures") or []
+    if "HF_ColBERT" in architectures or any(a.endswith("ForRetrieval") for a in architectures):
+        return MULTI_VECTOR
+    return "SentenceTransformer"
+
+
+def refuse_multi_vector(spec: ModelSpec, command: str) -> None:
+    """Raise MultiVectorModelError where `command` would run a multi-vector checkpoint as something else."""
+    if spec.kind != "multivector" and model_family(spec) == MULTI_VECTOR:
+        raise MultiVectorModelError(
+            f"{spec.name_or_path} is a multi-vector (late-interaction, ColBERT/ColPali-style) model: "
+            f"sentence-transformers loads it as a MultiVectorEncoder, which keeps one vector per token and scores "
+            f"with MaxSim. `mmembed {command}` does not run multi-vector models yet; loading it as a "
+            "single-vector model would drop its projection and mask and give wrong results. Use "
+            "sentence_transformers.MultiVectorEncoder directly, or a single-vector embedder."
+        )
 
 
 def load_model(spec: ModelSpec, *, weights: bool = True, device: str | None = None):

@@ -1,7 +1,7 @@
 """Tiny random-weight stand-ins for the hub models mmembed targets, built offline on local disk.
 
 Each ``build_*`` function writes a directory that loads with the real Sentence Transformers class
-(``SentenceTransformer`` or ``CrossEncoder``) and goes through the same code paths as the hub model
+(``SentenceTransformer``, ``CrossEncoder`` or ``MultiVectorEncoder``) and goes through the same code paths as the hub model
 of its family: same transformers architecture, same processor classes, same Sentence Transformers
 module stack and config files. Only the sizes are shrunk and the weights are random, so outputs are
 meaningless but shapes, dtypes, modalities and preprocessing behave like the real thing.
@@ -20,10 +20,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 __all__ = [
+    "COLBERT_PROMPTS",
     "QWEN3VL_EMBEDDING_PROMPTS",
     "TINY_MODEL_KINDS",
     "build_tiny_clap",
     "build_tiny_clip",
+    "build_tiny_colbert",
+    "build_tiny_colqwen2",
     "build_tiny_cross_encoder",
     "build_tiny_qwen3vl_embedder",
     "build_tiny_qwen3vl_reranker",
@@ -458,30 +461,36 @@ def build_tiny_qwen3vl_reranker(path: str | os.PathLike) -> str:
     return str(path)
 
 
-def build_tiny_cross_encoder(path: str | os.PathLike) -> str:
-    """Build a tiny BERT ``ForSequenceClassification`` cross-encoder (one label) for ``CrossEncoder(path)``."""
-    from sentence_transformers import CrossEncoder
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+def _bert(**config):
+    """A tiny BERT config and a WordPiece tokenizer for it. WordPiece needs no training: whole words plus
+    single characters (also as ## continuations) cover any lowercase ASCII input."""
+    from transformers import BertConfig, BertTokenizer
 
-    path = _fresh_dir(path)
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    # WordPiece needs no training: whole words plus single characters (also as ## continuations)
-    # cover any lowercase ASCII input.
     characters = [chr(code) for code in range(33, 127)]
     pieces = specials + sorted(set(_WORDS)) + characters + ["##" + c for c in characters]
     vocab = {piece: index for index, piece in enumerate(dict.fromkeys(pieces))}
     tokenizer = BertTokenizer(vocab=vocab, do_lower_case=True, model_max_length=128)
-    config = BertConfig(
+    return tokenizer, BertConfig(
         vocab_size=len(vocab),
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=2,
         max_position_embeddings=128,
-        num_labels=1,
         initializer_range=_INIT_STD,
         pad_token_id=tokenizer.pad_token_id,
+        **config,
     )
+
+
+def build_tiny_cross_encoder(path: str | os.PathLike) -> str:
+    """Build a tiny BERT ``ForSequenceClassification`` cross-encoder (one label) for ``CrossEncoder(path)``."""
+    from sentence_transformers import CrossEncoder
+    from transformers import BertForSequenceClassification
+
+    path = _fresh_dir(path)
+    tokenizer, config = _bert(num_labels=1)
     with _seeded(), tempfile.TemporaryDirectory() as hf_dir:
         BertForSequenceClassification(config).save_pretrained(hf_dir)
         tokenizer.save_pretrained(hf_dir)
@@ -560,12 +569,115 @@ def build_tiny_clap(path: str | os.PathLike) -> str:
     return str(path)
 
 
+# ColBERT's own prefixes, and the punctuation skiplist PyLate and Stanford ColBERT apply to documents.
+COLBERT_PROMPTS = {"query": "[Q] ", "document": "[D] "}
+
+
+def build_tiny_colbert(path: str | os.PathLike) -> str:
+    """Build a tiny ColBERT-style ``MultiVectorEncoder``, saved natively by sentence-transformers 6.
+
+    Modules: Transformer (BERT; queries expanded to 12 positions with attention to the expansion
+    tokens, documents cut at 48) -> Dense(32 -> 16, token level) -> MultiVectorMask(punctuation
+    skiplist on documents) -> Normalize. Prompts ``[Q] `` / ``[D] ``.
+    """
+    import string
+
+    import torch
+    from sentence_transformers import MultiVectorEncoder
+    from sentence_transformers.base.modules import Normalize, Transformer
+    from sentence_transformers.base.modules.dense import Dense
+    from sentence_transformers.multi_vector_encoder.modules import MultiVectorMask
+    from transformers import BertModel
+
+    path = _fresh_dir(path)
+    tokenizer, config = _bert()
+    with _seeded(), tempfile.TemporaryDirectory() as hf_dir:
+        BertModel(config).save_pretrained(hf_dir)
+        tokenizer.save_pretrained(hf_dir)
+        transformer = Transformer(
+            hf_dir, query_expansion={"strategy": "fixed", "attend": True, "length": 12}, document_length=48
+        )
+        dense = Dense(32, 16, bias=False, activation_function=torch.nn.Identity(), module_input_name="token_embeddings")
+        model = MultiVectorEncoder(
+            modules=[transformer, dense, MultiVectorMask(skiplist_words=list(string.punctuation)),
+                     Normalize(module_input_name="token_embeddings")],
+            prompts=dict(COLBERT_PROMPTS),
+            device="cpu",
+        )
+        model.save(str(path), create_model_card=False)
+    return str(path)
+
+
+def build_tiny_colqwen2(path: str | os.PathLike) -> str:
+    """Build a tiny ColQwen2 as the hub ships it (``vidore/colqwen2-v1.0-hf``): a transformers
+    ``ColQwen2ForRetrieval`` and its processor, with no sentence-transformers files, which ST 6 loads as a
+    ``MultiVectorEncoder`` (Transformer -> MultiVectorMask) for text queries and page images.
+
+    The Qwen2-VL backbone is shrunk as the Qwen3-VL ones above; 14-pixel patches merged 2x2 give
+    28-pixel cells, and the pixel budget caps an image at 128x128.
+    """
+    from transformers import ColQwen2Config, ColQwen2ForRetrieval, ColQwen2Processor, Qwen2VLImageProcessor
+
+    path = _fresh_dir(path)
+    tokenizer = _qwen_tokenizer()
+    image_processor = Qwen2VLImageProcessor(
+        size={"shortest_edge": 32 * 32, "longest_edge": 128 * 128},
+        patch_size=14,
+        temporal_patch_size=2,
+        merge_size=2,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    processor = ColQwen2Processor(image_processor=image_processor, tokenizer=tokenizer)
+    token = tokenizer.convert_tokens_to_ids
+    vlm_config = {
+        "model_type": "qwen2_vl",
+        "text_config": {
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "max_position_embeddings": 4096,
+            "initializer_range": _INIT_STD,
+            # The three M-RoPE sections (time, height, width) cover head_dim / 2 = 8 rotary pairs.
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [2, 2, 4]},
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": None,
+            "eos_token_id": tokenizer.eos_token_id,
+        },
+        "vision_config": {
+            "depth": 2,
+            "embed_dim": 32,
+            "hidden_size": 32,
+            "num_heads": 2,
+            "mlp_ratio": 2,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "initializer_range": _INIT_STD,
+        },
+        "image_token_id": token("<|image_pad|>"),
+        "video_token_id": token("<|video_pad|>"),
+        "vision_start_token_id": token("<|vision_start|>"),
+        "vision_end_token_id": token("<|vision_end|>"),
+    }
+    config = ColQwen2Config(vlm_config=vlm_config, embedding_dim=16, initializer_range=_INIT_STD)
+    with _seeded():
+        ColQwen2ForRetrieval(config).save_pretrained(str(path))
+        processor.save_pretrained(str(path))
+    return str(path)
+
+
 _BUILDERS: dict[str, Callable[[str | os.PathLike], str]] = {
     "clip": build_tiny_clip,
     "qwen3vl_embedder": build_tiny_qwen3vl_embedder,
     "qwen3vl_reranker": build_tiny_qwen3vl_reranker,
     "cross_encoder": build_tiny_cross_encoder,
     "clap": build_tiny_clap,
+    "colbert": build_tiny_colbert,
+    "colqwen2": build_tiny_colqwen2,
 }
 TINY_MODEL_KINDS = tuple(_BUILDERS)
 
