@@ -1,55 +1,248 @@
 """Multi-vector (late-interaction) models: sentence-transformers 6's MultiVectorEncoder.
 
-Until a command runs them, each refuses them before anything runs: loaded as a SentenceTransformer, a
-ColBERT-style checkpoint falls back to mean pooling without its projection or mask (wrong vectors,
-exit 0), and a ColQwen2 one fails on its configuration class.
+`mmembed embed` stores each record's token vectors as ST's `encode_document` (or `encode_query`) returns
+them; commands that do not run multi-vector models yet refuse them before anything runs: loaded as a
+SentenceTransformer, a ColBERT-style checkpoint falls back to mean pooling without its projection or mask
+(wrong vectors, exit 0), and a ColQwen2 one fails on its configuration class.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from mmembed.models.loading import MULTI_VECTOR, ModelSpec, model_family
 from tests.conftest import run_job
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEXTS = ["a cat on the road", "the dog, and a bird!", "red", "one two three four five six seven eight nine ten " * 3,
+         "paris is the capital of france.", "music"]
+
+
+@pytest.fixture(scope="module")
+def st_models(tiny_colbert, tiny_colqwen2):
+    from sentence_transformers import MultiVectorEncoder
+
+    return {p: MultiVectorEncoder(p, device="cpu") for p in (tiny_colbert, tiny_colqwen2)}
 
 
 @pytest.fixture(scope="module")
 def texts(tmp_path_factory):
     d = tmp_path_factory.mktemp("mv_texts")
-    pq.write_table(pa.table({"id": ["a", "b"], "text": ["a cat on the road", "the dog, and a bird!"]}), d / "t.parquet")
+    pq.write_table(pa.table({"id": [f"t{i}" for i in range(len(TEXTS))], "text": TEXTS}), d / "t.parquet")
     return d / "t.parquet"
 
 
-def test_family_is_read_as_sentence_transformers_reads_it(tiny_colbert, tiny_colqwen2, tiny_clip, tiny_cross_encoder):
-    from sentence_transformers import MultiVectorEncoder
+@pytest.fixture(scope="module")
+def pages(tmp_path_factory):
+    """Page-like images of several sizes (so patch counts differ within a batch) and one corrupt file."""
+    d = tmp_path_factory.mktemp("mv_pages")
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate([(80, 120), (200, 150), (64, 64), (300, 90), (120, 120), (160, 100)]):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(d / f"p{i}.png")
+    (d / "broken.png").write_bytes(b"not a png at all")
+    return d
 
+
+def read_vectors(out) -> dict[str, np.ndarray]:
+    t = pq.read_table(out, columns=["id", "embedding"])
+    ids = t.column("id").to_pylist()
+    assert len(ids) == len(set(ids)), "duplicate ids"
+    return {i: np.asarray(v, dtype=np.float32) for i, v in zip(ids, t.column("embedding").to_pylist())}
+
+
+def assert_equal_to_st(got: dict, want: dict, atol=1e-5):
+    assert got.keys() == want.keys()
+    for key, ref in want.items():
+        ref = np.asarray(ref, dtype=np.float32)
+        assert got[key].shape == ref.shape, (key, got[key].shape, ref.shape)  # the same count per record
+        np.testing.assert_allclose(got[key], ref, rtol=0, atol=atol, err_msg=key)
+
+
+def test_family_is_read_as_sentence_transformers_reads_it(tiny_colbert, tiny_colqwen2, tiny_clip, tiny_cross_encoder):
     assert model_family(ModelSpec(tiny_colbert)) == MULTI_VECTOR
     assert model_family(ModelSpec(tiny_colqwen2)) == MULTI_VECTOR  # no ST files: by its ForRetrieval architecture
     assert model_family(ModelSpec(tiny_clip)) == "SentenceTransformer"
     assert model_family(ModelSpec(tiny_cross_encoder)) == "CrossEncoder"
-    for path in (tiny_colbert, tiny_colqwen2):
-        assert len(MultiVectorEncoder(path, device="cpu").encode_document(["a cat"])[0].shape) == 2
 
 
-def test_embed_refuses_a_multi_vector_model_before_anything_runs(tiny_colbert, tiny_colqwen2, texts, tmp_path, capsys):
-    for path in (tiny_colbert, tiny_colqwen2):
-        out = tmp_path / os.path.basename(path)
-        assert run_job("pipelines.embed", ["--input", texts, "--output", out, "--model", path, "--executor", "local"]) == 2
-        err = capsys.readouterr().err
-        assert "multi-vector" in err and "MaxSim" in err, err
+@pytest.mark.parametrize("task", ["document", "query"])
+def test_colbert_texts_equal_st(tiny_colbert, st_models, texts, tmp_path, task):
+    """encode_document: the [D] prompt, the punctuation skiplist; encode_query: [Q] and expansion to 12."""
+    out = tmp_path / "out"
+    argv = ["--input", texts, "--output", out, "--model", tiny_colbert, "--executor", "local", "--batch-size", 4]
+    assert run_job("pipelines.embed", argv + (["--task", "query"] if task == "query" else [])) == 0
+    st = st_models[tiny_colbert]
+    encode = st.encode_query if task == "query" else st.encode_document
+    want = dict(zip([f"t{i}" for i in range(len(TEXTS))], encode(TEXTS, convert_to_numpy=True)))
+    assert_equal_to_st(read_vectors(out), want)
+    if task == "query":
+        assert {len(v) for v in want.values()} == {12}
+    m = json.loads((out / "_manifest.json").read_text())["model"]
+    mv = m["multi_vector"]
+    assert m["task"] == task and mv["similarity_fn_name"] == "maxsim"
+    assert mv["vectors"] == sum(len(v) for v in want.values())
+    assert mv["bytes_per_record"] == pytest.approx(mv["vectors"] * 16 * 4 / len(TEXTS), abs=0.1)
+    assert mv["stored_bytes_per_record"] > 0
+
+
+def test_colqwen2_pages_equal_st_on_ray_and_in_process(ray_session, tiny_colqwen2, st_models, pages, tmp_path):
+    st = st_models[tiny_colqwen2]
+    files = sorted(p for p in pages.iterdir() if p.name != "broken.png")
+    want = dict(zip([p.name for p in files], st.encode_document([Image.open(p) for p in files], convert_to_numpy=True)))
+    outs = {}
+    for executor in ("ray", "local"):
+        out = outs[executor] = tmp_path / executor
+        argv = ["--input", pages, "--output", out, "--model", tiny_colqwen2, "--executor", executor,
+                "--batch-size", 3, "--preprocess-batch-size", 2]
+        assert run_job("pipelines.embed", argv) == 0
+        assert_equal_to_st(read_vectors(out), want)
+        errors = pq.read_table(out / "_errors").to_pylist()
+        assert [e["id"] for e in errors] == ["broken.png"] and errors[0]["stage"] == "preprocess"
+        m = json.loads((out / "_manifest.json").read_text())
+        assert m["counts"]["written"] == len(files) and m["counts"]["errors"] == 1
+        assert m["model"]["pixels"]["transport"] == "uint8"  # the CPU pool ships uint8 pixels here too
+    # Equal up to the float noise of batching records of other patch counts together (ST's own, too).
+    assert_equal_to_st(read_vectors(outs["ray"]), read_vectors(outs["local"]), atol=1e-6)
+
+
+def test_token_pooling_and_float16_equal_st(tiny_colqwen2, st_models, pages, tmp_path):
+    from sentence_transformers.multi_vector_encoder.modules import HierarchicalTokenPooling
+
+    st = st_models[tiny_colqwen2]
+    files = sorted(p for p in pages.iterdir() if p.name != "broken.png")
+    images = [Image.open(p) for p in files]
+    pooling = HierarchicalTokenPooling(pool_factor=2, num_protected_tokens=1)
+    want = dict(zip([p.name for p in files], st.encode_document(images, convert_to_numpy=True, token_pooling=pooling)))
+    full = tmp_path / "full"
+    assert run_job("pipelines.embed", ["--input", pages, "--output", full, "--model", tiny_colqwen2,
+                                       "--executor", "local"]) == 0
+    out = tmp_path / "pooled"
+    assert run_job("pipelines.embed", ["--input", pages, "--output", out, "--model", tiny_colqwen2,
+                                       "--executor", "local", "--token-pool-factor", 2, "--precision", "float16"]) == 0
+    got = read_vectors(out)
+    assert pq.read_schema(out / sorted(p.name for p in out.glob("part-*.parquet"))[0]).field("embedding").type == \
+        pa.list_(pa.list_(pa.float16(), 16))
+    want16 = {k: v.astype(np.float16).astype(np.float32) for k, v in want.items()}
+    assert_equal_to_st(got, want16, atol=1e-3)
+    pooled = json.loads((out / "_manifest.json").read_text())["model"]["multi_vector"]
+    unpooled = json.loads((full / "_manifest.json").read_text())["model"]["multi_vector"]
+    assert pooled["token_pooling"] == {"method": "hierarchical", "pool_factor": 2.0, "protected_tokens": 1}
+    assert pooled["vectors"] < 0.6 * unpooled["vectors"]
+    assert pooled["bytes_per_record"] < 0.3 * unpooled["bytes_per_record"]  # half the vectors at half the bytes
+
+
+def test_single_vector_options_are_refused(tiny_colbert, texts, tmp_path, capsys):
+    for extra, words in ((["--precision", "int8"], "multi-vector"), (["--truncate-dim", "8"], "--truncate-dim"),
+                         (["--token-pool-factor", "0.5"], ">= 1")):
+        out = tmp_path / "out"
+        argv = ["--input", texts, "--output", out, "--model", tiny_colbert, "--executor", "local", *extra]
+        assert run_job("pipelines.embed", argv) == 2
+        assert words in capsys.readouterr().err
         assert not out.exists()
+
+
+def test_resume_after_a_kill_has_no_duplicates(tiny_colbert, st_models, tmp_path):
+    m = tmp_path / "m.parquet"
+    texts = [f"{TEXTS[i % len(TEXTS)]} {i}" for i in range(1500)]
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(len(texts))], "text": texts}), m)
+    out = tmp_path / "out"
+    argv = ["--input", m, "--output", out, "--model", tiny_colbert, "--executor", "local", "--shard-rows", 20,
+            "--batch-size", 2]
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.embed", *map(str, argv)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while len(list(out.glob("part-*.parquet"))) < 2:
+            assert proc.poll() is None, "finished (or failed) before it could be killed"
+            assert time.time() < deadline
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (out / "_manifest.json").exists()
+    assert run_job("pipelines.embed", argv) == 0
+    got = read_vectors(out)  # asserts no duplicate ids
+    want = dict(zip([f"r{i}" for i in range(len(texts))], st_models[tiny_colbert].encode_document(
+        texts, convert_to_numpy=True)))
+    assert_equal_to_st(got, want)
+    assert json.loads((out / "_manifest.json").read_text())["counts"]["resumed_from_committed"] > 0
+
+
+QUERIES = ["a cat", "the capital of france", "bird on a road", "music and sound", "seven eight"]
+
+
+def st_top_k(st, queries: list, docs: dict, k: int):
+    """{query index: [(doc id, score)]} by ST's own MaxSim over its own embeddings."""
+    ids = sorted(docs)
+    scores = st.similarity(st.encode_query(queries), [docs[i] for i in ids]).numpy()
+    return {q: [(ids[j], float(scores[q, j])) for j in sorted(range(len(ids)), key=lambda j: (-scores[q, j], ids[j]))[:k]]
+            for q in range(len(queries))}
+
+
+def read_hits(out):
+    rows = pq.read_table(out).to_pylist()
+    hits = {}
+    for r in sorted(rows, key=lambda r: (r["query_id"], r["rank"])):
+        hits.setdefault(r["query_id"], []).append((r["doc_id"], r["score"]))
+    return hits
+
+
+def test_search_is_exact_maxsim_equal_to_st(ray_session, tiny_colbert, st_models, tmp_path):
+    st = st_models[tiny_colbert]
+    docs = {f"d{i}": f"{TEXTS[i % len(TEXTS)]} {i}" for i in range(40)}
+    corpus = tmp_path / "corpus.parquet"
+    pq.write_table(pa.table({"id": list(docs), "text": list(docs.values())}), corpus)
+    queries = tmp_path / "q.parquet"
+    pq.write_table(pa.table({"id": [f"q{i}" for i in range(len(QUERIES))], "text": QUERIES}), queries)
+    cdir = tmp_path / "c"
+    assert run_job("pipelines.embed", ["--input", corpus, "--output", cdir, "--model", tiny_colbert]) == 0
+    stored = read_vectors(cdir)
+    want = st_top_k(st, QUERIES, {i: st.encode_document([docs[i]])[0] for i in docs}, 7)
+    np.testing.assert_allclose(stored["d3"], st.encode_document([docs["d3"]], convert_to_numpy=True)[0], atol=1e-5)
+    for name, extra in (("raw", ["--model", tiny_colbert]), ("blocks", ["--model", tiny_colbert, "--corpus-block-rows", 6,
+                                                                      "--executor", "local"])):
+        out = tmp_path / name
+        assert run_job("pipelines.search", ["--queries", queries, "--corpus-embeddings", cdir, "--output", out,
+                                            "--top-k", 7, *extra]) == 0
+        hits = read_hits(out)
+        for q, expected in want.items():
+            got = hits[f"q{q}"]
+            assert [d for d, _ in got] == [d for d, _ in expected], (name, q)
+            np.testing.assert_allclose([s for _, s in got], [s for _, s in expected], rtol=0, atol=1e-4)
+        m = json.loads((out / "_manifest.json").read_text())
+        assert m["model"]["similarity_fn_name"] == "maxsim" and m["model"]["multi_vector"]
 
 
 def test_rerank_refuses_a_multi_vector_model(tiny_colbert, tmp_path, capsys):
     pairs = tmp_path / "pairs.parquet"
     pq.write_table(pa.table({"query_id": ["q"], "query": ["a cat"], "doc_id": ["d"], "doc": ["the cat"]}), pairs)
     out = tmp_path / "scores"
-    assert run_job("pipelines.rerank", ["--candidates", pairs, "--output", out, "--model", tiny_colbert, "--executor", "local"]) == 2
+    assert run_job("pipelines.rerank", ["--candidates", pairs, "--output", out, "--model", tiny_colbert,
+                                        "--executor", "local"]) == 2
     assert "multi-vector" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_index_and_reembed_refuse_multi_vector_until_they_take_it(tiny_colbert, texts, tmp_path, capsys):
+    out = tmp_path / "emb"
+    assert run_job("pipelines.embed", ["--input", texts, "--output", out, "--model", tiny_colbert,
+                                       "--executor", "local"]) == 0
+    assert run_job("pipelines.index", ["--embeddings", out, "--output", tmp_path / "idx"]) == 2
+    assert "multi-vector" in capsys.readouterr().err
+    assert run_job("pipelines.reembed", ["--input", texts, "--store", tmp_path / "store", "--model", tiny_colbert,
+                                         "--executor", "local"]) == 2
+    assert "multi-vector" in capsys.readouterr().err
+    assert not (tmp_path / "idx").exists() and not (tmp_path / "store").exists()

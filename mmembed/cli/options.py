@@ -238,7 +238,8 @@ def add_runtime_options(p: argparse.ArgumentParser):
 
 
 def add_embedding_options(p: argparse.ArgumentParser):
-    """Options that decide the vectors (prompt, task, normalisation, dim, precision); returns the group."""
+    """Options that decide the vectors (prompt, task, normalisation, dim, precision, token pooling); returns
+    the group."""
     g = p.add_argument_group("embedding (as in SentenceTransformer.encode)")
     g.add_argument(
         "--task",
@@ -278,6 +279,21 @@ def add_embedding_options(p: argparse.ArgumentParser):
         action="store_true",
         help="With a quantised --precision, also store the float32 vectors in an `embedding_float` column, which "
         "`mmembed search` uses to rescore the quantised hits.",
+    )
+    g.add_argument(
+        "--token-pool-factor",
+        type=float,
+        default=None,
+        help="Multi-vector models: pool each document's token vectors to about 1/F of their count with "
+        "sentence-transformers' HierarchicalTokenPooling (as encode_document(token_pooling=...)), to store less. "
+        "Default: no pooling.",
+    )
+    g.add_argument(
+        "--token-pool-protected",
+        type=int,
+        default=1,
+        help="With --token-pool-factor: leading tokens kept out of pooling (the [CLS]; 0 as colpali-engine). "
+        "Default: 1.",
     )
     add_on_unsupported_option(g, "embed", "records")
     return g

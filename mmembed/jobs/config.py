@@ -86,6 +86,8 @@ class EmbeddingOptions:
     calibration_embeddings: str | None = None
     keep_float: bool = False
     on_unsupported: str = "fail"
+    token_pool_factor: float | None = None
+    token_pool_protected: int = 1
 
 
 @dataclass(frozen=True, kw_only=True)

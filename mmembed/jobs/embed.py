@@ -18,12 +18,12 @@ from mmembed.inputs.discover import InputError, check_unique_ids, discover
 from mmembed.jobs.config import EmbedConfig, fetch_kwargs
 from mmembed.jobs.runner import EXIT_OK, Job, Outcome
 from mmembed.models.loading import (
+    MULTI_VECTOR,
     ModelPathError,
-    MultiVectorModelError,
     load_model,
     modality_label,
+    model_family,
     model_revision,
-    refuse_multi_vector,
     resolve_prompt,
 )
 from mmembed.outputs.manifest import MANIFEST_NAME, read_json, report
@@ -47,10 +47,10 @@ def plan(cfg: EmbedConfig, *, standin: bool = False) -> dict:
         raise UsageError(str(exc)) from None
     model_spec = cfg.model_spec()
     try:
-        refuse_multi_vector(model_spec, "embed")
+        multi = model_family(model_spec) == MULTI_VECTOR
+        if multi:
+            model_spec = cfg.model_spec("multivector")
         meta_model = load_model(model_spec, weights=False)
-    except MultiVectorModelError as exc:
-        raise UsageError(str(exc)) from None
     except ModelPathError as exc:
         raise UsageError(f"{exc}. Give the directory of a saved sentence-transformers model, or a hub id.") from None
     except Exception as exc:  # noqa: BLE001 - any load failure is a usage problem here
@@ -83,8 +83,10 @@ def plan(cfg: EmbedConfig, *, standin: bool = False) -> dict:
                 "model that supports messages (e.g. a Qwen3-VL embedder), or pass --on-unsupported error-row to "
                 "write such records as error rows."
             )
+    multi_vector = multi_vector_plan(cfg, meta_model) if multi else None
+    task = multi_vector["task"] if multi else cfg.task
     try:
-        prompt = resolve_prompt(meta_model, cfg.task, cfg.prompt_name, cfg.prompt)
+        prompt = resolve_prompt(meta_model, task, cfg.prompt_name, cfg.prompt)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if cfg.decode_on_device:
@@ -95,7 +97,7 @@ def plan(cfg: EmbedConfig, *, standin: bool = False) -> dict:
             raise UsageError(f"--decode-on-device cannot serve model {cfg.model}: {why}. Drop the option; the "
                              "CPU pool then decodes every image.")
     dim = meta_model.get_embedding_dimension()
-    pixels = pixel_transport(cfg, spec, meta_model, prompt)
+    pixels = pixel_transport(cfg, spec, meta_model, prompt, task)
     if cfg.truncate_dim:
         dim = min(dim, cfg.truncate_dim)
     quantization = quantization_plan(cfg, dim)
@@ -111,6 +113,9 @@ def plan(cfg: EmbedConfig, *, standin: bool = False) -> dict:
         "has_normalize_module": any(type(m).__name__ == "Normalize" for m in meta_model),
         "unsupported": unsupported,
         "pixels": pixels,
+        "task": task,
+        "precision": cfg.precision,
+        **({"multi_vector": multi_vector} if multi else {}),
     }
     if quantization and quantization["ranges"] is None and not cfg.overwrite:
         # A resumed run quantises with the ranges its first attempt calibrated, never fresh ones.
@@ -129,7 +134,52 @@ def plan(cfg: EmbedConfig, *, standin: bool = False) -> dict:
     return out
 
 
-def pixel_transport(cfg, spec, meta_model, prompt) -> dict:
+def multi_vector_plan(cfg, meta_model) -> dict:
+    """What a multi-vector run stores: which side's vectors (documents unless --task query, as
+    encode_document / encode_query), their precision and the token pooling. Raises UsageError for the
+    single-vector options that have no meaning for token vectors."""
+    from mmembed.stages.encode_multi import MULTI_VECTOR_PRECISIONS
+
+    if cfg.precision not in MULTI_VECTOR_PRECISIONS:
+        raise UsageError(
+            f"--precision {cfg.precision} quantises one vector per record; {cfg.model} is a multi-vector model. "
+            f"Use --precision float16 to halve the bytes, or --token-pool-factor to store fewer vectors."
+        )
+    for flag, given in (("--truncate-dim", cfg.truncate_dim), ("--keep-float", cfg.keep_float),
+                        ("--calibration-embeddings", cfg.calibration_embeddings),
+                        ("--decode-on-device", cfg.decode_on_device)):
+        if given:
+            raise UsageError(f"{flag} serves single-vector models; {cfg.model} is a multi-vector model. Drop {flag}.")
+    if cfg.token_pool_factor is not None and cfg.token_pool_factor < 1:
+        raise UsageError(f"--token-pool-factor must be >= 1 (1 keeps every vector), got {cfg.token_pool_factor}.")
+    if cfg.token_pool_protected < 0:
+        raise UsageError(f"--token-pool-protected must be >= 0, got {cfg.token_pool_protected}.")
+    task = cfg.task or "document"
+    pooled = bool(cfg.token_pool_factor and cfg.token_pool_factor > 1 and task == "document")
+    return {
+        "task": task,
+        "similarity_fn_name": meta_model.similarity_fn_name,
+        "token_pooling": {"method": "hierarchical", "pool_factor": cfg.token_pool_factor,
+                          "protected_tokens": cfg.token_pool_protected} if pooled else None,
+    }
+
+
+def multi_vector_counts(p: dict, totals: dict) -> dict:
+    """The plan's multi-vector settings and what the committed shards hold: vectors, and bytes per record
+    (as stored, compressed, and as vectors in memory), which is what a user plans storage with."""
+    written = max(totals["written"], 1)
+    vectors = totals.get("token_values", 0) // p["dim"]
+    itemsize = 2 if p["precision"] == "float16" else 4
+    return {
+        **p["multi_vector"],
+        "vectors": vectors,
+        "vectors_per_record": round(vectors / written, 2),
+        "bytes_per_record": round(vectors * p["dim"] * itemsize / written, 1),
+        "stored_bytes_per_record": round(totals.get("token_bytes", 0) / written, 1),
+    }
+
+
+def pixel_transport(cfg, spec, meta_model, prompt, task=None) -> dict:
     """How image pixels cross from the CPU pool to the encoders: uint8 with the processor's rescale and
     normalise moved to the encoder's device where that is exact (mmembed/models/pixel_tail.py), else the
     processor's float output; recorded in the manifest."""
@@ -139,7 +189,7 @@ def pixel_transport(cfg, spec, meta_model, prompt) -> dict:
         return {"transport": "float32", "reason": "no image inputs"}
     from mmembed.models.pixel_tail import check
 
-    return check(meta_model, prompt, cfg.task)
+    return check(meta_model, prompt, task)
 
 
 def quantization_plan(cfg, dim: int) -> dict | None:
@@ -225,6 +275,7 @@ def stages(cfg: EmbedConfig, p: dict, res: dict, *, skip=None, limit: int | None
     from mmembed.executors.cluster import cpu_pool, device_pool
     from mmembed.outputs.runstate import drop_committed
     from mmembed.stages.encode import EncodeStage
+    from mmembed.stages.encode_multi import MultiVectorEncodeStage
     from mmembed.stages.preprocess import PreprocessStage
     from mmembed.stages.read import split_modalities
 
@@ -236,21 +287,27 @@ def stages(cfg: EmbedConfig, p: dict, res: dict, *, skip=None, limit: int | None
     if limit:
         out.append(Limit(limit))
     decode_on_device = cfg.decode_on_device
+    task = p.get("task", cfg.task)
     out.append(Stage(
         PreprocessStage, args=(p["model_spec"],),
-        kwargs={"task": cfg.task, "prompt_name": cfg.prompt_name, "prompt": cfg.prompt,
+        kwargs={"task": task, "prompt_name": cfg.prompt_name, "prompt": cfg.prompt,
                 "decode_on_device": decode_on_device, **fetch_kwargs(cfg),
                 "pdf_dpi": cfg.pdf_dpi, "max_pages": cfg.max_pages, "skip": skip,
                 "uint8_pixels": p.get("pixels", {}).get("transport") == "uint8",
                 **({"passthrough": tuple(passthrough)} if passthrough else {})},
         pool=CPU, batch_size=cfg.preprocess_batch_size, actors=res["num_preprocessors"], resources=cpu_pool(cfg, res),
     ))
+    multi = p.get("multi_vector")
+    pooling = (multi or {}).get("token_pooling") or {}
+    head = {"pool_factor": pooling.get("pool_factor"), "protected_tokens": pooling.get("protected_tokens", 1),
+            "precision": cfg.precision} if multi else {"truncate_dim": cfg.truncate_dim, "decode_on_device": decode_on_device,
+                                                         **encode_precision(cfg, p)}
     out.append(Stage(
-        EncodeStage, args=(p["model_spec"],),
-        kwargs={"device": res["device"], "batch_size": cfg.batch_size, "task": cfg.task, "normalize": cfg.normalize,
-                "truncate_dim": cfg.truncate_dim, "max_batch_tokens": cfg.max_batch_tokens,
+        MultiVectorEncodeStage if multi else EncodeStage, args=(p["model_spec"],),
+        kwargs={"device": res["device"], "batch_size": cfg.batch_size, "task": task, "normalize": cfg.normalize,
+                "max_batch_tokens": cfg.max_batch_tokens,
                 "max_batch_patches": cfg.max_batch_patches, "compile": cfg.compile, "copy_mode": cfg.copy_mode,
-                "decode_on_device": decode_on_device, **encode_precision(cfg, p), **(encode or {}),
+                **head, **(encode or {}),
                 **({"passthrough": tuple(passthrough)} if passthrough else {})},
         pool=DEVICE, batch_size=cfg.encode_window or cfg.batch_size, actors=res["num_encoders"],
         calls=res.get("calls_per_encoder", 1), resources=device_pool(cfg, res),
@@ -388,7 +445,7 @@ class EmbedJob(Job):
                 "normalize": bool(cfg.normalize or p["has_normalize_module"]),
                 "normalize_flag": cfg.normalize,
                 "similarity_fn_name": p["similarity_fn_name"],
-                "task": cfg.task,
+                "task": p["task"],
                 "prompt_name": cfg.prompt_name,
                 "prompt": p["prompt"],
                 "precision": cfg.precision,
@@ -398,6 +455,7 @@ class EmbedJob(Job):
                 "processor_kwargs": cfg.processor_kwargs,
                 "modalities": [modality_label(m) for m in p["modalities"]],
                 "pixels": p.get("pixels"),
+                **({"multi_vector": multi_vector_counts(p, totals)} if p.get("multi_vector") else {}),
             },
             "input": {"uri": cfg.input, "kind": p["input"].kind, "fingerprint": p["input"].fingerprint,
                       "records": records, **p["input"].mapping.describe(),

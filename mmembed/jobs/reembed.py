@@ -153,6 +153,9 @@ class ReembedJob(Job):
         # --split-modalities stay off: a store keys its content hashes by record id.
         ecfg = derive(EmbedConfig, cfg, output=self.store.root)
         p = embed.plan(ecfg)
+        if p.get("multi_vector"):
+            raise UsageError(f"{cfg.model} is a multi-vector model, and stores do not hold multi-vector versions yet; "
+                             "embed the corpus with `mmembed embed` and search it with `mmembed search`.")
         if p["input"].documents or "pdf" in p["input"].columns:
             # A store diffs records by id and content hash; a PDF's records are its pages, known only once rendered.
             raise UsageError(f"--input {cfg.input} holds PDFs, which reembed does not take yet (a document's pages "

@@ -76,7 +76,15 @@ def plan(cfg: SearchConfig) -> dict:
         )
     cmodel = corpus["model"]
     similarity = cmodel.get("similarity_fn_name") or "cosine"  # ST's default when a model names none
-    if similarity not in SIMILARITIES:
+    multi = bool(cmodel.get("multi_vector"))
+    if multi:
+        if cfg.index:
+            raise UsageError(f"--index serves single-vector corpora; {cfg.corpus_embeddings or cfg.index} holds "
+                             "multi-vector embeddings. Search them exactly with --corpus-embeddings (MaxSim).")
+        if cmodel["multi_vector"].get("task") == "query":
+            raise UsageError(f"--corpus-embeddings {cfg.corpus_embeddings} were embedded as queries (--task query); "
+                             "embed the corpus as documents.")
+    elif similarity not in SIMILARITIES:
         raise UsageError(f"corpus similarity {similarity!r} is not supported by search (supported: {SIMILARITIES}).")
     files = corpus.get("uris") or shard_uris(cfg.corpus_embeddings, corpus)
     if not files or not corpus["counts"].get("written"):
@@ -86,6 +94,9 @@ def plan(cfg: SearchConfig) -> dict:
         if cfg.model:
             raise UsageError(f"--queries {cfg.queries} are already embeddings; drop --model.")
         qmodel = queries["model"]
+        if bool(qmodel.get("multi_vector")) != multi:
+            raise UsageError(f"--queries {cfg.queries} and the corpus are not both multi-vector embeddings; embed "
+                             "both with the same model.")
         if (qmodel.get("name"), qmodel.get("revision")) != (cmodel.get("name"), cmodel.get("revision")):
             raise UsageError(
                 f"query embeddings come from {qmodel.get('name')} @ {qmodel.get('revision')} but the corpus from "
@@ -123,13 +134,14 @@ def plan(cfg: SearchConfig) -> dict:
         "queries": queries,
         "query_records": query_records,
         "embed_cfg": embed_cfg,
+        "multi_vector": multi,
     }
 
 
 # --------------------------------------------------------------------------------------------
 # The stages
 # --------------------------------------------------------------------------------------------
-def source(cfg: SearchConfig, queries_uri: str, queries: dict, local: bool = False):
+def source(cfg: SearchConfig, queries_uri: str, queries: dict, local: bool = False, multi_vector: bool = False):
     """Query rows: the query embeddings and the query job's error rows (which stay error rows), each
     brought to one layout before the union; a Ray dataset, or Arrow blocks read in this process."""
     from mmembed.executors.pipeline import apply_ray
@@ -138,9 +150,10 @@ def source(cfg: SearchConfig, queries_uri: str, queries: dict, local: bool = Fal
 
     parts = [shard_uris(queries_uri, queries), shard_uris(queries_uri, queries, "error_files")]
     if local:
-        return (as_query_rows(t) for t in read_parquet_local([p for paths in parts for p in paths],
-                                                             cfg.storage_options))
-    datasets = [apply_ray(read_parquet(paths, queries_uri, cfg.storage_options), [Stage(as_query_rows)])
+        return (as_query_rows(t, multi_vector) for t in read_parquet_local([p for paths in parts for p in paths],
+                                                                           cfg.storage_options))
+    datasets = [apply_ray(read_parquet(paths, queries_uri, cfg.storage_options),
+                          [Stage(as_query_rows, kwargs={"multi_vector": multi_vector})])
                 for paths in parts if paths]
     return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
 
@@ -159,6 +172,14 @@ def stages(cfg: SearchConfig, p: dict, res: dict) -> list:
                       kwargs={"dim": p["dim"], "top_k": cfg.top_k, "storage_options": cfg.storage_options,
                               "nprobe": cfg.nprobe, "ef_search": cfg.ef_search},
                       resources={"num_cpus": device_pool(cfg, res)["num_cpus"]}, **pool)]
+    if p.get("multi_vector"):
+        from mmembed.stages.search_maxsim import MAXSIM_BLOCK_DOCS, MaxSimSearchStage
+
+        return [Stage(MaxSimSearchStage, args=(p["corpus_files"],), kwargs={
+            "dim": p["dim"], "top_k": cfg.top_k, "similarity_fn_name": p["similarity"],
+            "storage_options": cfg.storage_options, "device": res["device"],
+            "block_rows": min(cfg.corpus_block_rows, MAXSIM_BLOCK_DOCS),
+        }, resources=device_pool(cfg, res), **pool)]
     return [Stage(SearchStage, args=(p["corpus_files"],), kwargs={
         "dim": p["dim"],
         "top_k": cfg.top_k,
@@ -200,8 +221,8 @@ class SearchJob(Job):
             if queries is None:
                 return rc or 1
         sink = ex.sink(cfg.output, RESULT_COLUMNS, cfg)
-        totals = ex.write(source(cfg, queries_uri, queries, ex.local), self.with_stand_ins(stages(cfg, p, ex.res)),
-                          sink)
+        totals = ex.write(source(cfg, queries_uri, queries, ex.local, p["multi_vector"]),
+                          self.with_stand_ins(stages(cfg, p, ex.res)), sink)
         records = queries["counts"]["records"]
         per_query = min(cfg.top_k, p["corpus"]["counts"]["written"])
         cmodel = p["corpus"]["model"]
@@ -209,7 +230,8 @@ class SearchJob(Job):
             "model": {**{k: cmodel.get(k) for k in ("name", "revision", "dim", "normalize")},
                       "similarity_fn_name": p["similarity"], "precision": cmodel.get("precision"),
                       "rescored": bool((cmodel.get("quantization") or {}).get("float_column")
-                                       and cfg.rescore_multiplier)},
+                                       and cfg.rescore_multiplier),
+                      **({"multi_vector": True} if p["multi_vector"] else {})},
             "input": {
                 "queries": cfg.queries,
                 "query_embeddings": queries_uri,

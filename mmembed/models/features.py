@@ -79,6 +79,11 @@ def split_batch(features: dict[str, Any], n: int) -> list[dict[str, Any]] | None
     import torch
 
     mask = features.get("attention_mask")
+    expansion = features.get("query_expansion_positions")
+    if isinstance(mask, torch.Tensor) and isinstance(expansion, torch.Tensor) and expansion.shape == mask.shape:
+        # A ColBERT query's expansion tokens are scored whether or not the encoder attends to them:
+        # they are part of the record, not padding.
+        mask = mask.bool() | expansion.bool()
     patches = _patch_rows(features, n)
     rows: list[dict[str, Any]] = [{} for _ in range(n)]
     for key, value in features.items():
@@ -110,6 +115,10 @@ def _patch_rows(features: dict[str, Any], n: int) -> dict[str, tuple]:
             counts = grid.prod(dim=1).tolist()
             if sum(counts) == value.shape[0]:
                 out[key] = torch.split(value, counts)
+            elif value.ndim == 3 and value.shape[0] == n and max(counts) <= value.shape[1]:
+                # ColQwen2's processor pads each record's rows to the batch's longest: keep a record's own
+                # rows (its forward unpads by the grid, and collate pads again).
+                out[key] = tuple(value[i : i + 1, :c] for i, c in enumerate(counts))
     return out
 
 

@@ -153,6 +153,8 @@ def load_model(spec: ModelSpec, *, weights: bool = True, device: str | None = No
     with _collector_paused():
         if spec.kind == "reranker":
             from sentence_transformers import CrossEncoder as cls
+        elif spec.kind == "multivector":
+            from sentence_transformers import MultiVectorEncoder as cls
         else:
             from sentence_transformers import SentenceTransformer as cls
         if not weights:
@@ -212,9 +214,15 @@ def model_revision(spec: ModelSpec) -> str:
 
 def resolve_prompt(model, task: str | None, prompt_name: str | None, prompt: str | None) -> str | None:
     """The prompt `encode_query`/`encode_document`/`encode` would use for these options."""
-    if task in ("query", "document") and prompt_name is None and prompt is None and task in model.prompts:
-        prompt_name = task
+    if task in ("query", "document") and prompt_name is None and prompt is None:
+        # MultiVectorEncoder.encode_document also takes a "passage" or "corpus" prompt.
+        names = ("document", "passage", "corpus") if task == "document" and is_multi_vector(model) else (task,)
+        prompt_name = next((name for name in names if name in model.prompts), None)
     return model._resolve_prompt(prompt, prompt_name)
+
+
+def is_multi_vector(model) -> bool:
+    return type(model).__name__ == MULTI_VECTOR
 
 
 def modality_label(modality) -> str:

@@ -102,6 +102,11 @@ def report(title: str, manifest: dict[str, Any], output: str) -> str:
         # Embedding jobs have a dim and a normalize setting; rerank and search jobs have neither.
         details = "".join(f" {k}={m[k]}" for k in ("dim", "normalize", "task") if m.get(k) is not None)
         lines.append(f"  model    {m.get('name')} @ {m.get('revision')}" + (f" {details}" if details else ""))
+        mv = m.get("multi_vector")
+        if isinstance(mv, dict) and "vectors" in mv:
+            lines.append(f"  vectors  {mv['vectors']:,} ({mv['vectors_per_record']} per record, "
+                         f"{mv['bytes_per_record']:,.0f} B per record as {m.get('precision')}, "
+                         f"{mv['stored_bytes_per_record']:,.0f} B stored); scored with {mv['similarity_fn_name']}")
     if manifest.get("device_use"):
         from mmembed.models.device_use import describe
 

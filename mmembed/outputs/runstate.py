@@ -56,7 +56,7 @@ def empty_totals() -> dict:
 IDENTITY_KEYS = (
     "model", "revision", "prompt", "task", "prompt_name", "normalize", "truncate_dim", "precision",
     "model_kwargs", "processor_kwargs", "split_modalities", "input_uri", "input_fingerprint", "quantization",
-    "input_columns", "documents",
+    "input_columns", "documents", "multi_vector",
 )
 
 
@@ -81,6 +81,7 @@ def run_identity(cfg, p: dict) -> dict:
         # Likewise only runs that name columns or modalities carry which.
         **({"input_columns": spec.mapping.describe()} if spec.mapping != DEFAULT_COLUMNS else {}),
         **({"documents": p["documents"]} if p.get("documents") else {}),
+        **({"multi_vector": p["multi_vector"]} if p.get("multi_vector") else {}),
     }
 
 
@@ -405,9 +406,12 @@ def account(paths: list[str], error_paths: list[str], storage_options: dict | No
             def read(path=path, fs=fs):
                 with fs.open(path, "rb") as f:
                     cols = ["id", "modality"] if kind == "files" else ["id"]
-                    return pq.read_table(f, columns=cols)
+                    pf = pq.ParquetFile(f)
+                    return pf.read(columns=cols), pf.metadata
 
-            t = with_retries(read)
+            t, meta = with_retries(read)
+            if kind == "files":
+                _count_token_vectors(meta, totals)
             name = uri.rstrip("/").rsplit("/", 1)[-1]
             totals[kind].append({"name": f"{ERRORS_DIR}/{name}" if kind == "error_files" else name, "rows": t.num_rows})
             totals["written" if kind == "files" else "errors"] += t.num_rows
@@ -426,6 +430,18 @@ def account(paths: list[str], error_paths: list[str], storage_options: dict | No
         hi, lo = hi[order], lo[order]
         totals["duplicate_ids"] = int(np.sum((hi[1:] == hi[:-1]) & (lo[1:] == lo[:-1])))
     return totals
+
+
+def _count_token_vectors(meta, totals: dict) -> None:
+    """A multi-vector shard's stored values and bytes, from its Parquet footer (no vector is read): the
+    `embedding` column of lists of vectors has one leaf column, `embedding.list.element.list.element`."""
+    for j in range(meta.num_columns):
+        path = meta.schema.column(j).path
+        if path.startswith("embedding.") and path.count("list") == 2:
+            for g in range(meta.num_row_groups):
+                col = meta.row_group(g).column(j)
+                totals["token_values"] = totals.get("token_values", 0) + col.num_values
+                totals["token_bytes"] = totals.get("token_bytes", 0) + col.total_compressed_size
 
 
 def drop_committed(batch: pa.Table, index) -> pa.Table:

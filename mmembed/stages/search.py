@@ -36,21 +36,21 @@ SEARCH_SCHEMA = RANKED_SCHEMA
 QUERY_SCHEMA_NAMES = ["id", "embedding", "stage", "error"]
 
 
-def as_query_rows(table: pa.Table) -> pa.Table:
-    """Query embedding rows or query error rows (from an embed job's _errors) in one layout."""
+def as_query_rows(table: pa.Table, multi_vector: bool = False) -> pa.Table:
+    """Query embedding rows or query error rows (from an embed job's _errors) in one layout; a
+    multi-vector query's embedding is a list of vectors."""
     n = table.num_rows
+    vector = pa.list_(pa.list_(pa.float32())) if multi_vector else pa.list_(pa.float32())
     cols = {}
     for name in QUERY_SCHEMA_NAMES:
         if name in table.column_names:
             cols[name] = table.column(name)
         elif name == "embedding":
-            cols[name] = pa.nulls(n, pa.list_(pa.float32()))
+            cols[name] = pa.nulls(n, vector)
         else:
             cols[name] = pa.nulls(n, pa.string())
-    if not pa.types.is_list(cols["embedding"].type):
-        cols["embedding"] = cols["embedding"].cast(pa.list_(pa.float32()))
     return pa.table(cols).cast(
-        pa.schema([("id", pa.string()), ("embedding", pa.list_(pa.float32())), ("stage", pa.string()), ("error", pa.string())])
+        pa.schema([("id", pa.string()), ("embedding", vector), ("stage", pa.string()), ("error", pa.string())])
     )
 
 
@@ -117,9 +117,15 @@ class SearchStage:
                     floats = embedding_matrix(batch.column(2), self.dim) if self.float_column else None
                     yield ids, stored, floats
 
+    def query_vectors(self, column) -> np.ndarray:
+        """The queries' float vectors from their embedding column."""
+        return embedding_matrix(column, self.dim)
+
     def prepare_queries(self, queries: np.ndarray):
         """Float queries as the tensor `score` compares with stored corpus blocks."""
         torch = self.torch
+        if not queries.flags.writeable:  # a view of an Arrow buffer; torch wants memory it may write
+            queries = queries.copy()
         if not self.quantized:
             return torch.from_numpy(queries).to(self.device)
         from mmembed.stages.encode import quantize
@@ -148,10 +154,8 @@ class SearchStage:
     def search(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k over the whole corpus: ([nq, k'] scores, [nq, k'] doc ids), k' = min(k, corpus)."""
         torch = self.torch
-        if not queries.flags.writeable:  # a view of an Arrow buffer; torch wants memory it may write
-            queries = queries.copy()
         q = self.prepare_queries(queries)
-        qf = torch.from_numpy(queries).to(self.device) if self.float_column else None
+        qf = torch.from_numpy(queries.copy()).to(self.device) if self.float_column else None
         dtype = torch.float64 if self.quantized else torch.float32
         best = torch.empty((len(queries), 0), dtype=dtype, device=self.device)
         best_float = torch.empty((len(queries), 0), dtype=torch.float32, device=self.device)
@@ -183,8 +187,10 @@ class SearchStage:
         new_ids[from_block] = ids[picked[from_block] - kept]
         return new_ids
 
+    multi_vector = False
+
     def __call__(self, batch: pa.Table) -> pa.Table:
-        batch = as_query_rows(batch)
+        batch = as_query_rows(batch, self.multi_vector)
         error = batch.column("error").to_pylist()
         emb = batch.column("embedding")
         ok = [i for i, e in enumerate(error) if e is None and emb[i].is_valid]
@@ -192,7 +198,7 @@ class SearchStage:
         ids = batch.column("id").to_pylist()
         stage = batch.column("stage").to_pylist()
         if ok:
-            scores, doc_ids = self.search(embedding_matrix(emb.take(ok), self.dim))
+            scores, doc_ids = self.search(self.query_vectors(emb.take(ok)))
             for row, i in enumerate(ok):
                 order = sorted(range(scores.shape[1]), key=lambda j: (-scores[row, j], doc_ids[row, j]))
                 for rank, j in enumerate(order, start=1):

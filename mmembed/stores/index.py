@@ -84,6 +84,9 @@ class EmbeddingSource:
             )
         if not m.get("files") or not m["counts"].get("written"):
             raise UsageError(f"--embeddings {uri} holds no embeddings.")
+        if m["model"].get("multi_vector"):
+            raise UsageError(f"--embeddings {uri} holds multi-vector embeddings (one vector per token), which this "
+                             "index does not take; search them exactly with `mmembed search --corpus-embeddings`.")
         q = m["model"].get("quantization") or {}
         if q and not q.get("float_column"):
             raise UsageError(
