@@ -246,3 +246,51 @@ def test_index_and_reembed_refuse_multi_vector_until_they_take_it(tiny_colbert, 
                                          "--executor", "local"]) == 2
     assert "multi-vector" in capsys.readouterr().err
     assert not (tmp_path / "idx").exists() and not (tmp_path / "store").exists()
+
+
+def test_evaluate_scores_maxsim_equal_to_st_multi_vector_evaluator(tiny_colbert, st_models, tmp_path):
+    from sentence_transformers.multi_vector_encoder.evaluation import MultiVectorInformationRetrievalEvaluator
+
+    from mmembed.testing.judged import judged_set, write_beir
+
+    beir = write_beir(tmp_path / "beir")
+    out = tmp_path / "corpus"
+    assert run_job("pipelines.embed", ["--input", beir["corpus"], "--output", out, "--model", tiny_colbert,
+                                       "--executor", "local"]) == 0
+    metrics = tmp_path / "metrics.json"
+    assert run_job("pipelines.evaluate", [out, "--queries", beir["queries"], "--qrels", beir["qrels"], "--json",
+                                          metrics, "--executor", "local"]) == 0
+    ours = json.loads(metrics.read_text())
+    corpus, queries, qrels = judged_set()
+    relevant = {}
+    for q, d, s in qrels:
+        if s > 0:
+            relevant.setdefault(q, set()).add(d)
+    ks = [1, 3, 5, 10, 100]
+    ev = MultiVectorInformationRetrievalEvaluator(queries, corpus, relevant, mrr_at_k=ks, ndcg_at_k=ks,
+                                                  accuracy_at_k=ks, precision_recall_at_k=ks, map_at_k=ks,
+                                                  write_csv=False)
+    ref = {k.split("_", 1)[1]: v for k, v in ev(st_models[tiny_colbert]).items() if k.startswith("maxsim_")}
+    assert set(ours) == set(ref)
+    assert max(abs(ours[k] - ref[k]) for k in ours) <= 1e-6, {k: (ours[k], ref[k]) for k in ours}
+    assert 0 < ours["ndcg@10"] < 1  # a random model: neither perfect nor useless on this set
+
+
+def test_readme_snippet_reads_token_vectors_and_scores_like_st(tiny_colbert, st_models, texts, tmp_path):
+    """The README's "Multi-vector models" snippet, on a tiny model's output."""
+    import re
+
+    readme = open(os.path.join(REPO, "README.md")).read()
+    section = readme.split("### Multi-vector models", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    out = tmp_path / "out"
+    assert run_job("pipelines.embed", ["--input", texts, "--output", out, "--model", tiny_colbert,
+                                       "--executor", "local"]) == 0
+    code = code.replace('"pages-colqwen/"', repr(str(out))).replace('"vidore/colqwen2-v1.0-hf"', repr(tiny_colbert))
+    scope: dict = {}
+    exec(compile(code, "README", "exec"), scope)
+    st = st_models[tiny_colbert]
+    ids = scope["table"].column("id").to_pylist()
+    want = st.similarity(st.encode_query(["where is the invoice total?"]),
+                         st.encode_document([TEXTS[int(i[1:])] for i in ids]))
+    np.testing.assert_allclose(scope["scores"].numpy(), want.numpy(), rtol=0, atol=1e-4)
