@@ -226,14 +226,39 @@ def test_search_is_exact_maxsim_equal_to_st(ray_session, tiny_colbert, st_models
         assert m["model"]["similarity_fn_name"] == "maxsim" and m["model"]["multi_vector"]
 
 
-def test_rerank_refuses_a_multi_vector_model(tiny_colbert, tmp_path, capsys):
-    pairs = tmp_path / "pairs.parquet"
-    pq.write_table(pa.table({"query_id": ["q"], "query": ["a cat"], "doc_id": ["d"], "doc": ["the cat"]}), pairs)
-    out = tmp_path / "scores"
-    assert run_job("pipelines.rerank", ["--candidates", pairs, "--output", out, "--model", tiny_colbert,
-                                        "--executor", "local"]) == 2
-    assert "multi-vector" in capsys.readouterr().err
-    assert not out.exists()
+def test_rerank_scores_pairs_by_maxsim_equal_to_st(ray_session, tiny_colbert, tiny_colqwen2, st_models, pages,
+                                                   tmp_path):
+    files = sorted(p for p in pages.iterdir() if p.name != "broken.png")
+    cases = {
+        # ColBERT on text pairs, in process; ColQwen2 with text queries against page images, on Ray.
+        tiny_colbert: ([(q, f"d{j}", TEXTS[j]) for q in QUERIES[:3] for j in range(len(TEXTS))], "local"),
+        tiny_colqwen2: ([(q, p.name, str(p)) for q in QUERIES[:2] for p in files]
+                        + [(QUERIES[0], "broken.png", str(pages / "broken.png"))], "ray"),
+    }
+    for model, (pairs, executor) in cases.items():
+        cand = tmp_path / f"{os.path.basename(model)}.parquet"
+        qids = {q: f"q{i}" for i, q in enumerate(QUERIES)}
+        pq.write_table(pa.table({"query_id": [qids[q] for q, _, _ in pairs], "query": [q for q, _, _ in pairs],
+                                 "doc_id": [d for _, d, _ in pairs], "doc": [doc for _, _, doc in pairs]}), cand)
+        out = tmp_path / f"out-{os.path.basename(model)}"
+        assert run_job("pipelines.rerank", ["--candidates", cand, "--output", out, "--model", model,
+                                            "--executor", executor, "--batch-size", 4]) == 0
+        st = st_models[model]
+        good = [(q, d, doc) for q, d, doc in pairs if d != "broken.png"]
+        docs = [doc if model == tiny_colbert else Image.open(doc) for _, _, doc in good]
+        want = st.similarity_pairwise(st.encode_query([q for q, _, _ in good]), st.encode_document(docs)).numpy()
+        got = {(r["query_id"], r["doc_id"]): r for r in pq.read_table(out).to_pylist()}
+        assert len(got) == len(good)
+        for (q, d, _), score in zip(good, want):
+            assert got[(qids[q], d)]["score"] == pytest.approx(float(score), abs=1e-4)
+        for qid in {qids[q] for q, _, _ in good}:  # ranks by score within each query, 1 = best
+            mine = sorted((r for r in got.values() if r["query_id"] == qid), key=lambda r: r["rank"])
+            assert [r["score"] for r in mine] == sorted((r["score"] for r in mine), reverse=True)
+        manifest = json.loads((out / "_manifest.json").read_text())
+        assert manifest["model"]["kind"] == "multivector" and manifest["model"]["similarity_fn_name"] == "maxsim"
+        if model == tiny_colqwen2:
+            (err,) = pq.read_table(out / "_errors").to_pylist()
+            assert "broken.png" in err["id"] and "undecodable" in err["error"]
 
 
 def test_index_and_reembed_refuse_multi_vector_until_they_take_it(tiny_colbert, texts, tmp_path, capsys):

@@ -16,12 +16,12 @@ from mmembed.inputs.discover import InputError, check_unique_ids, discover, repe
 from mmembed.jobs.config import RerankConfig, fetch_kwargs
 from mmembed.jobs.runner import Job, Outcome
 from mmembed.models.loading import (
+    MULTI_VECTOR,
     ModelSpec,
-    MultiVectorModelError,
     load_model,
     modality_label,
+    model_family,
     model_revision,
-    refuse_multi_vector,
     resolve_prompt,
     unsupported_modalities,
 )
@@ -58,12 +58,18 @@ def refuse_repeated_pairs(candidates, storage_options: dict, show: int = 5) -> N
 
 
 def load_reranker(cfg: RerankConfig) -> tuple[ModelSpec, object]:
+    """The reranker's spec and weightless model: a CrossEncoder, or a MultiVectorEncoder scoring pairs by MaxSim."""
     spec = cfg.model_spec("reranker")
     try:
-        refuse_multi_vector(spec, "rerank")
+        if model_family(spec) == MULTI_VECTOR:
+            if cfg.prompt or cfg.prompt_name:
+                raise UsageError(f"{cfg.model} is a multi-vector model: each side takes the prompt "
+                                 "encode_query / encode_document would; drop --prompt and --prompt-name.")
+            spec = cfg.model_spec("multivector")
+            return spec, load_model(spec, weights=False)
         model = load_model(spec, weights=False)
-    except MultiVectorModelError as exc:
-        raise UsageError(str(exc)) from None
+    except UsageError:
+        raise
     except Exception as exc:  # noqa: BLE001 - a model that does not load is a usage problem
         raise UsageError(
             f"cannot load reranker {cfg.model!r} as a CrossEncoder: {type(exc).__name__}: {exc}. Check the "
@@ -143,9 +149,10 @@ def plan(cfg: RerankConfig) -> dict:
     except InputError as exc:
         raise UsageError(str(exc)) from None
     spec, model = load_reranker(cfg)
+    multi = spec.kind == "multivector"
     seen = refuse_unsupported(cfg, model, candidates, manifests)
     try:
-        prompt = resolve_prompt(model, None, cfg.prompt_name, cfg.prompt)
+        prompt = (None if multi else resolve_prompt(model, None, cfg.prompt_name, cfg.prompt))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     refuse_finished(cfg.output, cfg.storage_options, cfg.overwrite)
@@ -155,7 +162,10 @@ def plan(cfg: RerankConfig) -> dict:
         "model_spec": spec,
         "revision": model_revision(spec),
         "prompt": prompt,
-        "activation_fn": type(model.activation_fn).__name__ if model.activation_fn is not None else None,
+        "activation_fn": (type(model.activation_fn).__name__ if getattr(model, "activation_fn", None) is not None
+                          else None),
+        "similarity_fn_name": model.similarity_fn_name if multi else None,
+        "multi_vector": multi,
         "modalities": [str(m) for m in model.modalities],
         # What --executor auto sizes by: the pairs, and whether any side holds media.
         "sizing": InputSize(candidates.num_records, tuple(sorted(seen))),
@@ -183,15 +193,18 @@ def stages(cfg: RerankConfig, p: dict, res: dict, partitions: int) -> list:
     """preprocess pairs -> score -> rank per query."""
     from mmembed.executors.cluster import cpu_pool, device_pool
     from mmembed.stages.pair_preprocess import PairPreprocessStage
+    from mmembed.stages.pair_preprocess_multi import MultiVectorPairPreprocessStage
     from mmembed.stages.rank import RankStage
     from mmembed.stages.score import ScoreStage
+    from mmembed.stages.score_multi import MultiVectorScoreStage
 
+    multi = p.get("multi_vector")
     return [
-        Stage(PairPreprocessStage, args=(p["model_spec"],),
+        Stage(MultiVectorPairPreprocessStage if multi else PairPreprocessStage, args=(p["model_spec"],),
               kwargs={"prompt_name": cfg.prompt_name, "prompt": cfg.prompt, **fetch_kwargs(cfg)},
               pool=CPU, batch_size=cfg.preprocess_batch_size, actors=res["num_preprocessors"],
               resources=cpu_pool(cfg, res)),
-        Stage(ScoreStage, args=(p["model_spec"],),
+        Stage(MultiVectorScoreStage if multi else ScoreStage, args=(p["model_spec"],),
               kwargs={"device": res["device"], "batch_size": cfg.batch_size, "max_batch_tokens": cfg.max_batch_tokens,
                       "max_batch_patches": cfg.max_batch_patches, "copy_mode": cfg.copy_mode},
               pool=DEVICE, batch_size=cfg.encode_window or cfg.batch_size, actors=res["num_encoders"],
@@ -230,9 +243,10 @@ class RerankJob(Job):
         manifest = {
             "model": {
                 "name": cfg.model,
-                "kind": "reranker",
+                "kind": "multivector" if p.get("multi_vector") else "reranker",
                 "revision": p["revision"],
                 "activation_fn": p["activation_fn"],
+                **({"similarity_fn_name": p["similarity_fn_name"]} if p.get("multi_vector") else {}),
                 "prompt_name": cfg.prompt_name,
                 "prompt": p["prompt"],
                 "model_kwargs": cfg.model_kwargs,
