@@ -75,6 +75,8 @@ def build_parser(prog: str = "mmembed search") -> argparse.ArgumentParser:
                    "and closer to exact (default: the index's, see its _manifest.json).")
     a.add_argument("--ef-search", type=positive_int, default=None, help="HNSW candidate list per query: more is "
                    "slower and closer to exact (default: the index's).")
+    a.add_argument("--candidate-tokens", type=positive_int, default=None, help="Multi-vector index: nearest token "
+                   "vectors fetched per query token; their documents are scored with exact MaxSim (default: 32).")
     add_runtime_options(p)
     add_io_options(p)
     return p

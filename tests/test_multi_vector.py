@@ -261,16 +261,11 @@ def test_rerank_scores_pairs_by_maxsim_equal_to_st(ray_session, tiny_colbert, ti
             assert "broken.png" in err["id"] and "undecodable" in err["error"]
 
 
-def test_index_and_reembed_refuse_multi_vector_until_they_take_it(tiny_colbert, texts, tmp_path, capsys):
-    out = tmp_path / "emb"
-    assert run_job("pipelines.embed", ["--input", texts, "--output", out, "--model", tiny_colbert,
-                                       "--executor", "local"]) == 0
-    assert run_job("pipelines.index", ["--embeddings", out, "--output", tmp_path / "idx"]) == 2
-    assert "multi-vector" in capsys.readouterr().err
+def test_reembed_refuses_multi_vector_until_stores_take_it(tiny_colbert, texts, tmp_path, capsys):
     assert run_job("pipelines.reembed", ["--input", texts, "--store", tmp_path / "store", "--model", tiny_colbert,
                                          "--executor", "local"]) == 2
     assert "multi-vector" in capsys.readouterr().err
-    assert not (tmp_path / "idx").exists() and not (tmp_path / "store").exists()
+    assert not (tmp_path / "store").exists()
 
 
 def test_evaluate_scores_maxsim_equal_to_st_multi_vector_evaluator(tiny_colbert, st_models, tmp_path):
@@ -319,3 +314,45 @@ def test_readme_snippet_reads_token_vectors_and_scores_like_st(tiny_colbert, st_
     want = st.similarity(st.encode_query(["where is the invoice total?"]),
                          st.encode_document([TEXTS[int(i[1:])] for i in ids]))
     np.testing.assert_allclose(scope["scores"].numpy(), want.numpy(), rtol=0, atol=1e-4)
+
+
+def test_token_index_search_finds_exact_maxsim_ranks(tiny_colbert, tmp_path):
+    """`mmembed index` over token vectors, then `search --index`: candidates from the nearest tokens, ranked by
+    exact MaxSim. With every token a candidate it is the exact search; with the default it stays close."""
+    docs = {f"d{i}": f"{TEXTS[i % len(TEXTS)]} {i} {TEXTS[(i * 7) % len(TEXTS)]}" for i in range(120)}
+    corpus, queries = tmp_path / "corpus.parquet", tmp_path / "q.parquet"
+    pq.write_table(pa.table({"id": list(docs), "text": list(docs.values())}), corpus)
+    pq.write_table(pa.table({"id": [f"q{i}" for i in range(len(QUERIES))], "text": QUERIES}), queries)
+    cdir, qdir = tmp_path / "c", tmp_path / "qe"
+    local = ["--executor", "local"]
+    assert run_job("pipelines.embed", ["--input", corpus, "--output", cdir, "--model", tiny_colbert, *local]) == 0
+    assert run_job("pipelines.embed", ["--input", queries, "--output", qdir, "--model", tiny_colbert, "--task",
+                                       "query", *local]) == 0
+    exact = tmp_path / "exact"
+    assert run_job("pipelines.search", ["--queries", qdir, "--corpus-embeddings", cdir, "--output", exact,
+                                        "--top-k", 10, *local]) == 0
+    for kind in ("flat", "ivf-flat", "hnsw"):
+        idx = tmp_path / f"idx-{kind}"
+        extra = ["--nlist", 8] if kind == "ivf-flat" else []
+        assert run_job("pipelines.index", ["--embeddings", cdir, "--output", idx, "--kind", kind, *extra]) == 0
+        m = json.loads((idx / "_manifest.json").read_text())
+        assert m["multi_vector"]["index_vectors"] == m["multi_vector"]["vectors"] and m["counts"]["written"] == 120
+        everything = tmp_path / f"all-{kind}"
+        wide = ["--nprobe", 8] if kind == "ivf-flat" else (["--ef-search", 4096] if kind == "hnsw" else [])
+        assert run_job("pipelines.search", ["--queries", qdir, "--index", idx, "--output", everything, "--top-k", 10,
+                                            "--candidate-tokens", 100_000, *wide, *local]) == 0
+        want, got = read_hits(exact), read_hits(everything)
+        assert [d for q in sorted(want) for d, _ in want[q]] == [d for q in sorted(got) for d, _ in got[q]], kind
+        np.testing.assert_allclose([s for q in sorted(want) for _, s in want[q]],
+                                   [s for q in sorted(got) for _, s in got[q]], atol=1e-4)
+    default = tmp_path / "default"
+    assert run_job("pipelines.search", ["--queries", qdir, "--index", tmp_path / "idx-ivf-flat", "--output", default,
+                                        "--top-k", 10, *local]) == 0
+    got = read_hits(default)
+    recall = np.mean([len({d for d, _ in got[q]} & {d for d, _ in want[q]}) / 10 for q in want])
+    assert recall >= 0.8, recall
+    for q in got:  # whatever it finds, it scores exactly
+        exact_scores = dict(want[q])
+        for d, s in got[q]:
+            if d in exact_scores:
+                assert s == pytest.approx(exact_scores[d], abs=1e-4)

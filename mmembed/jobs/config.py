@@ -151,6 +151,7 @@ class SearchConfig(ModelOptions, ComputeOptions, StorageOptions):
     index: str | None = None
     nprobe: int | None = None
     ef_search: int | None = None
+    candidate_tokens: int | None = None
     lease_seconds: float = 60.0
 
 

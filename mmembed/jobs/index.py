@@ -22,7 +22,13 @@ def plan(cfg: IndexConfig) -> dict:
     check_output("index", cfg.output, cfg.storage_options, inputs={"--embeddings": cfg.embeddings})
     faiss = require_faiss()
     source = EmbeddingSource.open(cfg.embeddings, cfg.storage_options)
-    if source.similarity not in METRICS:
+    if source.multi_vector:
+        from mmembed.stores.index_multi import MULTI_VECTOR_KINDS, token_count
+
+        if cfg.kind is not None and cfg.kind not in MULTI_VECTOR_KINDS:
+            raise UsageError(f"--kind {cfg.kind}: a multi-vector index rescores its candidates with the exact vectors "
+                             f"it holds, so it takes {', '.join(MULTI_VECTOR_KINDS)}.")
+    elif source.similarity not in METRICS:
         raise UsageError(
             f"the corpus similarity {source.similarity!r} has no FAISS metric (supported: {', '.join(METRICS)}); "
             "use exact `mmembed search --corpus-embeddings` instead."
@@ -38,7 +44,7 @@ def plan(cfg: IndexConfig) -> dict:
     params = IndexParams(
         kind=cfg.kind, nlist=cfg.nlist, nprobe=cfg.nprobe, m=cfg.m, nbits=cfg.nbits,
         ef_construction=cfg.ef_construction, ef_search=cfg.ef_search, train_size=cfg.train_size,
-    ).resolve(source.count, source.dim)
+    ).resolve(token_count(source) if source.multi_vector else source.count, source.dim)
     return {"faiss": faiss, "source": source, "output": out, "params": params}
 
 
@@ -58,8 +64,15 @@ class IndexJob(Job):
 
         started = time.time()
         source = p["source"]
-        builder = IndexBuilder(source, p["params"])
+        if source.multi_vector:
+            from mmembed.stores.index_multi import MultiVectorIndexBuilder
+
+            builder = MultiVectorIndexBuilder(source, p["params"])
+        else:
+            builder = IndexBuilder(source, p["params"])
         p["index"], p["ids"] = builder.build()
+        vectors = int(p["index"].ntotal)
+        docs = p["ids"].num_rows if source.multi_vector else vectors
         manifest = {
             "source": {
                 "uri": source.uri,
@@ -80,8 +93,9 @@ class IndexJob(Job):
             "metric": builder.metric,
             "normalize_inputs": builder.normalize,
             "index": builder.params.to_dict(),
-            "counts": {"records": source.count, "written": int(p["index"].ntotal), "errors": 0,
-                       "unaccounted": source.count - int(p["index"].ntotal)},
+            "counts": {"records": source.count, "written": docs, "errors": 0, "unaccounted": source.count - docs},
+            **({"multi_vector": {**source.model["multi_vector"], "index_vectors": vectors}}
+               if source.multi_vector else {}),
             "output": {"uri": self.cfg.output, "storage_options": redact_options(self.cfg.storage_options)},
             "versions": {**library_versions(), "faiss": p["faiss"].__version__},
             "build_s": round(time.time() - started, 3),
@@ -101,7 +115,15 @@ class IndexJob(Job):
             f"({manifest['source']['column']})\n"
             f"  index    {manifest['index']}  metric={manifest['metric']} -> {output}\n"
             f"  model    {m.get('name')} @ {m.get('revision')}  dim={m.get('dim')}"
+            + (self._per_document(manifest) if manifest.get("multi_vector") else "")
         )
+
+    @staticmethod
+    def _per_document(manifest: dict) -> str:
+        size = sum(f["bytes"] for f in manifest.get("files", {}).values())
+        docs = max(manifest["counts"]["written"], 1)
+        return (f"\n  tokens   {manifest['multi_vector']['index_vectors']:,} token vectors of {docs:,} documents; "
+                f"{size / docs:,.0f} B of index per document")
 
     def exit_code(self, p: dict, manifest: dict, outcome: Outcome, output: str) -> int:
         return EXIT_OK if manifest["counts"]["unaccounted"] == 0 else EXIT_FAILED

@@ -77,10 +77,9 @@ def plan(cfg: SearchConfig) -> dict:
     cmodel = corpus["model"]
     similarity = cmodel.get("similarity_fn_name") or "cosine"  # ST's default when a model names none
     multi = bool(cmodel.get("multi_vector"))
+    if cfg.candidate_tokens is not None and not (multi and cfg.index):
+        raise UsageError("--candidate-tokens tunes an approximate search of a multi-vector index; pass such an --index.")
     if multi:
-        if cfg.index:
-            raise UsageError(f"--index serves single-vector corpora; {cfg.corpus_embeddings or cfg.index} holds "
-                             "multi-vector embeddings. Search them exactly with --corpus-embeddings (MaxSim).")
         if cmodel["multi_vector"].get("task") == "query":
             raise UsageError(f"--corpus-embeddings {cfg.corpus_embeddings} were embedded as queries (--task query); "
                              "embed the corpus as documents.")
@@ -166,11 +165,13 @@ def stages(cfg: SearchConfig, p: dict, res: dict) -> list:
     pool = {"pool": DEVICE, "batch_size": cfg.query_batch_size, "actors": res["num_encoders"]}
     if cfg.index:
         from mmembed.stages.index_search import IndexSearchStage
+        from mmembed.stages.index_search_maxsim import MaxSimIndexSearchStage
 
+        multi = {"candidate_tokens": cfg.candidate_tokens} if cfg.candidate_tokens else {}
         # FAISS on CPU: the actor takes the encoder's CPUs, never a GPU.
-        return [Stage(IndexSearchStage, args=(cfg.index,),
+        return [Stage(MaxSimIndexSearchStage if p.get("multi_vector") else IndexSearchStage, args=(cfg.index,),
                       kwargs={"dim": p["dim"], "top_k": cfg.top_k, "storage_options": cfg.storage_options,
-                              "nprobe": cfg.nprobe, "ef_search": cfg.ef_search},
+                              "nprobe": cfg.nprobe, "ef_search": cfg.ef_search, **multi},
                       resources={"num_cpus": device_pool(cfg, res)["num_cpus"]}, **pool)]
     if p.get("multi_vector"):
         from mmembed.stages.search_maxsim import MAXSIM_BLOCK_DOCS, MaxSimSearchStage

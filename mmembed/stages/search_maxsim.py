@@ -22,13 +22,19 @@ from mmembed.storage.fs import filesystem
 MAXSIM_BLOCK_DOCS = 1024
 
 
-def ragged_vectors(column, dim: int) -> list[np.ndarray]:
-    """A list<fixed_size_list<float>> column as one float32 [n_i, dim] array per row (null rows empty)."""
+def flat_vectors(column, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """A list<fixed_size_list<float>> column as (float32 [all rows' vectors, dim], vectors per row)."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     offsets = column.offsets.to_numpy()
-    flat = np.asarray(column.values.flatten(), dtype=np.float32).reshape(-1, dim)
-    return [flat[offsets[i]: offsets[i + 1]] for i in range(len(column))]
+    flat = np.asarray(column.values.flatten(), dtype=np.float32).reshape(-1, dim)[offsets[0]: offsets[-1]]
+    return flat, np.diff(offsets)
+
+
+def ragged_vectors(column, dim: int) -> list[np.ndarray]:
+    """A list<fixed_size_list<float>> column as one float32 [n_i, dim] array per row (null rows empty)."""
+    flat, counts = flat_vectors(column, dim)
+    return np.split(flat, np.cumsum(counts)[:-1]) if len(counts) else []
 
 
 class MaxSimSearchStage(SearchStage):

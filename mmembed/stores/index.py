@@ -84,9 +84,6 @@ class EmbeddingSource:
             )
         if not m.get("files") or not m["counts"].get("written"):
             raise UsageError(f"--embeddings {uri} holds no embeddings.")
-        if m["model"].get("multi_vector"):
-            raise UsageError(f"--embeddings {uri} holds multi-vector embeddings (one vector per token), which this "
-                             "index does not take; search them exactly with `mmembed search --corpus-embeddings`.")
         q = m["model"].get("quantization") or {}
         if q and not q.get("float_column"):
             raise UsageError(
@@ -105,6 +102,10 @@ class EmbeddingSource:
     @property
     def model(self) -> dict:
         return self.manifest["model"]
+
+    @property
+    def multi_vector(self) -> bool:
+        return bool(self.model.get("multi_vector"))
 
     @property
     def dim(self) -> int:
@@ -282,7 +283,7 @@ class IndexOutput:
     def existing(self) -> dict | None:
         return read_json(join_uri(self.uri, MANIFEST_NAME), self.storage_options)
 
-    def commit(self, index, ids: pa.Array, manifest: dict) -> dict:
+    def commit(self, index, ids: pa.Array | pa.Table, manifest: dict) -> dict:
         """Upload the index and id files, then write the manifest that makes them the index."""
         from mmembed.outputs.manifest import write_json
 
@@ -295,7 +296,9 @@ class IndexOutput:
         with tempfile.TemporaryDirectory(prefix="mmembed-index-") as tmp:
             local = {k: os.path.join(tmp, v) for k, v in names.items()}
             faiss.write_index(index, local["index"])
-            pq.write_table(pa.table({"id": ids}), local["ids"], compression="zstd")
+            # Row -> id; a multi-vector index's table also holds each document's first token row.
+            pq.write_table(ids if isinstance(ids, pa.Table) else pa.table({"id": ids}), local["ids"],
+                           compression="zstd")
             files = {}
             for key, name in names.items():
                 files[key] = {"name": name, "bytes": os.path.getsize(local[key])}
@@ -357,7 +360,14 @@ class AnnIndex:
             with_retries(lambda: fs.get_file(f"{root}/{files['index']['name']}", local))
             index = faiss.read_index(local)
         with fs.open(f"{root}/{files['ids']['name']}", "rb") as f:
-            ids = pq.read_table(f).column("id").combine_chunks()
+            table = pq.read_table(f)
+        if manifest.get("multi_vector"):
+            from mmembed.stores.index_multi import MultiVectorAnnIndex
+
+            ann = MultiVectorAnnIndex(index, table, manifest["index"], manifest["similarity_fn_name"])
+            ann.tune(nprobe=nprobe, ef_search=ef_search)
+            return ann
+        ids = table.column("id").combine_chunks()
         ann = cls(index, ids, manifest["index"], manifest["metric"], manifest["normalize_inputs"])
         ann.tune(nprobe=nprobe, ef_search=ef_search)
         return ann
@@ -444,7 +454,8 @@ def index_as_corpus(index_uri: str, corpus_uri: str | None, storage_options: dic
                 f"--corpus-embeddings {corpus_uri} given; drop --corpus-embeddings or rebuild the index."
             )
     return {
-        "model": {**m["model"], "similarity_fn_name": m["similarity_fn_name"]},
+        "model": {**m["model"], "similarity_fn_name": m["similarity_fn_name"],
+                  **({"multi_vector": m["multi_vector"]} if m.get("multi_vector") else {})},
         "counts": {"written": m["counts"]["written"]},
         "uris": [join_uri(src["root"], f["name"]) for f in src["files"]],
         "source_uri": src["root"],
