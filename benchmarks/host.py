@@ -40,6 +40,8 @@ WORKLOADS = {
     "clip_photos": {"model": "clip_b32", "corpus": "photos", "files": 512},
     "qwen_shots": {"model": "qwen3vl", "corpus": "shots", "files": 128},
     "pdf_pages": {"model": "qwen3vl", "corpus": "shots", "files": 128, "pages": 8},
+    # Issue 30: a multi-vector model (ColQwen2's processor and pixel budget) on the same screenshots.
+    "colqwen_shots": {"model": "colqwen2", "corpus": "shots", "files": 128},
 }
 
 _BARE: dict = {}
@@ -105,19 +107,21 @@ def mmembed_rate(model_dir: str, files: list[str], n: int, work: Path, column: s
     from mmembed import cli
     from mmembed.jobs.embed import EmbedJob
     from mmembed.jobs.runner import run
-    from mmembed.models.loading import ModelSpec, load_model
+    from mmembed.models.loading import load_model
     from mmembed.stages.encode import EncodeStage
+    from mmembed.stages.encode_multi import MultiVectorEncodeStage
     from mmembed.testing.standin import NullEncoder
 
     manifest = work / f"{label}-manifest-{n}.parquet"
     pq.write_table(pa.table({"id": [f"r{i:08d}" for i in range(n)], column: [files[i % len(files)] for i in range(n)]}),
                    manifest)
     out = work / f"{label}-out-{n}"
-    dim = load_model(ModelSpec(model_dir), weights=False).get_embedding_dimension()
+    dim = load_model(spec_of(model_dir), weights=False).get_embedding_dimension()
     cfg = cli.parse("embed", ["--input", manifest, "--output", out, "--model", model_dir, "--device", "cpu",
                               "--executor", "ray", "--shard-rows", max(8, n // 40), "--overwrite", *extra])
     t0 = time.perf_counter()
-    rc = run(EmbedJob(cfg, replacements={EncodeStage: (NullEncoder, {"dim": dim})}))
+    null = (NullEncoder, {"dim": dim})
+    rc = run(EmbedJob(cfg, replacements={EncodeStage: null, MultiVectorEncodeStage: null}))
     wall = time.perf_counter() - t0
     m = json.loads((out / "_manifest.json").read_text())
     if rc or m["counts"]["errors"]:
@@ -129,6 +133,14 @@ def mmembed_rate(model_dir: str, files: list[str], n: int, work: Path, column: s
             "pixels": m["model"].get("pixels")}
 
 
+def spec_of(model_dir: str):
+    """The model's spec, as the embed job's plan makes it (a multi-vector checkpoint loads as one)."""
+    from mmembed.models.loading import MULTI_VECTOR, ModelSpec, model_family
+
+    spec = ModelSpec(model_dir)
+    return ModelSpec(model_dir, kind="multivector") if model_family(spec) == MULTI_VECTOR else spec
+
+
 def profile(model_dir: str, paths: list[str], column: str) -> list[tuple[str, float]]:
     """Where one PreprocessStage call's time goes on these files, in this process: its own time (cProfile
     tottime) summed by library, largest first, as shares of the call."""
@@ -137,17 +149,15 @@ def profile(model_dir: str, paths: list[str], column: str) -> list[tuple[str, fl
 
     import pyarrow as pa
 
-    from mmembed.models.loading import ModelSpec
+    from mmembed.models.loading import load_model
+    from mmembed.models.pixel_tail import check
     from mmembed.stages.preprocess import PreprocessStage
     from mmembed.stages.read import normalize_manifest_table
 
-    from mmembed.models.loading import load_model
-    from mmembed.models.pixel_tail import check
-
     # One fetch thread: fetch and decode run inline, where the profiler sees them (the actors use 8). Pixels
     # leave as the embed job would send them (uint8 where exact).
-    uint8 = check(load_model(ModelSpec(model_dir), weights=False))["transport"] == "uint8"
-    stage = PreprocessStage(ModelSpec(model_dir), fetch_threads=1, uint8_pixels=uint8)
+    uint8 = check(load_model(spec_of(model_dir), weights=False))["transport"] == "uint8"
+    stage = PreprocessStage(spec_of(model_dir), fetch_threads=1, uint8_pixels=uint8)
     table = normalize_manifest_table(pa.table({"id": [f"p{i}" for i in range(len(paths))], column: paths}), "")
     stage(table.slice(0, 1))
     prof = cProfile.Profile()

@@ -76,7 +76,7 @@ def build_parser(prog: str = "mmembed search") -> argparse.ArgumentParser:
     a.add_argument("--ef-search", type=positive_int, default=None, help="HNSW candidate list per query: more is "
                    "slower and closer to exact (default: the index's).")
     a.add_argument("--candidate-tokens", type=positive_int, default=None, help="Multi-vector index: nearest token "
-                   "vectors fetched per query token; their documents are scored with exact MaxSim (default: 32).")
+                   "vectors fetched per query token; their documents are scored with exact MaxSim (default: 128).")
     add_runtime_options(p)
     add_io_options(p)
     return p

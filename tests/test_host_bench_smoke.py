@@ -19,7 +19,7 @@ def test_host_benchmark_smoke(ray_session, tmp_path):
     out = tmp_path / "r.json"
     assert host.main(["--smoke", "--profile", "--workdir", str(tmp_path / "work"), "--json", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert set(report["workloads"]) == {"clip_photos", "qwen_shots", "pdf_pages"}
+    assert set(report["workloads"]) == {"clip_photos", "qwen_shots", "pdf_pages", "colqwen_shots"}
     for name, w in report["workloads"].items():
         assert w["bare"][w["baseline"]] > 0 and w["median_ratio"] > 0, name
         assert w["pairs"][0]["job"]["units"] == (32 if name == "pdf_pages" else 4)

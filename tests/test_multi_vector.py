@@ -261,11 +261,57 @@ def test_rerank_scores_pairs_by_maxsim_equal_to_st(ray_session, tiny_colbert, ti
             assert "broken.png" in err["id"] and "undecodable" in err["error"]
 
 
-def test_reembed_refuses_multi_vector_until_stores_take_it(tiny_colbert, texts, tmp_path, capsys):
-    assert run_job("pipelines.reembed", ["--input", texts, "--store", tmp_path / "store", "--model", tiny_colbert,
-                                         "--executor", "local"]) == 2
-    assert "multi-vector" in capsys.readouterr().err
-    assert not (tmp_path / "store").exists()
+def test_stores_hold_multi_vector_versions_and_the_gate_compares_them_with_single_vector(
+        tiny_colbert, st_models, minilm_path, tmp_path, capsys):
+    """reembed keeps a multi-vector version (incremental: unchanged records carried over, vectors equal to ST's),
+    and the gate weighs it against a single-vector CURRENT on the same judgements, both ways."""
+    from mmembed.errors import EXIT_NOT_BETTER
+    from mmembed.stores.store import Store
+    from mmembed.testing.judged import judged_set, write_beir
+
+    beir = write_beir(tmp_path / "beir")
+    store, local = tmp_path / "store", ["--executor", "local"]
+    gate = ["--queries", beir["queries"], "--qrels", beir["qrels"], *local]
+    assert run_job("pipelines.reembed", ["--input", beir["corpus"], "--store", store, "--model", minilm_path,
+                                         *local]) == 0
+    minilm = Store(str(store)).current()["path"]
+    # The random ColBERT retrieves worse than MiniLM: kept out of CURRENT, the decision recorded.
+    assert run_job("pipelines.reembed", ["--input", beir["corpus"], "--store", store, "--model", tiny_colbert,
+                                         "--activate-if-better", *gate]) == EXIT_NOT_BETTER
+    assert Store(str(store)).current()["path"] == minilm
+    listing = {v["version"]: v for v in Store(str(store)).versions()}
+    (colbert,) = [v for v in listing.values() if not v["current"]]
+    decision = colbert["decision"]
+    assert decision["activated"] is False and decision["candidate"]["value"] < decision["current"]["value"]
+    capsys.readouterr()
+    # Its snapshot holds ST's document vectors for every record, counted per record in its manifest.
+
+    def latest():
+        return store / Store(str(store)).latest(*colbert["version"].split("/")).path
+
+    root = latest()
+    corpus, _, _ = judged_set()
+    got = read_vectors(root)
+    want = dict(zip(corpus, st_models[tiny_colbert].encode_document(list(corpus.values()), convert_to_numpy=True)))
+    assert_equal_to_st(got, want)
+    manifest = json.loads((root / "_manifest.json").read_text())
+    assert manifest["model"]["multi_vector"]["vectors"] == sum(len(v) for v in want.values())
+    # Incremental: a rerun with one record changed embeds that one and carries the rest over, equal to ST.
+    texts = dict(corpus)
+    first = next(iter(texts))
+    texts[first] = "a new text about paris and france"
+    changed = tmp_path / "corpus2.parquet"
+    pq.write_table(pa.table({"id": list(texts), "text": list(texts.values())}), changed)
+    assert run_job("pipelines.reembed", ["--input", changed, "--store", store, "--model", tiny_colbert, *local]) == 0
+    assert "0 new, 1 changed" in capsys.readouterr().out
+    assert latest() != root
+    want[first] = st_models[tiny_colbert].encode_document([texts[first]], convert_to_numpy=True)[0]
+    assert_equal_to_st(read_vectors(latest()), want)
+    # The reverse: with the multi-vector version CURRENT, MiniLM passes the gate.
+    assert run_job("pipelines.activate", [store, colbert["version"]]) == 0
+    single = next(v for v in listing.values() if v["current"])["version"]
+    assert run_job("pipelines.activate", [store, single, "--if-better", *gate]) == 0
+    assert Store(str(store)).current()["path"] == minilm
 
 
 def test_evaluate_scores_maxsim_equal_to_st_multi_vector_evaluator(tiny_colbert, st_models, tmp_path):

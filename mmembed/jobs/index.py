@@ -23,11 +23,7 @@ def plan(cfg: IndexConfig) -> dict:
     faiss = require_faiss()
     source = EmbeddingSource.open(cfg.embeddings, cfg.storage_options)
     if source.multi_vector:
-        from mmembed.stores.index_multi import MULTI_VECTOR_KINDS, token_count
-
-        if cfg.kind is not None and cfg.kind not in MULTI_VECTOR_KINDS:
-            raise UsageError(f"--kind {cfg.kind}: a multi-vector index rescores its candidates with the exact vectors "
-                             f"it holds, so it takes {', '.join(MULTI_VECTOR_KINDS)}.")
+        from mmembed.stores.index_multi import multi_vector_params, token_count
     elif source.similarity not in METRICS:
         raise UsageError(
             f"the corpus similarity {source.similarity!r} has no FAISS metric (supported: {', '.join(METRICS)}); "
@@ -44,7 +40,11 @@ def plan(cfg: IndexConfig) -> dict:
     params = IndexParams(
         kind=cfg.kind, nlist=cfg.nlist, nprobe=cfg.nprobe, m=cfg.m, nbits=cfg.nbits,
         ef_construction=cfg.ef_construction, ef_search=cfg.ef_search, train_size=cfg.train_size,
-    ).resolve(token_count(source) if source.multi_vector else source.count, source.dim)
+    )
+    if source.multi_vector:
+        params = multi_vector_params(params, token_count(source), source.dim)
+    else:
+        params = params.resolve(source.count, source.dim)
     return {"faiss": faiss, "source": source, "output": out, "params": params}
 
 
@@ -65,12 +65,17 @@ class IndexJob(Job):
         started = time.time()
         source = p["source"]
         if source.multi_vector:
+            import tempfile
+
             from mmembed.stores.index_multi import MultiVectorIndexBuilder
 
-            builder = MultiVectorIndexBuilder(source, p["params"])
+            p["workdir"] = tempfile.TemporaryDirectory(prefix="mmembed-index-")
+            builder = MultiVectorIndexBuilder(source, p["params"], p["workdir"].name)
+            p["index"], p["ids"], vectors = builder.build()
+            p["extra"] = {"vectors": vectors}
         else:
             builder = IndexBuilder(source, p["params"])
-        p["index"], p["ids"] = builder.build()
+            p["index"], p["ids"] = builder.build()
         vectors = int(p["index"].ntotal)
         docs = p["ids"].num_rows if source.multi_vector else vectors
         manifest = {
@@ -105,7 +110,11 @@ class IndexJob(Job):
     def commit(self, p: dict, manifest: dict) -> dict:
         # The index's files are its own (IndexOutput.commit lists them); it has no error rows or device.
         manifest = {k: v for k, v in manifest.items() if k not in ("files", "error_files", "device_use")}
-        return p["output"].commit(p["index"], p["ids"], manifest)
+        try:
+            return p["output"].commit(p["index"], p["ids"], manifest, p.get("extra"))
+        finally:
+            if p.get("workdir") is not None:
+                p["workdir"].cleanup()
 
     def report(self, manifest: dict, output: str) -> str:
         c, m = manifest["counts"], manifest["model"]
@@ -120,10 +129,12 @@ class IndexJob(Job):
 
     @staticmethod
     def _per_document(manifest: dict) -> str:
-        size = sum(f["bytes"] for f in manifest.get("files", {}).values())
+        files = manifest.get("files", {})
         docs = max(manifest["counts"]["written"], 1)
+        vectors = files.get("vectors", {}).get("bytes", 0)
+        index = sum(f["bytes"] for f in files.values()) - vectors
         return (f"\n  tokens   {manifest['multi_vector']['index_vectors']:,} token vectors of {docs:,} documents; "
-                f"{size / docs:,.0f} B of index per document")
+                f"per document {index / docs:,.0f} B of token index and ids + {vectors / docs:,.0f} B of vectors")
 
     def exit_code(self, p: dict, manifest: dict, outcome: Outcome, output: str) -> int:
         return EXIT_OK if manifest["counts"]["unaccounted"] == 0 else EXIT_FAILED

@@ -153,9 +153,6 @@ class ReembedJob(Job):
         # --split-modalities stay off: a store keys its content hashes by record id.
         ecfg = derive(EmbedConfig, cfg, output=self.store.root)
         p = embed.plan(ecfg)
-        if p.get("multi_vector"):
-            raise UsageError(f"{cfg.model} is a multi-vector model, and stores do not hold multi-vector versions yet; "
-                             "embed the corpus with `mmembed embed` and search it with `mmembed search`.")
         if p["input"].documents or "pdf" in p["input"].columns:
             # A store diffs records by id and content hash; a PDF's records are its pages, known only once rendered.
             raise UsageError(f"--input {cfg.input} holds PDFs, which reembed does not take yet (a document's pages "
@@ -195,8 +192,10 @@ class ReembedJob(Job):
         store.ensure_marker()
         store.write_version_info(slug, version, settings)
         from mmembed.stages.encode import embedding_schema
+        from mmembed.stages.encode_multi import multi_vector_schema
 
-        schema = embedding_schema(p["dim"], cfg.precision).append(pa.field("content_hash", pa.string()))
+        schema = (multi_vector_schema(p["dim"], cfg.precision) if p.get("multi_vector")
+                  else embedding_schema(p["dim"], cfg.precision)).append(pa.field("content_hash", pa.string()))
         base_rows = base.manifest["counts"]["written"] + base.manifest["counts"]["errors"] if base else 0
         counts, scratch = self.changes_pass(ecfg, p, ex, base, base_rows, out, schema)
         changes = {
@@ -220,7 +219,8 @@ class ReembedJob(Job):
                 "mode": "incremental" if base else "full",
                 "base_snapshot": base.snapshot if base else None,
             },
-            "model": {"name": cfg.model, **settings, "similarity_fn_name": p["similarity_fn_name"]},
+            "model": {"name": cfg.model, **settings, "similarity_fn_name": p["similarity_fn_name"],
+                      **({"multi_vector": self.token_counts(p, totals, out)} if p.get("multi_vector") else {})},
             "input": {"uri": cfg.input, "kind": spec.kind, "fingerprint": spec.fingerprint, "records": records},
             "output": {"uri": out, "shard_rows": cfg.shard_rows},
             "changes": changes,
@@ -233,6 +233,15 @@ class ReembedJob(Job):
             },
         }
         return Outcome(manifest, totals, output=out)
+
+    def token_counts(self, p: dict, totals: dict, out: str) -> dict:
+        """The snapshot's vectors and bytes per record (embedded and carried over alike), from its shards' footers."""
+        from mmembed.jobs.embed import multi_vector_counts
+        from mmembed.outputs.runstate import token_totals
+        from mmembed.storage.fs import join_uri
+
+        uris = [join_uri(out, f["name"]) for f in totals["files"]]
+        return multi_vector_counts(p, {**totals, **token_totals(uris, self.cfg.storage_options)})
 
     def changes_pass(self, ecfg: EmbedConfig, p: dict, ex, base, base_rows: int, out: str,
                      schema: pa.Schema) -> tuple[dict, str]:

@@ -432,6 +432,22 @@ def account(paths: list[str], error_paths: list[str], storage_options: dict | No
     return totals
 
 
+def token_totals(uris: list[str], storage_options: dict | None) -> dict:
+    """{"token_values", "token_bytes"} of multi-vector shards, read from their footers alone."""
+    import pyarrow.parquet as pq
+
+    totals: dict = {}
+    for uri in uris:
+        fs, path = filesystem(uri, storage_options)
+
+        def footer(fs=fs, path=path):
+            with fs.open(path, "rb") as f:
+                return pq.ParquetFile(f).metadata
+
+        _count_token_vectors(with_retries(footer), totals)
+    return totals
+
+
 def _count_token_vectors(meta, totals: dict) -> None:
     """A multi-vector shard's stored values and bytes, from its Parquet footer (no vector is read): the
     `embedding` column of lists of vectors has one leaf column, `embedding.list.element.list.element`."""

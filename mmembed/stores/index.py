@@ -283,18 +283,21 @@ class IndexOutput:
     def existing(self) -> dict | None:
         return read_json(join_uri(self.uri, MANIFEST_NAME), self.storage_options)
 
-    def commit(self, index, ids: pa.Array | pa.Table, manifest: dict) -> dict:
-        """Upload the index and id files, then write the manifest that makes them the index."""
+    def commit(self, index, ids: pa.Array | pa.Table, manifest: dict, extra: dict | None = None) -> dict:
+        """Upload the index and id files (and `extra`: {key: local .npy file}, a multi-vector index's vectors),
+        then write the manifest that makes them the index."""
         from mmembed.outputs.manifest import write_json
 
         faiss = require_faiss()
         token = uuid.uuid4().hex[:8]
-        names = {"index": f"index-{token}.faiss", "ids": f"ids-{token}.parquet"}
+        names = {"index": f"index-{token}.faiss", "ids": f"ids-{token}.parquet",
+                 **{key: f"{key}-{token}.npy" for key in extra or {}}}
         previous = self.existing()
         previous = previous if (previous or {}).get("job") == INDEX_JOB else None
         self.fs.makedirs(self.path, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="mmembed-index-") as tmp:
             local = {k: os.path.join(tmp, v) for k, v in names.items()}
+            local.update(extra or {})
             faiss.write_index(index, local["index"])
             # Row -> id; a multi-vector index's table also holds each document's first token row.
             pq.write_table(ids if isinstance(ids, pa.Table) else pa.table({"id": ids}), local["ids"],
@@ -312,7 +315,7 @@ class IndexOutput:
         root = self.path.rstrip("/")
         stale = {e["name"] for e in ((previous or {}).get("files") or {}).values()}
         self.fs.invalidate_cache(root)
-        for pattern in ("index-*.faiss", "ids-*.parquet"):
+        for pattern in ("index-*.faiss", "ids-*.parquet", "vectors-*.npy"):
             stale.update(p.rsplit("/", 1)[-1] for p in self.fs.glob(f"{root}/{pattern}"))
         for name in sorted(stale - keep):
             try:
@@ -364,7 +367,12 @@ class AnnIndex:
         if manifest.get("multi_vector"):
             from mmembed.stores.index_multi import MultiVectorAnnIndex
 
-            ann = MultiVectorAnnIndex(index, table, manifest["index"], manifest["similarity_fn_name"])
+            # The vectors stay on local disk for the life of the process, memory-mapped: a search reads
+            # only its candidates' rows.
+            local = os.path.join(tempfile.mkdtemp(prefix="mmembed-vectors-"), files["vectors"]["name"])
+            with_retries(lambda: fs.get_file(f"{root}/{files['vectors']['name']}", local))
+            vectors = np.load(local, mmap_mode="r")
+            ann = MultiVectorAnnIndex(index, table, vectors, manifest["index"], manifest["similarity_fn_name"])
             ann.tune(nprobe=nprobe, ef_search=ef_search)
             return ann
         ids = table.column("id").combine_chunks()

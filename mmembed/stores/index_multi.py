@@ -1,14 +1,16 @@
 """Approximate MaxSim search over multi-vector corpora: candidates from a token index, then exact MaxSim.
 
-ColBERT's own end-to-end retrieval, in the style PLAID refines: every stored token vector goes into one
-FAISS index (row r = the r-th token, documents' tokens contiguous and in shard order); a query's tokens
-each fetch their nearest `candidate_tokens` token rows; the documents those rows belong to are the
-candidates, and only they are scored with exact MaxSim (ST's own function) on their exact stored vectors,
-read back from the index itself. So a document found by any one of its tokens is ranked exactly as the
-exhaustive scan ranks it; recall is lost only on documents none of whose tokens come near any query token.
+ColBERT's own end-to-end retrieval: every stored token vector goes into one FAISS index (row r = the r-th
+token, documents' tokens contiguous and in shard order); a query's vectors each fetch their nearest
+`candidate_tokens` token rows; the documents those rows belong to are the candidates, and only they are
+scored with exact MaxSim (ST's definition, in one product over their vectors) on their stored vectors, read
+from a document-ordered copy. So a document found by any one of its tokens is ranked exactly as the
+exhaustive scan ranks it; recall is lost only on documents none of whose tokens come near a query vector.
 
-    <output>/index-<token>.faiss    the token index (flat, ivf-flat or hnsw: kinds that hold the exact vectors)
+    <output>/index-<token>.faiss    the token index, for candidates only (any kind: ivf-sq8 and ivf-pq are small)
     <output>/ids-<token>.parquet    `id` and `offset`: document d's tokens are rows offset[d] .. offset[d+1]
+    <output>/vectors-<token>.npy    every token vector in document order, in the corpus's precision; memory-mapped
+                                    by a search, so only candidates' rows are read
     <output>/_manifest.json         as for single-vector indexes, with `multi_vector` set
 """
 
@@ -18,13 +20,31 @@ import numpy as np
 import pyarrow as pa
 
 from mmembed.errors import UsageError
-from mmembed.stores.index import IVF_KINDS, EmbeddingSource, IndexParams, require_faiss
+from mmembed.stores.index import IVF_KINDS, EmbeddingSource, IndexBuilder, IndexParams, require_faiss
 
-# Kinds whose stored vectors are the exact ones, so candidates are rescored exactly from the index.
-MULTI_VECTOR_KINDS = ("flat", "ivf-flat", "hnsw")
 MAXSIM_SIMILARITIES = ("maxsim", "meanmaxsim")
-# Nearest token rows fetched per query token (--candidate-tokens): the recall/speed knob of the search.
-CANDIDATE_TOKENS = 32
+# Nearest token rows fetched per query token (--candidate-tokens), and the default index: measured on 100,000
+# synthetic clustered pages (6.4M token vectors; benchmarks/RESULTS.md, "Multi-vector search"): ivf-sq8 with
+# about 4 x sqrt(N) lists, nlist/128 of them probed, 128 candidate tokens: recall@10 0.970 at 14.6x exact MaxSim.
+CANDIDATE_TOKENS = 128
+NPROBE_SHARE = 128
+
+
+def multi_vector_params(params: IndexParams, n: int, dim: int) -> IndexParams:
+    """The token index's parameters: the given ones, else the measured defaults for n token vectors."""
+    import math
+    from dataclasses import replace
+
+    from mmembed.stores.index import FLAT_BELOW
+
+    ivf_given = params.nlist or params.nprobe or params.train_size
+    kind = params.kind or ("ivf-sq8" if ivf_given or n >= FLAT_BELOW else "flat")
+    if kind in IVF_KINDS:
+        nlist = params.nlist or max(1, min(2 ** round(math.log2(4 * math.sqrt(n))), n // 39))
+        params = replace(params, kind=kind, nlist=nlist, nprobe=params.nprobe or max(1, nlist // NPROBE_SHARE))
+    else:
+        params = replace(params, kind=kind)
+    return params.resolve(n, dim)
 
 
 def token_count(source: EmbeddingSource) -> int:
@@ -50,32 +70,20 @@ def token_shards(source: EmbeddingSource):
         yield t.column("id").combine_chunks().cast(pa.string()), vectors, counts
 
 
-class MultiVectorIndexBuilder:
-    """Trains a token index on a uniform sample of the corpus's tokens, then adds them shard by shard."""
+class MultiVectorIndexBuilder(IndexBuilder):
+    """Trains a token index on a uniform sample of the corpus's tokens, then adds them shard by shard, writing
+    the document-ordered vectors beside it (into `workdir`, which the caller keeps until the commit)."""
 
-    def __init__(self, source: EmbeddingSource, params: IndexParams):
+    def __init__(self, source: EmbeddingSource, params: IndexParams, workdir: str):  # noqa: D107 - not IndexBuilder's
         self.faiss = require_faiss()
         self.source = source
         if source.similarity not in MAXSIM_SIMILARITIES:
             raise UsageError(f"multi-vector similarity {source.similarity!r} is not MaxSim; use exact search.")
         self.metric = "inner_product"  # MaxSim is built on token dot products
         self.normalize = False
-        self.params = params.resolve(token_count(source), source.dim)
-        if self.params.kind not in MULTI_VECTOR_KINDS:
-            raise UsageError(
-                f"--kind {self.params.kind} stores approximate vectors; a multi-vector index rescores its candidates "
-                f"exactly from the index, so it takes {', '.join(MULTI_VECTOR_KINDS)}."
-            )
-
-    def _empty(self):
-        faiss, p, d = self.faiss, self.params, self.source.dim
-        if p.kind == "flat":
-            return faiss.IndexFlatIP(d)
-        if p.kind == "hnsw":
-            index = faiss.IndexHNSWFlat(d, p.m, faiss.METRIC_INNER_PRODUCT)
-            index.hnsw.efConstruction = p.ef_construction
-            return index
-        return faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, p.nlist, faiss.METRIC_INNER_PRODUCT)
+        self.params = multi_vector_params(params, token_count(source), source.dim)
+        self.workdir = workdir
+        self.dtype = np.float16 if source.model.get("precision") == "float16" else np.float32
 
     def _sample(self, size: int, seed: int = 0) -> np.ndarray:
         total = token_count(self.source)
@@ -87,33 +95,44 @@ class MultiVectorIndexBuilder:
         return np.ascontiguousarray(np.concatenate(parts)[:size])
 
     def build(self):
-        """(the FAISS index, a table of doc `id` and `offset` of its first token row)."""
+        """(the FAISS index, a table of doc `id` and `offset` of its first token row, the vectors file)."""
+        import os
+
         index = self._empty()
         if not index.is_trained:
             index.train(self._sample(self.params.train_size))
+        path = os.path.join(self.workdir, "vectors.npy")
+        total = token_count(self.source)
+        store = np.lib.format.open_memmap(path, mode="w+", dtype=self.dtype, shape=(total, self.source.dim))
         ids, offsets, start = [], [], 0
         for doc_ids, vectors, counts in token_shards(self.source):
+            if start + len(vectors) > total:
+                raise UsageError(f"{self.source.uri} holds more token vectors than its manifest counts ({total:,}); "
+                                 "it was changed after it was written.")
             index.add(np.ascontiguousarray(vectors))
+            store[start:start + len(vectors)] = vectors
             ids.append(doc_ids)
             offsets.append(start + np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64))
             start += int(counts.sum())
-        if self.params.kind in IVF_KINDS:
-            index.make_direct_map()  # rows -> their exact vectors, for the exact MaxSim of the candidates
-        return index, pa.table({"id": pa.concat_arrays(ids), "offset": pa.array(np.concatenate(offsets))})
+        store.flush()
+        del store
+        table = pa.table({"id": pa.concat_arrays(ids), "offset": pa.array(np.concatenate(offsets))})
+        return index, table, path
 
 
 class MultiVectorAnnIndex:
-    """A token index with its documents: top-k (scores, doc ids) for multi-vector queries."""
+    """A token index, its documents and their vectors: top-k (scores, doc ids) for multi-vector queries."""
 
-    def __init__(self, index, table: pa.Table, params: dict, similarity: str, candidate_tokens: int = CANDIDATE_TOKENS):
-        from sentence_transformers.util import SimilarityFunction
-
+    def __init__(self, index, table: pa.Table, vectors: np.ndarray, params: dict, similarity: str,
+                 candidate_tokens: int = CANDIDATE_TOKENS):
         self.faiss = require_faiss()
-        self.index, self.params = index, params
+        self.index, self.params, self.vectors = index, params, vectors
         self.ids = table.column("id").combine_chunks()
         self.starts = table.column("offset").to_numpy()
-        self.ends = np.append(self.starts[1:], index.ntotal)
-        self.similarity = SimilarityFunction.to_similarity_fn(similarity)
+        self.ends = np.append(self.starts[1:], len(vectors))
+        if similarity not in MAXSIM_SIMILARITIES:
+            raise UsageError(f"a multi-vector index scores with MaxSim; its corpus similarity is {similarity!r}")
+        self.mean = similarity == "meanmaxsim"
         self.candidate_tokens = candidate_tokens
 
     def tune(self, *, nprobe: int | None = None, ef_search: int | None = None) -> None:
@@ -123,10 +142,10 @@ class MultiVectorAnnIndex:
             self.index.hnsw.efSearch = ef_search or self.params["ef_search"]
 
     def candidates(self, queries: list[np.ndarray], k: int) -> list[np.ndarray]:
-        """Each query's candidate documents (ordinals): those owning a nearest token of any query token.
+        """Each query's candidate documents (ordinals): those owning a nearest token of any of its vectors.
 
-        A query whose nearest tokens fall in fewer than k documents fetches twice as many tokens, until it
-        has k candidates or has fetched every token, so every query gets k hits where the corpus has them."""
+        A query whose fetched tokens fall in fewer than k documents fetches twice as many tokens, until it has
+        k candidates or has fetched every token, so every query gets k hits where the corpus has them."""
         out: list = [None] * len(queries)
         todo, fetch = list(range(len(queries))), self.candidate_tokens
         want = min(k, len(self.starts))
@@ -138,33 +157,34 @@ class MultiVectorAnnIndex:
             for i in todo:
                 found = rows[start:start + len(queries[i])]
                 start += len(queries[i])
-                out[i] = np.unique(np.searchsorted(self.starts, found[found >= 0], side="right") - 1)
+                docs = np.unique(np.searchsorted(self.starts, found[found >= 0], side="right") - 1)
+                out[i] = docs[self.ends[docs] > self.starts[docs]]
                 if len(out[i]) < want and fetch < self.index.ntotal:
                     short.append(i)
             todo, fetch = short, 2 * fetch
         return out
 
-    def vectors(self, docs: np.ndarray) -> list[np.ndarray]:
-        """The exact stored vectors of documents (by ordinal), read back from the index."""
+    def maxsim(self, q: np.ndarray, docs: np.ndarray) -> np.ndarray:
+        """Exact MaxSim of one query against documents, as ST's `maxsim` defines it (each query vector's best
+        dot product over a document's vectors, summed; MeanMaxSim divides by the query's vectors), in one
+        product over the documents' stored vectors rather than a padded batch."""
         counts = self.ends[docs] - self.starts[docs]
-        rows = np.concatenate([np.arange(s, e) for s, e in zip(self.starts[docs], self.ends[docs])]) if len(docs) \
-            else np.zeros(0, np.int64)
-        flat = self.index.reconstruct_batch(rows.astype(np.int64)) if len(rows) else np.zeros((0, self.index.d),
-                                                                                                np.float32)
-        return np.split(flat, np.cumsum(counts)[:-1])
+        first = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        rows = np.repeat(self.starts[docs] - first, counts) + np.arange(int(counts.sum()))
+        flat = np.asarray(self.vectors[rows], dtype=np.float32)
+        best = np.maximum.reduceat(np.ascontiguousarray(q, dtype=np.float32) @ flat.T, first, axis=1)
+        score = best.sum(axis=0)
+        return score / len(q) if self.mean else score
 
     def search(self, queries: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
         """([nq, k] exact MaxSim scores of the best candidates, [nq, k] doc ids); -inf and None where a query
         has fewer than k candidates."""
-        import torch
-
         scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
         doc_ids = np.full((len(queries), k), None, dtype=object)
         for i, (q, docs) in enumerate(zip(queries, self.candidates(queries, k))):
             if not len(docs):
                 continue
-            exact = self.similarity([torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))],
-                                    [torch.from_numpy(v) for v in self.vectors(docs)])[0].numpy()
+            exact = self.maxsim(q, docs)
             top = np.argsort(-exact, kind="stable")[:k]
             scores[i, :len(top)] = exact[top]
             doc_ids[i, :len(top)] = np.asarray(self.ids.take(pa.array(docs[top])).to_pylist(), dtype=object)

@@ -70,6 +70,9 @@ def embedding_settings(args, p: dict) -> dict:
         # Only a store fed other columns or fewer modalities records which: earlier versions keep their ids.
         **({"input_columns": p["input"].mapping.describe()} if p["input"].mapping != DEFAULT_COLUMNS else {}),
         **({"documents": p["documents"]} if p.get("documents") else {}),
+        # Only multi-vector versions record the side and token pooling: single-vector versions keep their ids.
+        **({"multi_vector": {k: p["multi_vector"][k] for k in ("task", "token_pooling")}}
+           if p.get("multi_vector") else {}),
     }
 
 

@@ -59,6 +59,9 @@ QWEN_VISION = dict(
 )
 
 
+# vidore/colqwen2-v1.0: at most 768 merged 28-pixel cells per image.
+COLQWEN_MAX_PIXELS = 768 * 28 * 28
+COLQWEN_MIN_PIXELS = 4 * 28 * 28
 QWEN_MAX_PIXELS = 360_000
 
 
@@ -87,7 +90,8 @@ def _replace_weights(path: str, model) -> None:
 
 
 def build_model(root: str, name: str, smoke: bool, dtype: str, device: str) -> str:
-    """An ST model directory for `name` (clip_b32 | clip_l14 | qwen3vl), built once."""
+    """An ST model directory for `name` (clip_b32 | clip_l14 | qwen3vl | colqwen2), built once. colqwen2 keeps
+    the tiny model's weights (host benchmarks only run its processor) with vidore/colqwen2's pixel budget."""
     import torch
 
     from mmembed.testing import tiny_model
@@ -96,8 +100,16 @@ def build_model(root: str, name: str, smoke: bool, dtype: str, device: str) -> s
     if os.path.exists(os.path.join(path, ".full")):
         return path
     shutil.rmtree(path, ignore_errors=True)
-    tiny = tiny_model("clip" if name.startswith("clip") else "qwen3vl_embedder", os.path.join(root, "tiny"))
+    kind = "clip" if name.startswith("clip") else ("colqwen2" if name == "colqwen2" else "qwen3vl_embedder")
+    tiny = tiny_model(kind, os.path.join(root, "tiny"))
     shutil.copytree(tiny, path)
+    if name == "colqwen2":
+        file, whole, ip = _processor_config(path)
+        ip["size"] = {"shortest_edge": COLQWEN_MIN_PIXELS, "longest_edge": COLQWEN_MAX_PIXELS}
+        with open(file, "w") as f:
+            json.dump(whole, f, indent=2)
+        open(os.path.join(path, ".full"), "w").close()
+        return path
     torch_dtype = getattr(torch, dtype)
     # Random init runs on the GPU when there is one: a 2B model initialises in seconds there.
     init_device = "cuda" if device == "cuda" else "cpu"
