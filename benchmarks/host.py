@@ -120,8 +120,8 @@ def mmembed_rate(model_dir: str, files: list[str], n: int, work: Path, column: s
     cfg = cli.parse("embed", ["--input", manifest, "--output", out, "--model", model_dir, "--device", "cpu",
                               "--executor", "ray", "--shard-rows", max(8, n // 40), "--overwrite", *extra])
     t0 = time.perf_counter()
-    null = (NullEncoder, {"dim": dim})
-    rc = run(EmbedJob(cfg, replacements={EncodeStage: null, MultiVectorEncodeStage: null}))
+    encoder = MultiVectorEncodeStage if spec_of(model_dir).kind == "multivector" else EncodeStage
+    rc = run(EmbedJob(cfg, replacements={encoder: (NullEncoder, {"dim": dim})}))
     wall = time.perf_counter() - t0
     m = json.loads((out / "_manifest.json").read_text())
     if rc or m["counts"]["errors"]:

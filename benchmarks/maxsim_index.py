@@ -123,9 +123,9 @@ def main(argv=None) -> int:
     a.add_argument("--context", type=float, default=0.5)
     a.add_argument("--noise", type=float, default=0.15)
     a.add_argument("--shard-rows", type=int, default=10_000)
-    a.add_argument("--nprobe", default="8,16,32,64")
-    a.add_argument("--candidate-tokens", default="16,32,64,128")
-    a.add_argument("--kinds", default="ivf-flat,ivf-sq8")
+    a.add_argument("--nprobe", default="32,64,128")
+    a.add_argument("--candidate-tokens", default="64,128,256")
+    a.add_argument("--kinds", default="ivf-sq8")
     a.add_argument("--nlist", type=int, default=None, help="IVF lists (default: as `mmembed index` chooses)")
     a.add_argument("--min-seconds", type=float, default=3.0)
     a.add_argument("--smoke", action="store_true", help="a small corpus, for the test suite")
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     args = a.parse_args(argv)
     if args.smoke:
         args.pages, args.queries, args.shard_rows, args.min_seconds = 2_000, 8, 500, 0.0
-        args.nprobe, args.candidate_tokens = "4,16", "32"
+        args.nprobe, args.candidate_tokens, args.kinds = "4,16", "32", "ivf-flat,ivf-sq8"
     import torch
     from sentence_transformers.util import maxsim
 

@@ -97,6 +97,16 @@ def embedding_matrix(col, dim: int) -> np.ndarray:
     return np.asarray(col.flatten(), dtype=np.float32).reshape(len(col), dim)
 
 
+def flat_vectors(column, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """A multi-vector column (list<fixed_size_list<float>>: each row's token vectors) as (float32 [all rows'
+    vectors, dim], vectors per row)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    offsets = column.offsets.to_numpy()
+    flat = np.asarray(column.values.flatten(), dtype=np.float32).reshape(-1, dim)[offsets[0]: offsets[-1]]
+    return flat, np.diff(offsets)
+
+
 def groups_by(table: pa.Table, column: str):
     """`table`'s rows in groups of equal `column` (nulls last), as a Ray Data groupby hands them to
     map_groups: what the in-process executor does where a job's Ray pipeline shuffles."""

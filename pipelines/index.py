@@ -18,7 +18,9 @@ def build_parser(prog: str = "mmembed index") -> argparse.ArgumentParser:
         description="Build a FAISS approximate nearest-neighbour index from embeddings written by `mmembed embed` "
         "(or a reembed store's CURRENT). The metric follows the corpus _manifest.json: cosine and dot use inner "
         "product (unnormalised vectors are normalised for cosine), euclidean uses L2 (manhattan has no FAISS metric: "
-        "use exact search). A quantised corpus (`embed --precision int8|uint8|binary|ubinary`) is indexed from the "
+        "use exact search). A multi-vector corpus (ColBERT, ColPali, ColQwen2) gets a token index: every token vector "
+        "indexed (default ivf-sq8 with about 4 x sqrt(vectors) lists, nlist/128 probed) and the vectors kept in "
+        "document order beside it, so `search --index` ranks candidate documents by exact MaxSim. A quantised corpus (`embed --precision int8|uint8|binary|ubinary`) is indexed from the "
         "float vectors that --keep-float stored; without them it is refused. The build runs in this process, no "
         "Ray: the lists are trained on a sample, then the corpus is added shard by shard.",
         epilog="Output: index-*.faiss, ids-*.parquet (row -> id) and _manifest.json, written last. Search it with "

@@ -95,10 +95,6 @@ def check_model_path(name: str) -> None:
         raise ModelPathError(f"model path {name} does not exist (looked for {os.path.abspath(os.path.expanduser(name))})")
 
 
-class MultiVectorModelError(ValueError):
-    """A multi-vector (late-interaction) checkpoint given where one vector per record is expected."""
-
-
 MULTI_VECTOR = "MultiVectorEncoder"
 
 
@@ -133,18 +129,6 @@ def model_family(spec: ModelSpec) -> str:
     if "HF_ColBERT" in architectures or any(a.endswith("ForRetrieval") for a in architectures):
         return MULTI_VECTOR
     return "SentenceTransformer"
-
-
-def refuse_multi_vector(spec: ModelSpec, command: str) -> None:
-    """Raise MultiVectorModelError where `command` would run a multi-vector checkpoint as something else."""
-    if spec.kind != "multivector" and model_family(spec) == MULTI_VECTOR:
-        raise MultiVectorModelError(
-            f"{spec.name_or_path} is a multi-vector (late-interaction, ColBERT/ColPali-style) model: "
-            f"sentence-transformers loads it as a MultiVectorEncoder, which keeps one vector per token and scores "
-            f"with MaxSim. `mmembed {command}` does not run multi-vector models yet; loading it as a "
-            "single-vector model would drop its projection and mask and give wrong results. Use "
-            "sentence_transformers.MultiVectorEncoder directly, or a single-vector embedder."
-        )
 
 
 def load_model(spec: ModelSpec, *, weights: bool = True, device: str | None = None):

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 from mmembed.stages.index_search import IndexSearchStage
 from mmembed.stages.search_maxsim import MaxSimSearchStage
-from mmembed.stores.index_multi import CANDIDATE_TOKENS
+from mmembed.stores.index_multi import CANDIDATE_TOKENS, MultiVectorAnnIndex
 
 
 class MaxSimIndexSearchStage(IndexSearchStage, MaxSimSearchStage):
     """CPU actor: multi-vector query rows in, k result rows per query from the token index out."""
 
-    def __init__(self, index_uri: str, *, candidate_tokens: int = CANDIDATE_TOKENS, **kwargs):
-        super().__init__(index_uri, **kwargs)
+    def __init__(self, index_uri: str, *, dim: int, top_k: int, storage_options: dict | None = None,
+                 nprobe: int | None = None, ef_search: int | None = None, candidate_tokens: int = CANDIDATE_TOKENS):
+        # The MaxSim stage's query handling, over no corpus files: the token index answers instead.
+        MaxSimSearchStage.__init__(self, [], dim=dim, top_k=top_k, storage_options=storage_options, device="cpu")
+        self.index = MultiVectorAnnIndex.load(index_uri, storage_options, nprobe=nprobe, ef_search=ef_search)
         self.index.candidate_tokens = candidate_tokens
+        if self.index.index.d != dim:
+            raise ValueError(f"index {index_uri} holds {self.index.index.d}-d vectors, its manifest says {dim}")

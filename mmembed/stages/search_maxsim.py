@@ -11,24 +11,15 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mmembed.schema import flat_vectors
 from mmembed.stages.search import SearchStage
 from mmembed.storage.fs import filesystem
 
 # Documents per block: a page holds hundreds to a thousand vectors, so far fewer documents than
 # single-vector rows fit a block.
 MAXSIM_BLOCK_DOCS = 1024
-
-
-def flat_vectors(column, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """A list<fixed_size_list<float>> column as (float32 [all rows' vectors, dim], vectors per row)."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    offsets = column.offsets.to_numpy()
-    flat = np.asarray(column.values.flatten(), dtype=np.float32).reshape(-1, dim)[offsets[0]: offsets[-1]]
-    return flat, np.diff(offsets)
 
 
 def ragged_vectors(column, dim: int) -> list[np.ndarray]:

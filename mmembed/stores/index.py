@@ -338,6 +338,27 @@ def read_index_manifest(uri: str, storage_options: dict | None = None) -> dict:
     return m
 
 
+def fetch_index(uri: str, storage_options: dict | None = None):
+    """(manifest, the FAISS index in memory, its ids table, a function that copies one more of its files to
+    local disk and returns the local path) of the committed index at uri."""
+    faiss = require_faiss()
+    manifest = read_index_manifest(uri, storage_options)
+    fs, path = filesystem(uri, storage_options or {})
+    root = path.rstrip("/")
+    files = manifest["files"]
+
+    def local_copy(key: str, directory: str) -> str:
+        local = os.path.join(directory, files[key]["name"])
+        with_retries(lambda: fs.get_file(f"{root}/{files[key]['name']}", local))
+        return local
+
+    with tempfile.TemporaryDirectory(prefix="mmembed-index-") as tmp:
+        index = faiss.read_index(local_copy("index", tmp))
+    with fs.open(f"{root}/{files['ids']['name']}", "rb") as f:
+        table = pq.read_table(f)
+    return manifest, index, table, local_copy
+
+
 class AnnIndex:
     """A FAISS index with its row -> doc id map: top-k (scores, doc ids) for a matrix of queries."""
 
@@ -353,30 +374,9 @@ class AnnIndex:
     def load(cls, uri: str, storage_options: dict | None = None, *, nprobe: int | None = None,
              ef_search: int | None = None) -> "AnnIndex":
         """The committed index at uri, copied to local disk once and read into memory."""
-        faiss = require_faiss()
-        manifest = read_index_manifest(uri, storage_options)
-        fs, path = filesystem(uri, storage_options or {})
-        root = path.rstrip("/")
-        files = manifest["files"]
-        with tempfile.TemporaryDirectory(prefix="mmembed-index-") as tmp:
-            local = os.path.join(tmp, files["index"]["name"])
-            with_retries(lambda: fs.get_file(f"{root}/{files['index']['name']}", local))
-            index = faiss.read_index(local)
-        with fs.open(f"{root}/{files['ids']['name']}", "rb") as f:
-            table = pq.read_table(f)
-        if manifest.get("multi_vector"):
-            from mmembed.stores.index_multi import MultiVectorAnnIndex
-
-            # The vectors stay on local disk for the life of the process, memory-mapped: a search reads
-            # only its candidates' rows.
-            local = os.path.join(tempfile.mkdtemp(prefix="mmembed-vectors-"), files["vectors"]["name"])
-            with_retries(lambda: fs.get_file(f"{root}/{files['vectors']['name']}", local))
-            vectors = np.load(local, mmap_mode="r")
-            ann = MultiVectorAnnIndex(index, table, vectors, manifest["index"], manifest["similarity_fn_name"])
-            ann.tune(nprobe=nprobe, ef_search=ef_search)
-            return ann
-        ids = table.column("id").combine_chunks()
-        ann = cls(index, ids, manifest["index"], manifest["metric"], manifest["normalize_inputs"])
+        manifest, index, table, _ = fetch_index(uri, storage_options)
+        ann = cls(index, table.column("id").combine_chunks(), manifest["index"], manifest["metric"],
+                  manifest["normalize_inputs"])
         ann.tune(nprobe=nprobe, ef_search=ef_search)
         return ann
 

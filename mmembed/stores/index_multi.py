@@ -55,7 +55,7 @@ def token_shards(source: EmbeddingSource):
     """(doc ids, float32 [tokens, dim], tokens per doc) per shard, in the manifest's order."""
     import pyarrow.parquet as pq
 
-    from mmembed.stages.search_maxsim import flat_vectors
+    from mmembed.schema import flat_vectors
     from mmembed.storage.fs import filesystem, join_uri, with_retries
 
     for entry in source.files:
@@ -134,6 +134,23 @@ class MultiVectorAnnIndex:
             raise UsageError(f"a multi-vector index scores with MaxSim; its corpus similarity is {similarity!r}")
         self.mean = similarity == "meanmaxsim"
         self.candidate_tokens = candidate_tokens
+
+    @classmethod
+    def load(cls, uri: str, storage_options: dict | None = None, *, nprobe: int | None = None,
+             ef_search: int | None = None) -> "MultiVectorAnnIndex":
+        """The committed token index at uri in memory, its vectors copied to local disk for the life of the
+        process and memory-mapped: a search reads only its candidates' rows."""
+        import tempfile
+
+        from mmembed.stores.index import fetch_index
+
+        manifest, index, table, local_copy = fetch_index(uri, storage_options)
+        if not manifest.get("multi_vector"):
+            raise UsageError(f"--index {uri} is a single-vector index; the corpus and queries are multi-vector.")
+        vectors = np.load(local_copy("vectors", tempfile.mkdtemp(prefix="mmembed-vectors-")), mmap_mode="r")
+        ann = cls(index, table, vectors, manifest["index"], manifest["similarity_fn_name"])
+        ann.tune(nprobe=nprobe, ef_search=ef_search)
+        return ann
 
     def tune(self, *, nprobe: int | None = None, ef_search: int | None = None) -> None:
         if self.params["kind"] in IVF_KINDS:
