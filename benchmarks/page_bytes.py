@@ -38,9 +38,11 @@ def main(argv=None) -> int:
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from mmembed import cli
+    from mmembed.jobs.embed import EmbedJob
+    from mmembed.jobs.runner import run
     from mmembed.testing.corpus import corpus
     from mmembed.testing.shapes import build_model
-    from pipelines import embed
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="page-bytes-"))
     pages = 2 if args.smoke else args.pages
@@ -64,8 +66,8 @@ def main(argv=None) -> int:
     for label, (model, extra) in runs.items():
         out = work / f"out-{len(rows)}"
         shutil.rmtree(out, ignore_errors=True)
-        rc = embed.main(["--input", str(shots), "--output", str(out), "--model", model, "--executor", "local",
-                         "--device", "cpu", "--batch-size", "4", *extra])
+        rc = run(EmbedJob(cli.parse("embed", ["--input", str(shots), "--output", str(out), "--model", model,
+                                              "--executor", "local", "--device", "cpu", "--batch-size", "4", *extra])))
         if rc:
             raise SystemExit(f"page_bytes.py: {label} failed with exit {rc}")
         m = json.loads((out / "_manifest.json").read_text())
