@@ -5,8 +5,9 @@ the work it exists to do?
 
 For each workload, on the same files and the same number of CPUs, alternating A, B for --pairs rounds:
 - bare: a spawn multiprocessing pool, one process per CPU, one thread each, that reads each file,
-  decodes it (Pillow; a PDF page rendered with pypdfium2 at 72 dpi, the screenshot's own size) and runs
-  the model's own image processor on it, slow and fast classes both timed (the faster is the baseline);
+  decodes it (Pillow, or torchvision's decode_image as ST decodes a path; a PDF page rendered with pypdfium2
+  at 72 dpi, the screenshot's own size) and runs the model's own image processor on it: slow class with
+  Pillow, fast class with Pillow, fast class with torchvision's decode, all timed (the fastest is the baseline);
   nothing is shipped back;
 - mmembed: the real embed job on Ray with the null encoder (mmembed/testing/standin.py), its rate while
   shards stream (the first 10% of rows left out, mmembed/testing/rates.py), sized to stream for at least
@@ -47,16 +48,30 @@ WORKLOADS = {
 _BARE: dict = {}
 
 
-def _bare_init(model_dir: str, fast: bool) -> None:
+# The bare route's variants, timed each, the fastest the baseline: the processor's slow (PIL) and fast
+# (torchvision) classes, and the fast class fed torchvision's own decode (libjpeg-turbo, libpng), as ST
+# decodes an image path; a PDF page is rendered the same way in each.
+BARE_VARIANTS = {"slow": (False, "pil"), "fast": (True, "pil"), "fast+tv-decode": (True, "torchvision")}
+
+
+def _bare_init(model_dir: str, variant: str) -> None:
     import torch
     from transformers import AutoImageProcessor
 
+    fast, decoder = BARE_VARIANTS[variant]
     torch.set_num_threads(1)
     _BARE["processor"] = AutoImageProcessor.from_pretrained(model_dir, backend="torchvision" if fast else "pil")
+    _BARE["decoder"] = decoder
 
 
 def _bare_images(path: str):
     from PIL import Image
+
+    if _BARE.get("decoder") == "torchvision" and not path.endswith(".pdf"):
+        from torchvision.io import ImageReadMode, decode_image
+
+        yield decode_image(path, mode=ImageReadMode.RGB)
+        return
 
     if path.endswith(".pdf"):
         import pypdfium2
@@ -83,13 +98,13 @@ def _bare_chunk(paths: list[str]) -> int:
     return done
 
 
-def bare_rate(model_dir: str, fast: bool, paths: list[str], cpus: int) -> float:
+def bare_rate(model_dir: str, variant: str, paths: list[str], cpus: int) -> float:
     """Images (or pages) per second of the bare route over `paths`, after one warm chunk per process."""
     import multiprocessing as mp
 
     chunk = max(1, min(16, len(paths) // (4 * cpus)))
     jobs = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
-    with mp.get_context("spawn").Pool(cpus, initializer=_bare_init, initargs=(model_dir, fast)) as pool:
+    with mp.get_context("spawn").Pool(cpus, initializer=_bare_init, initargs=(model_dir, variant)) as pool:
         pool.map(_bare_chunk, jobs[:cpus], chunksize=1)
         t0 = time.perf_counter()
         done = sum(pool.map(_bare_chunk, jobs, chunksize=1))
@@ -213,11 +228,11 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = build_model(str(work), spec["model"], True, "float32", "cpu")
         per_unit = spec.get("pages", 1)
         bare = {}
-        for fast in (False, True):
+        for variant in BARE_VARIANTS:
             try:
-                bare["fast" if fast else "slow"] = bare_rate(model_dir, fast, unit_files, cpus)
+                bare[variant] = bare_rate(model_dir, variant, unit_files, cpus)
             except Exception as exc:  # noqa: BLE001 - a processor without a fast class: the slow one stands
-                print(f"[{name}] {'fast' if fast else 'slow'} processor: {type(exc).__name__}: {exc}", flush=True)
+                print(f"[{name}] {variant} processor: {type(exc).__name__}: {exc}", flush=True)
         baseline = max(bare, key=bare.get)
         print(f"[{name}] bare route, {cpus} processes: " + ", ".join(f"{k} {v:.1f}/s" for k, v in bare.items()),
               flush=True)
@@ -233,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             ray.init(num_cpus=cpus, include_dashboard=False, logging_level="ERROR")
         pairs = []
         for i in range(1 if args.smoke else args.pairs):
-            b = bare_rate(model_dir, baseline == "fast", unit_files, cpus) if i else bare[baseline]
+            b = bare_rate(model_dir, baseline, unit_files, cpus) if i else bare[baseline]
             mm = mmembed_rate(model_dir, unit_files, n, work, column, name)
             rate = mm["streaming"] or mm["units"] / mm["wall_s"]
             pairs.append({"bare": b, "mmembed": rate, "ratio": rate / b, "job": mm})

@@ -156,3 +156,42 @@ def test_plain_jpegs_decoded_to_tensors_give_the_pillow_features(request, model)
         if a["error"] is None:
             x, y = collate([a]), collate([b])
             assert all(torch.equal(x[k], y[k]) for k in y if torch.is_tensor(y[k])), a["id"]
+
+
+@pytest.mark.parametrize("model", ["tiny_clip", "tiny_qwen3vl"])
+def test_plain_pngs_decoded_to_tensors_give_the_pillow_features(request, model):
+    """Plain 8-bit RGB PNGs (screenshots) skip Pillow too (torchvision's libpng); every other PNG (palette,
+    alpha, 16-bit, grey, gamma or transparency chunks) and every other format still goes through Pillow, and
+    the features are the same either way; a broken plain PNG is an error row either way."""
+    import torch
+
+    from mmembed.models.features import collate, feature_rows
+    from mmembed.models.loading import ModelSpec
+    from mmembed.stages.preprocess import PreprocessStage, _PlainPng
+    from mmembed.testing.corpus import make_screenshot
+
+    import zlib
+
+    photo = make_image(12, size=(96, 64))
+    png = _save(photo, "PNG")
+    chunk = b"gAMA" + (45455).to_bytes(4, "big")
+    gamma = png[:33] + (4).to_bytes(4, "big") + chunk + zlib.crc32(chunk).to_bytes(4, "big") + png[33:]
+    files = {**variants(), "screen.png": make_screenshot(3, 200, 120), "photo.png": png,
+             "optimized.png": _save(photo, "PNG", optimize=True), "gamma.png": gamma, "rgb_t.png": _save(photo, "PNG", transparency=(0, 0, 0)),
+             "grey.png": _save(photo.convert("L"), "PNG"), "truncated.png": make_screenshot(4, 200, 120)[:400]}
+    stage = PreprocessStage(ModelSpec(request.getfixturevalue(model)), fetch_threads=1)
+    assert stage.png_tensors
+    plain = {name for name, data in files.items()
+             if isinstance(stage._media({"image_bytes": data}, "image"), _PlainPng)}
+    assert plain == {"screen.png", "photo.png", "optimized.png", "truncated.png"}
+    batch = pa.table({"id": list(files), "image_bytes": pa.array(list(files.values()), pa.binary())})
+    fast = feature_rows(stage(batch))
+    stage.png_tensors = False
+    slow = feature_rows(stage(batch))
+    for a, b in zip(fast, slow):
+        assert (a["error"] is None, a["feat_keys"]) == (b["error"] is None, b["feat_keys"]), a["id"]
+        if a["error"] is None:
+            x, y = collate([a]), collate([b])
+            assert all(torch.equal(x[k], y[k]) for k in y if torch.is_tensor(y[k])), a["id"]
+        else:
+            assert a["error"].startswith("undecodable image"), a["error"]

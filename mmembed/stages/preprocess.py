@@ -17,7 +17,15 @@ import pyarrow as pa
 
 from mmembed.inputs.discover import MEDIA_MODALITIES
 from mmembed.media.av import default_decoders, prepare_for_st
-from mmembed.media.decode import DecodeError, decode_image, decode_jpeg_tensor, decode_text, reuse_image_memory
+from mmembed.media.decode import (
+    DecodeError,
+    decode_image,
+    decode_jpeg_tensor,
+    decode_png_tensor,
+    decode_text,
+    plain_png,
+    reuse_image_memory,
+)
 from mmembed.media.device_decode import encoded_row, jpeg_for_device
 from mmembed.models.features import FEATURE_FIELDS, pack, same_features, split_batch
 from mmembed.models.loading import ModelSpec, label_modality, load_model, modality_label, resolve_prompt
@@ -74,6 +82,8 @@ class PreprocessStage:
         # Plain JPEGs decoded straight into the tensor a fast processor works on, where that gives this
         # model's preprocess the same features as the Pillow image (checked once, here).
         self.jpeg_tensors = jpeg_tensors_equal(self.model, max_image_pixels)
+        # Likewise plain 8-bit RGB PNGs (screenshots), decoded by libpng.
+        self.png_tensors = jpeg_tensors_equal(self.model, max_image_pixels, "PNG")
         # Pixels leave as uint8 and the encoder rescales and normalises them (checked exact at plan time).
         self.uint8_pixels = uint8_pixels
         if uint8_pixels:
@@ -236,12 +246,14 @@ class PreprocessStage:
             value = self._media(row, m, device_ok=self.decode_on_device)
             if value is not None:
                 parts[m] = value
-        if len(parts) > 1 and isinstance(parts.get("image"), (_DeviceJpeg, _PlainJpeg)):
+        if len(parts) > 1 and isinstance(parts.get("image"), (_DeviceJpeg, _PlainJpeg, _PlainPng)):
             # Only a record that is one photo goes to the device whole, or as a tensor; in a combined record
             # the image is a Pillow image, as ST takes it there.
             parts["image"] = decode_image(parts["image"].data, max_pixels=self.max_image_pixels)
         elif isinstance(parts.get("image"), _PlainJpeg):
             parts["image"] = decode_jpeg_tensor(parts["image"].data)
+        elif isinstance(parts.get("image"), _PlainPng):
+            parts["image"] = decode_png_tensor(parts["image"].data)
         messages = row.get("messages")
         if messages is not None:
             if parts:
@@ -272,6 +284,8 @@ class PreprocessStage:
                 return _DeviceJpeg(data)
             if plain:
                 return _PlainJpeg(data)
+            if self.png_tensors and plain_png(data, max_pixels=self.max_image_pixels):
+                return _PlainPng(data)
             decode = lambda: decode_image(data, max_pixels=self.max_image_pixels)  # noqa: E731
         else:
             decoder = self.decoders.get(modality)
@@ -341,9 +355,10 @@ class PreprocessStage:
         return self.model.preprocess(st_inputs, prompt=self.prompt, **kwargs)
 
 
-def jpeg_tensors_equal(model, max_pixels: int) -> bool:
-    """Whether this model's preprocess gives a [3, H, W] uint8 tensor decoded from a plain JPEG the same
-    features as the Pillow image of the same file (a fast processor: it converts the image to that tensor)."""
+def jpeg_tensors_equal(model, max_pixels: int, image_format: str = "JPEG") -> bool:
+    """Whether this model's preprocess gives a [3, H, W] uint8 tensor decoded from a plain JPEG (or PNG) the
+    same features as the Pillow image of the same file (a fast processor: it converts the image to that
+    tensor)."""
     import io
 
     import numpy as np
@@ -354,12 +369,15 @@ def jpeg_tensors_equal(model, max_pixels: int) -> bool:
     try:
         rng = np.random.default_rng(5)
         buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (61, 83, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=92)
+        Image.fromarray(rng.integers(0, 256, (61, 83, 3), dtype=np.uint8)).save(buf, format=image_format,
+                                                                                 quality=92)
         data = buf.getvalue()
-        if not model.supports("image") or not jpeg_for_device(data, max_pixels=max_pixels):
+        png = image_format == "PNG"
+        plain = plain_png(data, max_pixels=max_pixels) if png else jpeg_for_device(data, max_pixels=max_pixels)
+        if not model.supports("image") or not plain:
             return False
         want = model.preprocess([decode_image(data, max_pixels=max_pixels)])
-        got = model.preprocess([decode_jpeg_tensor(data)])
+        got = model.preprocess([decode_png_tensor(data) if png else decode_jpeg_tensor(data)])
         return same_features(got, want) and all(
             (v == got[k]).all() for k, v in want.items() if hasattr(v, "is_floating_point") and v.is_floating_point())
     except Exception:  # noqa: BLE001 - any doubt keeps Pillow
@@ -368,6 +386,15 @@ def jpeg_tensors_equal(model, max_pixels: int) -> bool:
 
 class _PlainJpeg:
     """A plain baseline RGB JPEG's bytes, decoded to a tensor once the record is known to be one image."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+
+class _PlainPng:
+    """A plain 8-bit RGB PNG's bytes, decoded to a tensor once the record is known to be one image."""
 
     __slots__ = ("data",)
 
