@@ -400,7 +400,16 @@ def add_executor_option(compute) -> None:
 
 
 def add_executor_options(compute) -> None:
-    """The embed job's own compute option: decoding on the device."""
+    """The embed job's own compute options: decoding on the device, or decoding less (--fast-decode)."""
+    compute.add_argument(
+        "--fast-decode",
+        action="store_true",
+        help="Opt-in, NOT equal to sentence-transformers: JPEGs at least twice the processor's target size are "
+        "decoded at a half, quarter or eighth of their size in libjpeg-turbo's DCT domain (Pillow's draft mode), "
+        "never below the target, before the processor resizes them. Faster decoding of large photos; the "
+        "pixels differ from a full decode (README, \"Fast decode\", gives the measured cosine). For processors "
+        "that resize to a shortest edge (CLIP-style); refused otherwise. Recorded in the manifest.",
+    )
     compute.add_argument(
         "--decode-on-device",
         action="store_true",

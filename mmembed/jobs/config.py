@@ -119,6 +119,7 @@ class EmbedConfig(ModelOptions, EmbeddingOptions, InputOptions, ComputeOptions, 
     lease_seconds: float = 60.0
     split_modalities: bool = False
     decode_on_device: bool = False
+    fast_decode: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -96,6 +96,7 @@ def plan(cfg: EmbedConfig, *, standin: bool = False) -> dict:
         if why:
             raise UsageError(f"--decode-on-device cannot serve model {cfg.model}: {why}. Drop the option; the "
                              "CPU pool then decodes every image.")
+    fast_decode = fast_decode_edge(cfg, meta_model) if cfg.fast_decode else None
     dim = meta_model.get_embedding_dimension()
     pixels = pixel_transport(cfg, spec, meta_model, prompt, task)
     if cfg.truncate_dim:
@@ -115,6 +116,7 @@ def plan(cfg: EmbedConfig, *, standin: bool = False) -> dict:
         "pixels": pixels,
         "task": task,
         "precision": cfg.precision,
+        **({"fast_decode": {"edge": fast_decode}} if fast_decode else {}),
         **({"multi_vector": multi_vector} if multi else {}),
     }
     if quantization and quantization["ranges"] is None and not cfg.overwrite:
@@ -132,6 +134,29 @@ def plan(cfg: EmbedConfig, *, standin: bool = False) -> dict:
     out["identity"] = run_identity(cfg, out)
     out["state"] = inspect_output(cfg.output, out["identity"], cfg.storage_options, overwrite=cfg.overwrite)
     return out
+
+
+def fast_decode_edge(cfg, meta_model) -> int:
+    """--fast-decode's target: the shorter side the model's image processor resizes to. UsageError where it
+    resizes otherwise (a pixel budget, as Qwen-VL's), or where the images are decoded on the device."""
+    from mmembed.media.device_decode import image_processor
+
+    if cfg.decode_on_device:
+        raise UsageError("--fast-decode and --decode-on-device exclude each other: pick one.")
+    ip = image_processor(meta_model)
+    size = getattr(ip, "size", None) or {}
+
+    def get(key):  # a dict, or transformers' SizeDict
+        return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+
+    budget = get("longest_edge") or get("max_pixels") or get("height") or get("width")
+    edge = get("shortest_edge") if not budget else None
+    if not ip or not getattr(ip, "do_resize", True) or not isinstance(edge, int):
+        raise UsageError(
+            f"--fast-decode needs an image processor that resizes to a shortest edge (CLIP-style); {cfg.model}'s "
+            f"resizes to {dict(size) if isinstance(size, dict) else size}. Drop --fast-decode."
+        )
+    return edge
 
 
 def multi_vector_plan(cfg, meta_model) -> dict:
@@ -294,6 +319,7 @@ def stages(cfg: EmbedConfig, p: dict, res: dict, *, skip=None, limit: int | None
                 "decode_on_device": decode_on_device, **fetch_kwargs(cfg),
                 "pdf_dpi": cfg.pdf_dpi, "max_pages": cfg.max_pages, "skip": skip,
                 "uint8_pixels": p.get("pixels", {}).get("transport") == "uint8",
+                "fast_decode_edge": (p.get("fast_decode") or {}).get("edge"),
                 **({"passthrough": tuple(passthrough)} if passthrough else {})},
         pool=CPU, batch_size=cfg.preprocess_batch_size, actors=res["num_preprocessors"], resources=cpu_pool(cfg, res),
     ))
@@ -455,6 +481,7 @@ class EmbedJob(Job):
                 "processor_kwargs": cfg.processor_kwargs,
                 "modalities": [modality_label(m) for m in p["modalities"]],
                 "pixels": p.get("pixels"),
+                **({"fast_decode": {**p["fast_decode"], "equal_to_st": False}} if p.get("fast_decode") else {}),
                 **({"multi_vector": multi_vector_counts(p, totals)} if p.get("multi_vector") else {}),
             },
             "input": {"uri": cfg.input, "kind": p["input"].kind, "fingerprint": p["input"].fingerprint,

@@ -56,7 +56,7 @@ def empty_totals() -> dict:
 IDENTITY_KEYS = (
     "model", "revision", "prompt", "task", "prompt_name", "normalize", "truncate_dim", "precision",
     "model_kwargs", "processor_kwargs", "split_modalities", "input_uri", "input_fingerprint", "quantization",
-    "input_columns", "documents", "multi_vector",
+    "input_columns", "documents", "multi_vector", "fast_decode",
 )
 
 
@@ -82,6 +82,7 @@ def run_identity(cfg, p: dict) -> dict:
         **({"input_columns": spec.mapping.describe()} if spec.mapping != DEFAULT_COLUMNS else {}),
         **({"documents": p["documents"]} if p.get("documents") else {}),
         **({"multi_vector": p["multi_vector"]} if p.get("multi_vector") else {}),
+        **({"fast_decode": p["fast_decode"]} if p.get("fast_decode") else {}),
     }
 
 

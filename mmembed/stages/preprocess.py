@@ -72,6 +72,7 @@ class PreprocessStage:
         max_pages: int | None = None,
         skip=None,
         uint8_pixels: bool = False,
+        fast_decode_edge: int | None = None,
     ):
         self.spec = model
         # Image-only records whose JPEG the encoder can decode on its device leave here as bytes.
@@ -86,6 +87,10 @@ class PreprocessStage:
         self.png_tensors = jpeg_tensors_equal(self.model, max_image_pixels, "PNG")
         # Pixels leave as uint8 and the encoder rescales and normalises them (checked exact at plan time).
         self.uint8_pixels = uint8_pixels
+        # --fast-decode: large JPEGs decoded in the DCT domain down to (not below) this shorter side.
+        self.fast_decode_edge = fast_decode_edge
+        if fast_decode_edge:
+            self.jpeg_tensors = False  # the tensor route decodes at full size
         if uint8_pixels:
             from mmembed.media.device_decode import image_processor
 
@@ -286,7 +291,8 @@ class PreprocessStage:
                 return _PlainJpeg(data)
             if self.png_tensors and plain_png(data, max_pixels=self.max_image_pixels):
                 return _PlainPng(data)
-            decode = lambda: decode_image(data, max_pixels=self.max_image_pixels)  # noqa: E731
+            decode = lambda: decode_image(data, max_pixels=self.max_image_pixels,  # noqa: E731
+                                          draft_edge=self.fast_decode_edge)
         else:
             decoder = self.decoders.get(modality)
             if decoder is None:
