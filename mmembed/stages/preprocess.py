@@ -334,7 +334,11 @@ class PreprocessStage:
             raise RecordError(f"message part of type {kind!r} has no {kind!r} value")
         # Reuse the record path: a part is a one-cell record of its modality.
         cell = "_struct" if isinstance(value, dict) else ("_bytes" if isinstance(value, bytes) else "_uri")
-        return {"type": kind, kind: self._media({f"{kind}{cell}": value}, kind)}
+        media = self._media({f"{kind}{cell}": value}, kind)
+        if isinstance(media, (_PlainJpeg, _PlainPng, _DeviceJpeg)):
+            # Inside messages ST takes a Pillow image, as in a combined record.
+            media = decode_image(media.data, max_pixels=self.max_image_pixels)
+        return {"type": kind, kind: media}
 
     def _check_supported(self, label: str) -> None:
         modality = label_modality(label)
