@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from mmembed.errors import UsageError
-from mmembed.stores.index import IVF_KINDS, EmbeddingSource, IndexBuilder, IndexParams, require_faiss
+from mmembed.stores.index import IVF_KINDS, AnnIndex, EmbeddingSource, IndexBuilder, IndexParams, require_faiss
 
 MAXSIM_SIMILARITIES = ("maxsim", "meanmaxsim")
 # Nearest token rows fetched per query token (--candidate-tokens), and the default index: measured on 100,000
@@ -152,11 +152,7 @@ class MultiVectorAnnIndex:
         ann.tune(nprobe=nprobe, ef_search=ef_search)
         return ann
 
-    def tune(self, *, nprobe: int | None = None, ef_search: int | None = None) -> None:
-        if self.params["kind"] in IVF_KINDS:
-            self.index.nprobe = min(nprobe or self.params["nprobe"], self.params["nlist"])
-        elif self.params["kind"] == "hnsw":
-            self.index.hnsw.efSearch = ef_search or self.params["ef_search"]
+    tune = AnnIndex.tune  # the same search-time settings (nprobe, efSearch) on the token index
 
     def candidates(self, queries: list[np.ndarray], k: int) -> list[np.ndarray]:
         """Each query's candidate documents (ordinals): those owning a nearest token of any of its vectors.
