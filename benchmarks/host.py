@@ -170,9 +170,11 @@ def profile(model_dir: str, paths: list[str], column: str) -> list[tuple[str, fl
     from mmembed.stages.read import normalize_manifest_table
 
     # One fetch thread: fetch and decode run inline, where the profiler sees them (the actors use 8). Pixels
-    # leave as the embed job would send them (uint8 where exact).
-    uint8 = check(load_model(spec_of(model_dir), weights=False))["transport"] == "uint8"
-    stage = PreprocessStage(spec_of(model_dir), fetch_threads=1, uint8_pixels=uint8)
+    # leave as the embed job would send them (uint8 where exact, Qwen-VL frames where exact).
+    verdict = check(load_model(spec_of(model_dir), weights=False))
+    uint8 = verdict["transport"] == "uint8"
+    stage = PreprocessStage(spec_of(model_dir), fetch_threads=1, uint8_pixels=uint8,
+                            pixel_frames=uint8 and verdict.get("layout") == "frames")
     table = normalize_manifest_table(pa.table({"id": [f"p{i}" for i in range(len(paths))], column: paths}), "")
     stage(table.slice(0, 1))
     prof = cProfile.Profile()

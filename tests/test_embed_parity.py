@@ -101,6 +101,7 @@ def test_qwen3vl_text_image_and_record_parity(ray_session, tiny_qwen3vl, tmp_pat
         assert m["model"]["task"] == task
         assert m["model"]["prompt"] == st.prompts[task]
         assert m["counts"]["by_modality"] == {"text": 3, "image": 2, "image+text": 2}
+        assert m["model"]["pixels"]["layout"] == "frames"  # patchified on the encoder (pixel_layout.py)
     # The two tasks use different prompts, so they must differ.
     q, _, _ = read_output(tmp_path / "query" / "out")
     d, _, _ = read_output(tmp_path / "document" / "out")

@@ -114,6 +114,7 @@ def test_colqwen2_pages_equal_st_on_ray_and_in_process(ray_session, tiny_colqwen
         m = json.loads((out / "_manifest.json").read_text())
         assert m["counts"]["written"] == len(files) and m["counts"]["errors"] == 1
         assert m["model"]["pixels"]["transport"] == "uint8"  # the CPU pool ships uint8 pixels here too
+        assert m["model"]["pixels"]["layout"] == "frames"
     # Equal up to the float noise of batching records of other patch counts together (ST's own, too).
     assert_equal_to_st(read_vectors(outs["ray"]), read_vectors(outs["local"]), atol=1e-6)
 

@@ -313,12 +313,13 @@ def stages(cfg: EmbedConfig, p: dict, res: dict, *, skip=None, limit: int | None
         out.append(Limit(limit))
     decode_on_device = cfg.decode_on_device
     task = p.get("task", cfg.task)
+    frames = p.get("pixels", {}).get("transport") == "uint8" and p.get("pixels", {}).get("layout") == "frames"
     out.append(Stage(
         PreprocessStage, args=(p["model_spec"],),
         kwargs={"task": task, "prompt_name": cfg.prompt_name, "prompt": cfg.prompt,
                 "decode_on_device": decode_on_device, **fetch_kwargs(cfg),
                 "pdf_dpi": cfg.pdf_dpi, "max_pages": cfg.max_pages, "skip": skip,
-                "uint8_pixels": p.get("pixels", {}).get("transport") == "uint8",
+                "uint8_pixels": p.get("pixels", {}).get("transport") == "uint8", "pixel_frames": frames,
                 "fast_decode_edge": (p.get("fast_decode") or {}).get("edge"),
                 **({"passthrough": tuple(passthrough)} if passthrough else {})},
         pool=CPU, batch_size=cfg.preprocess_batch_size, actors=res["num_preprocessors"], resources=cpu_pool(cfg, res),
@@ -333,7 +334,7 @@ def stages(cfg: EmbedConfig, p: dict, res: dict, *, skip=None, limit: int | None
         kwargs={"device": res["device"], "batch_size": cfg.batch_size, "task": task, "normalize": cfg.normalize,
                 "max_batch_tokens": cfg.max_batch_tokens,
                 "max_batch_patches": cfg.max_batch_patches, "compile": cfg.compile, "copy_mode": cfg.copy_mode,
-                **head, **(encode or {}),
+                "pixel_frames": frames, **head, **(encode or {}),
                 **({"passthrough": tuple(passthrough)} if passthrough else {})},
         pool=DEVICE, batch_size=cfg.encode_window or cfg.batch_size, actors=res["num_encoders"],
         calls=res.get("calls_per_encoder", 1), resources=device_pool(cfg, res),

@@ -119,11 +119,14 @@ def _probes():
 
 
 def check(model, prompt: str | None = None, task: str | None = None) -> dict:
-    """Whether uint8 transport is exact for this model: {"transport": "uint8"|"float32", "reason", "max_abs_diff"}.
+    """Whether uint8 transport is exact for this model: {"transport": "uint8"|"float32", "reason", "max_abs_diff"},
+    and for Qwen-VL patch rows whether they can cross as frames ({"layout": "frames"|"patches"}, pixel_layout.py).
 
-    Runs ST's own `preprocess` on probe images twice, as it is and with the tail off, and compares the
-    processor's output with the tail applied to the uint8 pixels."""
+    Runs ST's own `preprocess` on probe images, as it is and with the tail off (and frames shipped), and
+    compares the processor's output with the tail applied to the uint8 pixels (unfolded into patches)."""
     import torch
+
+    from mmembed.models.pixel_layout import FRAMES, PATCHES, frames_reason
 
     ip = image_processor(model)
     tail, why = tail_of(ip)
@@ -131,6 +134,8 @@ def check(model, prompt: str | None = None, task: str | None = None) -> dict:
         return {"transport": "float32", "reason": why}
     kwargs = {"task": task} if task else {}
     worst = 0.0
+    layout_why = frames_reason(ip) if tail.group else "images, not patch rows"
+    frames_worst = 0.0
     try:
         for image in _probes():
             want = model.preprocess([image], prompt=prompt, **kwargs)
@@ -147,10 +152,46 @@ def check(model, prompt: str | None = None, task: str | None = None) -> dict:
             if others:
                 return {"transport": "float32", "reason": f"turning the tail off changes {others}"}
             worst = max(worst, float((tail.apply(as_uint8(got)) - ref).abs().max()))
+            if layout_why is None:
+                layout_why, diff = _frames_diff(model, ip, image, want, prompt, kwargs)
+                frames_worst = max(frames_worst, diff)
     except Exception as exc:  # noqa: BLE001 - any surprise keeps the exact float transport
         return {"transport": "float32", "reason": f"{type(exc).__name__}: {exc}"}
     if worst > TOLERANCE:
         return {"transport": "float32", "max_abs_diff": worst,
                 "reason": f"the tail on uint8 pixels differs from the processor by {worst:.2e} (> {TOLERANCE:g})"}
-    return {"transport": "uint8", "max_abs_diff": worst, "processor": type(ip).__name__,
-            "reason": "rescale and normalise run on the encoder's device"}
+    if layout_why is None and frames_worst > TOLERANCE:
+        layout_why = f"frames unfolded on the device differ from the processor by {frames_worst:.2e}"
+    if not tail.group:
+        layout = {}  # images, not patch rows: nothing to unfold
+    else:
+        layout = {"layout": FRAMES} if layout_why is None else {"layout": PATCHES, "layout_reason": layout_why}
+    return {"transport": "uint8", "max_abs_diff": max(worst, frames_worst), "processor": type(ip).__name__,
+            "reason": "rescale and normalise run on the encoder's device", **layout}
+
+
+def _frames_diff(model, ip, image, want: dict, prompt, kwargs) -> tuple[str | None, float]:
+    """(None, max |delta|) of frame rows unfolded and given the tail against ST's features for `image`, or
+    (why frames do not serve this model, 0)."""
+    import torch
+
+    from mmembed.models.pixel_layout import release, ship_frames, unfold
+
+    tail = tail_of(ip)[0]
+    ship_frames(ip)
+    try:
+        with without_tail(ip):
+            framed = model.preprocess([image], prompt=prompt, **kwargs)
+    finally:
+        release(ip, "patchify")
+    grid = framed.get("image_grid_thw")
+    if not isinstance(grid, torch.Tensor):
+        return "the image features have no image_grid_thw", 0.0
+    others = [k for k in want if k != "pixel_values" and isinstance(want[k], torch.Tensor)
+              and not torch.equal(want[k], framed[k])]
+    if others:
+        return f"shipping frames changes {others}", 0.0
+    got = tail.apply(unfold(as_uint8(framed["pixel_values"]), grid, ip))
+    if got.shape != want["pixel_values"].shape:
+        return f"unfolded frames are {tuple(got.shape)}, the processor's patches {tuple(want['pixel_values'].shape)}", 0.0
+    return None, float((got - want["pixel_values"]).abs().max())

@@ -86,7 +86,7 @@ class ModelStage:
 
     def __init__(self, model: ModelSpec, *, device: str = "auto", batch_size: int = 32,
                  max_batch_tokens: int | None = None, max_batch_patches: int | None = None,
-                 passthrough: tuple[str, ...] = (), copy_mode: str = "staged"):
+                 passthrough: tuple[str, ...] = (), copy_mode: str = "staged", pixel_frames: bool = False):
         import torch
 
         self.torch = torch
@@ -115,8 +115,11 @@ class ModelStage:
         from mmembed.media.device_decode import image_processor
         from mmembed.models.pixel_tail import tail_of
 
-        # uint8 pixels from the CPU pool get the processor's rescale and normalise here, on the device.
-        self.pixel_tail = tail_of(image_processor(self.model))[0]
+        # uint8 pixels from the CPU pool get the processor's rescale and normalise here, on the device;
+        # Qwen-VL frames (--pixel layout "frames" in the plan) are first cut into the processor's patches.
+        self.image_processor = image_processor(self.model)
+        self.pixel_tail = tail_of(self.image_processor)[0]
+        self.pixel_frames = pixel_frames
 
     def _set_padding(self, tokenizer):
         """collate pads as the model's tokenizer does (ST sets left padding on load for causal models)."""
@@ -260,6 +263,10 @@ class ModelStage:
         if pixels is not None and pixels.dtype == self.torch.uint8:
             if self.pixel_tail is None:
                 raise RuntimeError("uint8 pixel_values reached an encoder whose model has no image processor tail")
+            if self.pixel_frames:
+                from mmembed.models.pixel_layout import unfold
+
+                pixels = unfold(pixels, features["image_grid_thw"], self.image_processor)
             features["pixel_values"] = self.pixel_tail.apply(pixels)
         return features
 
@@ -319,9 +326,11 @@ class EncodeStage(ModelStage):
         passthrough: tuple[str, ...] = (),
         copy_mode: str = "staged",
         decode_on_device: bool = False,
+        pixel_frames: bool = False,
     ):
         super().__init__(model, device=device, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
-                         max_batch_patches=max_batch_patches, passthrough=passthrough, copy_mode=copy_mode)
+                         max_batch_patches=max_batch_patches, passthrough=passthrough, copy_mode=copy_mode,
+                         pixel_frames=pixel_frames)
         if decode_on_device:
             from mmembed.media.device_decode import DeviceImageDecoder
 

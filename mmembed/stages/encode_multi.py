@@ -45,9 +45,10 @@ class MultiVectorEncodeStage(ModelStage):
                  normalize: bool = False, precision: str = "float32", pool_factor: float | None = None,
                  protected_tokens: int = 1, max_batch_tokens: int | None = None,
                  max_batch_patches: int | None = None, compile: bool = False, passthrough: tuple[str, ...] = (),
-                 copy_mode: str = "staged"):
+                 copy_mode: str = "staged", pixel_frames: bool = False):
         super().__init__(model, device=device, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
-                         max_batch_patches=max_batch_patches, passthrough=passthrough, copy_mode=copy_mode)
+                         max_batch_patches=max_batch_patches, passthrough=passthrough, copy_mode=copy_mode,
+                         pixel_frames=pixel_frames)
         if precision not in MULTI_VECTOR_PRECISIONS:
             raise ValueError(f"multi-vector precision {precision!r} is not one of {MULTI_VECTOR_PRECISIONS}")
         self.task = task

@@ -72,6 +72,7 @@ class PreprocessStage:
         max_pages: int | None = None,
         skip=None,
         uint8_pixels: bool = False,
+        pixel_frames: bool = False,
         fast_decode_edge: int | None = None,
     ):
         self.spec = model
@@ -80,6 +81,15 @@ class PreprocessStage:
         # Input columns copied to the output unchanged (row i out is record i in): reembed's content hash.
         self.passthrough = tuple(passthrough)
         self.model = load_model(model, weights=False)
+        from mmembed.media.device_decode import image_processor
+        from mmembed.models import pixel_layout
+
+        ip = image_processor(self.model)
+        # The processor takes decoded RGB pixels as channel-first views, not copies, where that gives the
+        # same features (checked once, here; mmembed/models/pixel_layout.py).
+        self.channels_last = pixel_layout.channels_last_exact(self.model)
+        if self.channels_last:
+            pixel_layout.keep_channels_last(ip)
         # Plain JPEGs decoded straight into the tensor a fast processor works on, where that gives this
         # model's preprocess the same features as the Pillow image (checked once, here).
         self.jpeg_tensors = jpeg_tensors_equal(self.model, max_image_pixels)
@@ -92,10 +102,9 @@ class PreprocessStage:
         if fast_decode_edge:
             self.jpeg_tensors = False  # the tensor route decodes at full size
         if uint8_pixels:
-            from mmembed.media.device_decode import image_processor
-
-            ip = image_processor(self.model)
             ip.do_rescale, ip.do_normalize = False, False
+            if pixel_frames:  # Qwen-VL: resized frames, patchified on the encoder's device (checked at plan time)
+                pixel_layout.ship_frames(ip)
         self.task = task
         self.prompt = resolve_prompt(self.model, task, prompt_name, prompt)
         self.fetcher = Fetcher(storage_options, max_bytes=max_bytes, allow_http=allow_http, http_timeout_s=http_timeout_s)
