@@ -37,3 +37,51 @@ def test_calls_per_encoder_overlap_equal_st_and_keep_every_id(ray_session, tiny_
     assert set(emb) == set(ids[:24]) and set(errors) == {"broken"}
     ref = SentenceTransformer(tiny_clip, device="cpu").encode([decoded(b) for b in imgs], batch_size=4)
     assert max_abs_diff(emb, ids[:24], ref) <= 1e-5
+
+
+def test_concurrent_calls_take_streams_of_their_own_and_equal_one_at_a_time(tiny_clip):
+    """Each call an encoder runs at once holds a stream of its own (CUDA's default stream would queue their work in
+    one line); streams are reused, not made per call; outputs equal the same batches run one at a time."""
+    import threading
+
+    from mmembed.models.loading import ModelSpec
+    from mmembed.models.staging import CallStreams
+    from mmembed.stages.encode import EncodeStage
+    from mmembed.stages.preprocess import PreprocessStage
+
+    spec = ModelSpec(tiny_clip)
+    blocks = []
+    for b in range(2):
+        imgs = [image_bytes(100 * b + i, size=(48 + 8 * i, 40)) for i in range(12)]
+        blocks.append(PreprocessStage(spec, fetch_threads=1)(pa.table({"id": [f"b{b}i{i}" for i in range(12)],
+                                                                         "image_bytes": pa.array(imgs)})))
+    stage = EncodeStage(spec, device="cpu", batch_size=2)
+    sequential = [stage(block) for block in blocks]
+    held, seen, entered = [], [], threading.Barrier(2)
+
+    def enter(stream):
+        import contextlib
+
+        @contextlib.contextmanager
+        def inside():
+            held.append(stream)
+            entered.wait(timeout=10)  # both calls inside at once: each must hold its own stream
+            seen.append(tuple(held))
+            yield
+            held.remove(stream)
+        return inside()
+
+    stage.streams = CallStreams(object, enter)
+    out: dict = {}
+    threads = [threading.Thread(target=lambda b=b: out.__setitem__(b, stage(blocks[b]))) for b in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert stage.streams.created == 2 and all(len(set(s)) == 2 for s in seen)
+    entered = threading.Barrier(1)
+    stage(blocks[0])  # a later call reuses a stream
+    assert stage.streams.created == 2
+    for b in range(2):
+        assert out[b].column("id").equals(sequential[b].column("id"))
+        assert out[b].column("embedding").equals(sequential[b].column("embedding"))

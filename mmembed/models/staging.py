@@ -10,6 +10,7 @@ batch and the forward pass of the previous one.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 # Smallest buffer kept: small tensors (masks, grids) share a class rather than each pinning pages.
@@ -73,3 +74,45 @@ class PinnedStaging:
                 return free.pop()
             self.allocated += 1
         return self.torch.empty(cls, dtype=self.torch.uint8, pin_memory=True)
+
+
+class CallStreams:
+    """A stream of its own for each call an encoder actor runs at once (--calls-per-encoder).
+
+    Ray runs an actor's concurrent calls on its threads. On the device's default stream their work
+    queues in one line: one call's copies and kernels wait for the other's. With a stream each, they
+    overlap on the device as two encoder processes' would, without a second copy of the weights or
+    two contexts time-slicing the GPU. A call takes a stream when it starts and gives it back when it
+    ends (its results are on the host by then); an actor keeps as many streams as calls it ran at once.
+    On a CPU device `enter` is a no-op and the streams are only tokens.
+    """
+
+    def __init__(self, make, enter):
+        self._make = make
+        self._enter = enter
+        self._free: list = []
+        self._lock = threading.Lock()
+        self.created = 0  # streams made so far: the most calls this actor ran at once
+
+    @classmethod
+    def for_device(cls, device) -> "CallStreams":
+        if getattr(device, "type", str(device)) != "cuda":
+            return cls(object, lambda stream: contextlib.nullcontext())
+        import torch
+
+        return cls(lambda: torch.cuda.Stream(device), torch.cuda.stream)
+
+    @contextlib.contextmanager
+    def stream(self):
+        with self._lock:
+            if self._free:
+                stream = self._free.pop()
+            else:
+                stream = self._make()
+                self.created += 1
+        try:
+            with self._enter(stream):
+                yield stream
+        finally:
+            with self._lock:
+                self._free.append(stream)

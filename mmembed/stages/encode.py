@@ -105,6 +105,10 @@ class ModelStage:
             raise ValueError(f"copy_mode {copy_mode!r} is not one of {COPY_MODES}")
         self.copy_mode = copy_mode
         self._staging = None
+        from mmembed.models.staging import CallStreams
+
+        # Concurrent calls (--calls-per-encoder) each on a CUDA stream of their own, so they overlap on the device.
+        self.streams = CallStreams.for_device(self.model.device)
         if self.model.device.type == "cuda" and copy_mode == "staged":
             from mmembed.models.staging import PinnedStaging
 
@@ -141,6 +145,10 @@ class ModelStage:
                         child.compile(dynamic=True)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        with self.streams.stream():
+            return self._call(batch)
+
+    def _call(self, batch: pa.Table) -> pa.Table:
         call = self.device_use.call_started()
         rows = feature_rows(batch)
         carried = [batch.column(name) for name in self.passthrough]
