@@ -17,6 +17,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   # torch first and pinned: torchcodec only loads beside the torch it was built for.
   .venv/bin/python -m pip install -q -c constraints.txt torch torchvision torchcodec
-  .venv/bin/python -m pip install -q -c constraints.txt -e ".[test,demo,image,audio,video]"
+  .venv/bin/python -m pip install -q -c constraints.txt -e ".[test,demo,image,audio,video,nvimgcodec-cu13]"
   echo "$want" > "$stamp"
 fi

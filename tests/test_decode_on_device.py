@@ -69,15 +69,20 @@ def test_only_baseline_rgb_unrotated_jpegs_leave_the_cpu_pool_as_bytes(tiny_clip
     assert not jpeg_for_device(b"\xff\xd8\xff" + b"\0" * 20, max_pixels=10**8)
 
 
-@pytest.mark.parametrize("executor", ["local", "ray"])
-def test_embeddings_equal_st_on_the_same_files(ray_session, tiny_clip, corpus, tmp_path, executor):
+@pytest.mark.parametrize("executor,decoder", [("local", "torchvision"), ("ray", "torchvision"),
+                                              ("local", "nvimgcodec"), ("ray", "nvimgcodec")])
+def test_embeddings_equal_st_on_the_same_files(ray_session, tiny_clip, corpus, tmp_path, executor, decoder):
+    """torchvision's decoder, and nvImageCodec's (its CPU backend here: the same code path from the encoder on)."""
+    if decoder == "nvimgcodec":
+        pytest.importorskip("nvidia.nvimgcodec", reason="the nvimgcodec extra is not installed")
     root, files = corpus
     out = tmp_path / "out"
     argv = ["--input", root, "--output", out, "--model", tiny_clip, "--batch-size", 4,
-            "--decode-on-device", "--executor", executor]  # fmt: skip
+            "--decode-on-device", "--device-decoder", decoder, "--executor", executor]  # fmt: skip
     assert run_job("pipelines.embed", argv) == 0
     emb, errors, manifest = read_output(out)
     assert not errors and set(emb) == set(files)
+    assert manifest["model"]["device_decode"]["decoder"] == decoder
     names = sorted(files)
     ref = SentenceTransformer(tiny_clip, device="cpu").encode([str(root / n) for n in names], batch_size=4)
     ours = np.stack([emb[n] for n in names]).astype(np.float64)
@@ -87,7 +92,10 @@ def test_embeddings_equal_st_on_the_same_files(ray_session, tiny_clip, corpus, t
     assert np.abs(ours - ref).max() <= 1e-4
 
 
-def test_a_corrupt_jpeg_becomes_an_error_row_and_the_job_goes_on(ray_session, tiny_clip, tmp_path):
+@pytest.mark.parametrize("decoder", ["torchvision", "nvimgcodec"])
+def test_a_corrupt_jpeg_becomes_an_error_row_and_the_job_goes_on(ray_session, tiny_clip, tmp_path, decoder):
+    if decoder == "nvimgcodec":
+        pytest.importorskip("nvidia.nvimgcodec", reason="the nvimgcodec extra is not installed")
     root = tmp_path / "in"
     root.mkdir()
     for i in range(4):
@@ -95,7 +103,8 @@ def test_a_corrupt_jpeg_becomes_an_error_row_and_the_job_goes_on(ray_session, ti
     good = _jpeg(9)
     (root / "cut.jpg").write_bytes(good[: len(good) // 2])  # the header reads, the scan does not
     out = tmp_path / "out"
-    argv = ["--input", root, "--output", out, "--model", tiny_clip, "--decode-on-device", "--executor", "local"]
+    argv = ["--input", root, "--output", out, "--model", tiny_clip, "--decode-on-device", "--executor", "local",
+            "--device-decoder", decoder]
     assert run_job("pipelines.embed", argv) == 0
     emb, errors, _ = read_output(out)
     assert set(emb) == {f"p{i}.jpg" for i in range(4)}
@@ -110,3 +119,23 @@ def test_a_model_without_clip_style_pixels_is_refused_before_ray_starts(tiny_qwe
     assert run_job("pipelines.embed", argv) == 2
     err = capsys.readouterr().err
     assert "--decode-on-device cannot serve model" in err and "pixel_values" in err
+
+
+def test_nvimgcodec_asked_for_but_missing_is_refused_before_ray_starts(tiny_clip, tmp_path, capsys, monkeypatch):
+    from mmembed.media import device_decode
+
+    monkeypatch.setattr(device_decode, "nvimgcodec_installed", lambda: False)
+    root = tmp_path / "in"
+    root.mkdir()
+    (root / "p.jpg").write_bytes(_jpeg(1))
+    argv = ["--input", root, "--output", tmp_path / "out", "--model", tiny_clip, "--decode-on-device",
+            "--device-decoder", "nvimgcodec"]
+    assert run_job("pipelines.embed", argv) == 2
+    err = capsys.readouterr().err
+    assert "nvImageCodec is not installed" in err and "mmembed[nvimgcodec-cu13]" in err
+    assert not (tmp_path / "out").exists()
+    assert device_decode.resolve_decoder("auto") == "torchvision"  # auto falls back to torchvision's nvJPEG
+    argv[-1] = "torchvision"
+    argv[-3:-3] = ["--hw-decode-share", "1.5"]
+    assert run_job("pipelines.embed", argv) == 2
+    assert "--hw-decode-share is a share" in capsys.readouterr().err

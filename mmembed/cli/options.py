@@ -420,6 +420,24 @@ def add_executor_options(compute) -> None:
         "match ST's within JPEG decoder rounding (cosine >= 0.999). Refused for models whose image features "
         "are not CLIP-style pixel_values. On a CPU encoder the same code runs on the CPU.",
     )
+    compute.add_argument(
+        "--device-decoder",
+        choices=["auto", "nvimgcodec", "torchvision"],
+        default="auto",
+        help="Which decoder --decode-on-device uses (default auto: nvImageCodec where installed, pip install "
+        "'mmembed[nvimgcodec-cu13]' or '-cu12' to match torch's CUDA, else torchvision's nvJPEG). nvImageCodec "
+        "decodes a batch at once and splits it between the GPU's hardware JPEG engines (A100, H100, H200) and its "
+        "CUDA cores (--hw-decode-share); torchvision's nvJPEG is one decoder per process. Recorded in the manifest.",
+    )
+    compute.add_argument(
+        "--hw-decode-share",
+        type=float,
+        default=0.75,
+        help="With nvImageCodec: the share of each batch's JPEGs given to the hardware decode engines, the rest "
+        "decoded on CUDA cores (default 0.75, after DALI's published A100 figures; not yet measured by "
+        "benchmarks/gpu.py). 0 keeps everything on CUDA cores, 1 on the engines. Cards without the engines "
+        "use CUDA cores for all.",
+    )
 
 
 def add_on_unsupported_option(g, verb: str, rows: str) -> None:

@@ -119,6 +119,8 @@ class EmbedConfig(ModelOptions, EmbeddingOptions, InputOptions, ComputeOptions, 
     lease_seconds: float = 60.0
     split_modalities: bool = False
     decode_on_device: bool = False
+    device_decoder: str = "auto"
+    hw_decode_share: float = 0.75
     fast_decode: bool = False
 
 

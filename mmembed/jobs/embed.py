@@ -96,6 +96,7 @@ def plan(cfg: EmbedConfig, *, standin: bool = False) -> dict:
         if why:
             raise UsageError(f"--decode-on-device cannot serve model {cfg.model}: {why}. Drop the option; the "
                              "CPU pool then decodes every image.")
+    device_decode = device_decode_plan(cfg) if cfg.decode_on_device else None
     fast_decode = fast_decode_edge(cfg, meta_model) if cfg.fast_decode else None
     dim = meta_model.get_embedding_dimension()
     pixels = pixel_transport(cfg, spec, meta_model, prompt, task)
@@ -117,6 +118,7 @@ def plan(cfg: EmbedConfig, *, standin: bool = False) -> dict:
         "task": task,
         "precision": cfg.precision,
         **({"fast_decode": {"edge": fast_decode}} if fast_decode else {}),
+        **({"device_decode": device_decode} if device_decode else {}),
         **({"multi_vector": multi_vector} if multi else {}),
     }
     if quantization and quantization["ranges"] is None and not cfg.overwrite:
@@ -134,6 +136,24 @@ def plan(cfg: EmbedConfig, *, standin: bool = False) -> dict:
     out["identity"] = run_identity(cfg, out)
     out["state"] = inspect_output(cfg.output, out["identity"], cfg.storage_options, overwrite=cfg.overwrite)
     return out
+
+
+def device_decoder_kwargs(p: dict) -> dict:
+    decode = p.get("device_decode")
+    return {"device_decoder": decode["decoder"], "hw_decode_share": decode.get("hw_share", 0.75)} if decode else {}
+
+
+def device_decode_plan(cfg) -> dict:
+    """--decode-on-device's decoder (--device-decoder resolved here, on the driver) and its hardware share."""
+    from mmembed.media.device_decode import resolve_decoder
+
+    if not 0.0 <= cfg.hw_decode_share <= 1.0:
+        raise UsageError(f"--hw-decode-share is a share of each batch, 0 to 1; got {cfg.hw_decode_share}.")
+    try:
+        decoder = resolve_decoder(cfg.device_decoder)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return {"decoder": decoder, **({"hw_share": cfg.hw_decode_share} if decoder == "nvimgcodec" else {})}
 
 
 def fast_decode_edge(cfg, meta_model) -> int:
@@ -328,6 +348,7 @@ def stages(cfg: EmbedConfig, p: dict, res: dict, *, skip=None, limit: int | None
     pooling = (multi or {}).get("token_pooling") or {}
     head = {"pool_factor": pooling.get("pool_factor"), "protected_tokens": pooling.get("protected_tokens", 1),
             "precision": cfg.precision} if multi else {"truncate_dim": cfg.truncate_dim, "decode_on_device": decode_on_device,
+                                                         **device_decoder_kwargs(p),
                                                          **encode_precision(cfg, p)}
     out.append(Stage(
         MultiVectorEncodeStage if multi else EncodeStage, args=(p["model_spec"],),
@@ -483,6 +504,7 @@ class EmbedJob(Job):
                 "modalities": [modality_label(m) for m in p["modalities"]],
                 "pixels": p.get("pixels"),
                 **({"fast_decode": {**p["fast_decode"], "equal_to_st": False}} if p.get("fast_decode") else {}),
+                **({"device_decode": p["device_decode"]} if p.get("device_decode") else {}),
                 **({"multi_vector": multi_vector_counts(p, totals)} if p.get("multi_vector") else {}),
             },
             "input": {"uri": cfg.input, "kind": p["input"].kind, "fingerprint": p["input"].fingerprint,

@@ -2,9 +2,10 @@
 
 CLIP-sized models on a GPU node are bound by the CPU pool's decode, which runs at a tenth of the
 forward pass's rate (benchmarks/RESULTS.md, "GPU"). With this option the CPU pool only
-fetches a photo's bytes and checks its header; the encoder decodes a batch with nvJPEG
-(`torchvision.io.decode_jpeg(device="cuda")`) and hands the decoded tensors to the model's own
-image processor with `device=`, so resizing, cropping and normalising are the processor's own
+fetches a photo's bytes and checks its header; the encoder decodes a batch, with nvImageCodec where
+it is installed (`--device-decoder`: a batch split between the GPU's hardware JPEG engines and its
+CUDA cores, `--hw-decode-share`) or torchvision's nvJPEG (`decode_jpeg(device="cuda")`, one decoder
+per process), and hands the decoded tensors to the model's own image processor with `device=`, so resizing, cropping and normalising are the processor's own
 code, run on the GPU. On a CPU encoder the same code runs with device="cpu".
 
 Only records a device decode reproduces go this way: baseline RGB JPEGs with no EXIF rotation,
@@ -65,14 +66,85 @@ def image_processor(model):
     return None
 
 
+DECODERS = ("nvimgcodec", "torchvision")
+
+
+def nvimgcodec_installed() -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("nvidia.nvimgcodec") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def resolve_decoder(choice: str) -> str:
+    """--device-decoder: auto is nvImageCodec where installed, else torchvision. ValueError when the one named
+    is missing."""
+    if choice == "auto":
+        return "nvimgcodec" if nvimgcodec_installed() else "torchvision"
+    if choice == "nvimgcodec" and not nvimgcodec_installed():
+        raise ValueError("--device-decoder nvimgcodec: nvImageCodec is not installed; pip install "
+                         "'mmembed[nvimgcodec-cu13]' (or -cu12, matching torch's CUDA), or use --device-decoder torchvision")
+    if choice not in DECODERS:
+        raise ValueError(f"--device-decoder {choice!r} is not one of auto, {', '.join(DECODERS)}")
+    return choice
+
+
+class NvImageCodecJpegs:
+    """Batches of JPEG bytes decoded by nvImageCodec into [3, H, W] uint8 tensors on `device`.
+
+    On CUDA the batch is split between the hardware JPEG engines (`hw_share` of it, A100/H100/H200) and
+    the CUDA cores, and ordered on the caller's current CUDA stream; on CPU its libjpeg-turbo backend
+    decodes (what the tests check parity with). Fancy upsampling, as libjpeg-turbo's default, which
+    torchvision and Pillow use for ST."""
+
+    def __init__(self, device, hw_share: float = 0.75):
+        from nvidia import nvimgcodec
+
+        self.nvimgcodec = nvimgcodec
+        self.device = device
+        kind = nvimgcodec.BackendKind
+        if getattr(device, "type", str(device)) == "cuda":
+            index = device.index if getattr(device, "index", None) is not None else 0
+            backends = [nvimgcodec.Backend(kind.HW_GPU_ONLY, load_hint=float(hw_share)),
+                        nvimgcodec.Backend(kind.GPU_ONLY), nvimgcodec.Backend(kind.HYBRID_CPU_GPU)]
+            self.decoder = nvimgcodec.Decoder(device_id=index, backends=backends, options=":fancy_upsampling=1")
+        else:
+            self.decoder = nvimgcodec.Decoder(device_id=nvimgcodec.NVIMGCODEC_DEVICE_CPU_ONLY,
+                                              backends=[nvimgcodec.Backend(kind.CPU_ONLY)],
+                                              options=":fancy_upsampling=1")
+
+    def __call__(self, data: list[bytes]) -> list:
+        import torch
+
+        nv = self.nvimgcodec
+        # Only JPEGs without an EXIF rotation reach here (jpeg_for_device); interleaved RGB, as torchvision decodes.
+        params = nv.DecodeParams(apply_exif_orientation=False, color_spec=nv.ColorSpec.SRGB,
+                                 sample_format=nv.SampleFormat.I_RGB)
+        cuda = getattr(self.device, "type", str(self.device)) == "cuda"
+        kwargs = {"cuda_stream": torch.cuda.current_stream(self.device).cuda_stream} if cuda else {}
+        images = self.decoder.decode(data, params=params, **kwargs)
+        out = []
+        for i, image in enumerate(images):
+            if image is None:
+                raise ValueError(f"nvImageCodec could not decode JPEG {i} of the batch")
+            hwc = torch.as_tensor(image, device=self.device) if cuda else torch.from_numpy(np.asarray(image.cpu()))
+            out.append(hwc.permute(2, 0, 1))
+        return out
+
+
 class DeviceImageDecoder:
     """Decodes batches of JPEG bytes on a device into the features ST's preprocess builds for an image."""
 
-    def __init__(self, model):
+    def __init__(self, model, decoder: str = "torchvision", hw_share: float = 0.75):
         import torch
         from PIL import Image
 
         self.torch = torch
+        self.decoder = decoder
+        self.hw_share = hw_share
+        self._nvimgcodec = None  # made on first use, on the device the batches go to
         self.processor = image_processor(model)
         if self.processor is None:
             raise ValueError("the model has no image processor")
@@ -112,6 +184,14 @@ class DeviceImageDecoder:
         from torchvision.io import ImageReadMode, decode_jpeg
 
         torch = self.torch
+        if self.decoder == "nvimgcodec":
+            with self._lock:
+                if self._nvimgcodec is None:
+                    self._nvimgcodec = NvImageCodecJpegs(device, self.hw_share)
+            # nvImageCodec's decoder takes concurrent batches itself; each is ordered on its caller's stream.
+            images = self._nvimgcodec([bytes(memoryview(buf)) for buf in encoded])
+            pixels = self.processor(images=images, return_tensors="pt", device=device)["pixel_values"]
+            return {"pixel_values": pixels, **self.meta}
         data = [torch.from_numpy(np.array(buf, dtype=np.uint8, copy=True)) for buf in encoded]
         with self._lock:
             images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)

@@ -334,6 +334,8 @@ class EncodeStage(ModelStage):
         passthrough: tuple[str, ...] = (),
         copy_mode: str = "staged",
         decode_on_device: bool = False,
+        device_decoder: str = "torchvision",
+        hw_decode_share: float = 0.75,
         pixel_frames: bool = False,
     ):
         super().__init__(model, device=device, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
@@ -342,7 +344,7 @@ class EncodeStage(ModelStage):
         if decode_on_device:
             from mmembed.media.device_decode import DeviceImageDecoder
 
-            self._jpeg_decoder = DeviceImageDecoder(self.model)
+            self._jpeg_decoder = DeviceImageDecoder(self.model, decoder=device_decoder, hw_share=hw_decode_share)
         self.forward_kwargs = {"task": task} if task else {}
         self.normalize = normalize
         self.truncate_dim = truncate_dim if truncate_dim is not None else getattr(self.model, "truncate_dim", None)
