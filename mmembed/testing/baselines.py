@@ -17,16 +17,25 @@ _STAGES: dict = {}
 
 
 def init_worker(stage_args: list) -> None:
+    """Preprocess stages keyed (model_dir, transport, on_device): transport "job" runs the stage as the embed job
+    does (uint8 pixels and Qwen-VL frames where the plan's check finds them exact), any other value ships the
+    processor's float pixels in that dtype (None: float32), which the forward-only ceiling feeds on."""
     import torch
 
     torch.set_num_threads(1)  # one decode per core, as the preprocess actors run
-    from mmembed.models.loading import ModelSpec
+    from mmembed.models.loading import ModelSpec, load_model
+    from mmembed.models.pixel_tail import check
     from mmembed.stages.preprocess import PreprocessStage
 
     for model_dir, transport, on_device in stage_args:
-        _STAGES[(model_dir, transport, on_device)] = PreprocessStage(
-            ModelSpec(model_dir), transport_dtype=transport, decode_on_device=on_device
-        )
+        spec = ModelSpec(model_dir)
+        if transport == "job":
+            verdict = check(load_model(spec, weights=False))
+            uint8 = verdict["transport"] == "uint8"
+            kwargs = {"uint8_pixels": uint8, "pixel_frames": uint8 and verdict.get("layout") == "frames"}
+        else:
+            kwargs = {"transport_dtype": transport}
+        _STAGES[(model_dir, transport, on_device)] = PreprocessStage(spec, decode_on_device=on_device, **kwargs)
 
 
 def records(paths: list[str], root: str):
