@@ -102,3 +102,7 @@ def test_preprocess_actors_reserve_memory_and_the_pool_fits_the_clusters_memory(
     assert res["num_preprocessors"] == 3 and cpu_pool(mine, res)["memory"] == 2 * PREPROCESS_MEMORY
     assert cluster.plan_resources(64, 4, _args("--num-preprocessors", "20"), memory=PREPROCESS_MEMORY)[
         "num_preprocessors"] == 20  # an explicit size is the user's
+    # PDF actors hold pdfium's pages too: they reserve 1.5 GiB (Ray saw 1.1-1.2 GiB on 8-page PDFs).
+    pdfs = InputSpec(uri="in", kind="media", num_records=398, modalities={"pdf"}, documents=398)
+    res = cluster.plan_resources(64, 4, cfg, pdfs, memory=12 * PREPROCESS_MEMORY)
+    assert res["memory_per_preprocessor"] == 3 << 29 and res["num_preprocessors"] == 6

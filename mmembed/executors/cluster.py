@@ -22,6 +22,9 @@ RECORDS_PER_PREPROCESSOR = {"media": 2_000, "text": 20_000}
 # What a preprocess actor holds (torch, transformers, the processor, a batch of decoded images): Ray
 # showed about 944 MiB each on Qwen3-VL screenshots (benchmarks/RESULTS.md, GPU); reserved per actor.
 PREPROCESS_MEMORY = 1 << 30
+# A PDF's actor also holds pdfium's document and rendered pages: Ray measured 1.1-1.2 GiB per actor on 8-page
+# PDFs of screenshots (benchmarks/RESULTS.md, "Channel-first views").
+PDF_PREPROCESS_MEMORY = 3 << 29
 
 # Media records cost milliseconds each to decode and preprocess, text records microseconds:
 # media blocks stay small enough that the last ones do not leave the pool waiting on a straggler.
@@ -231,7 +234,8 @@ def plan_resources(cpus: float, gpus: float, cfg, spec=None, memory: float | Non
             # CPU rule of thumb starved an H200, benchmarks/RESULTS.md).
             per_actor = cfg.preprocess_batch_size if device == "cuda" else RECORDS_PER_PREPROCESSOR[workload(spec)]
             preprocessors = min(preprocessors, -(-spec.num_records // per_actor))
-    pre_memory = cfg.memory_per_preprocessor or PREPROCESS_MEMORY
+    pdfs = spec is not None and bool(spec.documents or "pdf" in spec.columns)
+    pre_memory = cfg.memory_per_preprocessor or (PDF_PREPROCESS_MEMORY if pdfs else PREPROCESS_MEMORY)
     if memory and not cfg.num_preprocessors:
         preprocessors = max(1, min(preprocessors, int(0.75 * memory // pre_memory)))
     if pre_cpus is None:
