@@ -403,3 +403,33 @@ def test_token_index_search_finds_exact_maxsim_ranks(tiny_colbert, tmp_path):
         for d, s in got[q]:
             if d in exact_scores:
                 assert s == pytest.approx(exact_scores[d], abs=1e-4)
+
+
+def test_retrieve_rerank_with_multi_vector_models_equals_st(ray_session, tiny_colbert, st_models, tmp_path):
+    """The whole retrieve-rerank job with a multi-vector embedder (exact MaxSim retrieval) and the same model as
+    reranker (MaxSim of each pair): the candidates are ST's top --retrieve-k and the reranked rows ST's top
+    --top-k of them, scores equal to ST's similarity_pairwise."""
+    st = st_models[tiny_colbert]
+    docs = {f"d{i}": f"{TEXTS[i % len(TEXTS)]} {i}" for i in range(30)}
+    corpus = tmp_path / "corpus.parquet"
+    pq.write_table(pa.table({"id": list(docs), "text": list(docs.values())}), corpus)
+    queries = tmp_path / "q.parquet"
+    pq.write_table(pa.table({"id": [f"q{i}" for i in range(len(QUERIES))], "text": QUERIES}), queries)
+    out = tmp_path / "rr"
+    assert run_job("pipelines.retrieve_rerank", [
+        "--queries", queries, "--corpus", corpus, "--embedder", tiny_colbert, "--reranker", tiny_colbert,
+        "--retrieve-k", 6, "--top-k", 3, "--output", out]) == 0
+    want = st_top_k(st, QUERIES, {i: st.encode_document([docs[i]])[0] for i in docs}, 6)
+    candidates = read_hits(out / "candidates")
+    reranked = read_hits(out / "reranked")
+    q_emb = st.encode_query(QUERIES)
+    for q, expected in want.items():
+        assert [d for d, _ in candidates[f"q{q}"]] == [d for d, _ in expected], q
+        pairs = [(d, float(st.similarity_pairwise([q_emb[q]], st.encode_document([docs[d]]))[0]))
+                 for d, _ in expected]
+        top = sorted(pairs, key=lambda p: (-p[1], p[0]))[:3]
+        got = reranked[f"q{q}"]
+        assert [d for d, _ in got] == [d for d, _ in top], q
+        np.testing.assert_allclose([s for _, s in got], [s for _, s in top], rtol=0, atol=1e-4)
+    m = json.loads((out / "corpus_embeddings" / "_manifest.json").read_text())
+    assert m["model"]["multi_vector"]["task"] == "document"
