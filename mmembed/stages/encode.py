@@ -120,7 +120,7 @@ class ModelStage:
         from mmembed.models.pixel_tail import tail_of
 
         # uint8 pixels from the CPU pool get the processor's rescale and normalise here, on the device;
-        # Qwen-VL frames (--pixel layout "frames" in the plan) are first cut into the processor's patches.
+        # Qwen-VL frames (the plan's model.pixels.layout "frames") are first cut into the processor's patches.
         self.image_processor = image_processor(self.model)
         self.pixel_tail = tail_of(self.image_processor)[0]
         self.pixel_frames = pixel_frames

@@ -248,19 +248,21 @@ _QWEN3VL_RERANKER_CHAT_TEMPLATE = (
 )
 
 
+def _qwen_image_processor(patch_size: int):
+    """Qwen-VL's image processor at a tiny pixel budget: images capped at 128x128 pixels."""
+    from transformers import Qwen2VLImageProcessor
+
+    return Qwen2VLImageProcessor(size={"shortest_edge": 32 * 32, "longest_edge": 128 * 128}, patch_size=patch_size,
+                                 temporal_patch_size=2, merge_size=2, image_mean=[0.5, 0.5, 0.5],
+                                 image_std=[0.5, 0.5, 0.5])
+
+
 def _qwen3vl_processor(chat_template: str):
-    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+    from transformers import Qwen3VLProcessor, Qwen3VLVideoProcessor
 
     # patch 16 x merge 2 gives 32-pixel cells; the pixel budgets below cap an image at 4x4 cells
     # (16 merged tokens) and a video frame at 2x2, which keeps CPU forward passes instant.
-    image_processor = Qwen2VLImageProcessor(
-        size={"shortest_edge": 32 * 32, "longest_edge": 128 * 128},
-        patch_size=16,
-        temporal_patch_size=2,
-        merge_size=2,
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
-    )
+    image_processor = _qwen_image_processor(16)
     video_processor = Qwen3VLVideoProcessor(
         size={"shortest_edge": 32 * 32, "longest_edge": 4 * 64 * 64},
         patch_size=16,
@@ -616,18 +618,11 @@ def build_tiny_colqwen2(path: str | os.PathLike) -> str:
     The Qwen2-VL backbone is shrunk as the Qwen3-VL ones above; 14-pixel patches merged 2x2 give
     28-pixel cells, and the pixel budget caps an image at 128x128.
     """
-    from transformers import ColQwen2Config, ColQwen2ForRetrieval, ColQwen2Processor, Qwen2VLImageProcessor
+    from transformers import ColQwen2Config, ColQwen2ForRetrieval, ColQwen2Processor
 
     path = _fresh_dir(path)
     tokenizer = _qwen_tokenizer()
-    image_processor = Qwen2VLImageProcessor(
-        size={"shortest_edge": 32 * 32, "longest_edge": 128 * 128},
-        patch_size=14,
-        temporal_patch_size=2,
-        merge_size=2,
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
-    )
+    image_processor = _qwen_image_processor(14)
     processor = ColQwen2Processor(image_processor=image_processor, tokenizer=tokenizer)
     token = tokenizer.convert_tokens_to_ids
     vlm_config = {
