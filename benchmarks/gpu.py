@@ -154,7 +154,7 @@ def e2e_size(w: Workload, r: dict, stream_s: float, smoke: bool) -> int:
 
 
 def device_decode_ceiling(model_dir: str, paths: list[str], decoder: str, device: str, batch: int,
-                          min_seconds: float, model_kwargs: dict) -> dict:
+                          min_seconds: float, model_kwargs: dict, hw_share: float = 0.75) -> dict:
     """The encoder's device decode and processor alone (DeviceImageDecoder), batches of `batch` files, in this
     process: what a --decode-on-device run can reach at most, whatever else keeps up."""
     import numpy as np
@@ -165,7 +165,7 @@ def device_decode_ceiling(model_dir: str, paths: list[str], decoder: str, device
     from mmembed.testing.baselines import sync_device
 
     decoder_ = DeviceImageDecoder(load_model(ModelSpec(model_dir, model_kwargs=model_kwargs), weights=False),
-                                  decoder=decoder)
+                                  decoder=decoder, hw_share=hw_share)
     data = [np.frombuffer(open(p, "rb").read(), dtype=np.uint8) for p in paths]
     chunks = [data[i:i + batch] for i in range(0, len(data), batch)]
     dev = torch.device(device)
@@ -179,7 +179,15 @@ def device_decode_ceiling(model_dir: str, paths: list[str], decoder: str, device
         sync_device(device)
         if time.perf_counter() - start >= min_seconds:
             break
-    return {"img_s": done / (time.perf_counter() - start), "decoder": decoder, "batch": batch}
+    return {"img_s": done / (time.perf_counter() - start), "decoder": decoder, "batch": batch,
+            **({"hw_share": hw_share} if decoder == "nvimgcodec" else {})}
+
+
+def hw_share_sweep(model_dir: str, paths: list[str], device: str, batch: int, seconds: float, model_kwargs: dict,
+                   shares: list[float]) -> dict:
+    """nvImageCodec's decode ceiling at each --hw-decode-share: the figure that sets the option's default."""
+    return {str(share): device_decode_ceiling(model_dir, paths, "nvimgcodec", device, batch, seconds, model_kwargs,
+                                              hw_share=share)["img_s"] for share in shares}
 
 
 def e2e(w: Workload, model_dir: str, paths: list[str], root: str, out_dir: str, args, model_kwargs: dict) -> dict:
@@ -360,6 +368,10 @@ def build_parser() -> argparse.ArgumentParser:
         "and clip_{b32,l14}_{nvdecode,tvdecode} (--decode-on-device by nvImageCodec / torchvision). "
         f"Default: {DEFAULT_WORKLOADS}.",
     )
+    p.add_argument("--hw-shares", type=lambda v: [float(x) for x in v.split(",") if x.strip()],
+                   default=[0.0, 0.5, 0.75, 1.0],
+                   help="nvImageCodec decode ceilings at these --hw-decode-share values (default 0,0.5,0.75,1; '' "
+                   "for none): what the option's default should be on this card.")
     p.add_argument("--stream-seconds", type=float, default=30.0,
                    help="Each end-to-end job is sized so its shards stream at least this long (default 30).")
     p.add_argument("--budget-s", type=float, default=540.0,
@@ -535,8 +547,13 @@ def main(argv: list[str] | None = None) -> int:
                 results[name]["decode"] = device_decode_ceiling(
                     models[w.model], files[name][: w.n_pre], w.device_decoder, args.device, w.batch_size,
                     fwd_seconds, model_kwargs)
-                free_device(args.device)
                 stamp(f"{name}: device decode + processor {results[name]['decode']['img_s']:.1f} img/s")
+                if w.device_decoder == "nvimgcodec" and args.hw_shares:
+                    sweep = hw_share_sweep(models[w.model], files[name][: w.n_pre], args.device, w.batch_size,
+                                           min(fwd_seconds, 2.0), model_kwargs, args.hw_shares)
+                    results[name]["decode"]["hw_share_sweep"] = sweep
+                    stamp(f"{name}: nvImageCodec decode by --hw-decode-share {sweep}")
+                free_device(args.device)
         except Exception as exc:  # noqa: BLE001
             fail(name, "forward/ST", exc)
             free_device(args.device)

@@ -38,7 +38,8 @@ def test_gpu_benchmark_smoke(ray_session, tmp_path, capsys):
         assert "not installed" in report["results"]["clip_b32_nvdecode"]["skipped"]
     else:
         names.append("clip_b32_nvdecode")  # --decode-on-device by nvImageCodec (its CPU backend here)
-        assert report["results"]["clip_b32_nvdecode"]["decode"]["img_s"] > 0
+        decode = report["results"]["clip_b32_nvdecode"]["decode"]
+        assert decode["img_s"] > 0 and set(decode["hw_share_sweep"]) == {"0.0", "0.5", "0.75", "1.0"}
     for name in names:
         r = report["results"][name]
         assert r["passed"], r
