@@ -154,9 +154,10 @@ def e2e_size(w: Workload, r: dict, stream_s: float, smoke: bool) -> int:
 
 
 def device_decode_ceiling(model_dir: str, paths: list[str], decoder: str, device: str, batch: int,
-                          min_seconds: float, model_kwargs: dict, hw_share: float = 0.75) -> dict:
+                          min_seconds: float, model_kwargs: dict, shares: list[float] = ()) -> dict:
     """The encoder's device decode and processor alone (DeviceImageDecoder), batches of `batch` files, in this
-    process: what a --decode-on-device run can reach at most, whatever else keeps up."""
+    process: what a --decode-on-device run can reach at most, whatever else keeps up. With nvImageCodec and
+    `shares`, also its rate at each --hw-decode-share (a shorter window each): what sets the option's default."""
     import numpy as np
     import torch
 
@@ -164,30 +165,28 @@ def device_decode_ceiling(model_dir: str, paths: list[str], decoder: str, device
     from mmembed.models.loading import ModelSpec, load_model
     from mmembed.testing.baselines import sync_device
 
-    decoder_ = DeviceImageDecoder(load_model(ModelSpec(model_dir, model_kwargs=model_kwargs), weights=False),
-                                  decoder=decoder, hw_share=hw_share)
+    model = load_model(ModelSpec(model_dir, model_kwargs=model_kwargs), weights=False)
     data = [np.frombuffer(open(p, "rb").read(), dtype=np.uint8) for p in paths]
     chunks = [data[i:i + batch] for i in range(0, len(data), batch)]
     dev = torch.device(device)
-    decoder_(chunks[0], dev)
-    sync_device(device)
-    done, start = 0, time.perf_counter()
-    while True:
-        for chunk in chunks:
-            decoder_(chunk, dev)
-            done += len(chunk)
+
+    def rate(hw_share: float | None, seconds: float) -> float:  # None: the decoder's default share
+        decode = DeviceImageDecoder(model, decoder=decoder, **({} if hw_share is None else {"hw_share": hw_share}))
+        decode(chunks[0], dev)
         sync_device(device)
-        if time.perf_counter() - start >= min_seconds:
-            break
-    return {"img_s": done / (time.perf_counter() - start), "decoder": decoder, "batch": batch,
-            **({"hw_share": hw_share} if decoder == "nvimgcodec" else {})}
+        done, start = 0, time.perf_counter()
+        while True:
+            for chunk in chunks:
+                decode(chunk, dev)
+                done += len(chunk)
+            sync_device(device)
+            if time.perf_counter() - start >= seconds:
+                return done / (time.perf_counter() - start)
 
-
-def hw_share_sweep(model_dir: str, paths: list[str], device: str, batch: int, seconds: float, model_kwargs: dict,
-                   shares: list[float]) -> dict:
-    """nvImageCodec's decode ceiling at each --hw-decode-share: the figure that sets the option's default."""
-    return {str(share): device_decode_ceiling(model_dir, paths, "nvimgcodec", device, batch, seconds, model_kwargs,
-                                              hw_share=share)["img_s"] for share in shares}
+    out = {"img_s": rate(None, min_seconds), "decoder": decoder, "batch": batch}
+    if decoder == "nvimgcodec" and shares:
+        out["hw_share_sweep"] = {str(share): rate(share, min(min_seconds, 2.0)) for share in shares}
+    return out
 
 
 def e2e(w: Workload, model_dir: str, paths: list[str], root: str, out_dir: str, args, model_kwargs: dict) -> dict:
@@ -544,16 +543,12 @@ def main(argv: list[str] | None = None) -> int:
             results[name]["st"] = {"img_s": st["img_s"], "files": w.n_st}
             results[name]["_st_emb"] = st["embeddings"]
             if w.decode_on_device:
-                results[name]["decode"] = device_decode_ceiling(
+                decode = results[name]["decode"] = device_decode_ceiling(
                     models[w.model], files[name][: w.n_pre], w.device_decoder, args.device, w.batch_size,
-                    fwd_seconds, model_kwargs)
-                stamp(f"{name}: device decode + processor {results[name]['decode']['img_s']:.1f} img/s")
-                if w.device_decoder == "nvimgcodec" and args.hw_shares:
-                    sweep = hw_share_sweep(models[w.model], files[name][: w.n_pre], args.device, w.batch_size,
-                                           min(fwd_seconds, 2.0), model_kwargs, args.hw_shares)
-                    results[name]["decode"]["hw_share_sweep"] = sweep
-                    stamp(f"{name}: nvImageCodec decode by --hw-decode-share {sweep}")
+                    fwd_seconds, model_kwargs, args.hw_shares)
                 free_device(args.device)
+                stamp(f"{name}: device decode + processor {decode['img_s']:.1f} img/s; by --hw-decode-share "
+                      f"{decode.get('hw_share_sweep', '-')}")
         except Exception as exc:  # noqa: BLE001
             fail(name, "forward/ST", exc)
             free_device(args.device)
@@ -586,8 +581,8 @@ def main(argv: list[str] | None = None) -> int:
                 stamp(f"{name}: skipped, {r['skipped']}")
                 continue
             count = e2e_size(w, r, args.stream_seconds, args.smoke)
-            with spawn.Pool(1) as pool:
-                e2e_files = corpus(args.workdir, w.corpus, count, pool, unique_of[name])
+            # Hard links to the unique files step 1 made: no pool is needed to generate any.
+            e2e_files = corpus(args.workdir, w.corpus, count, None, unique_of[name])
             try:
                 out = e2e(w, models[w.model], e2e_files, args.workdir,
                           os.path.join(args.workdir, "out", name), args, model_kwargs)  # fmt: skip

@@ -185,6 +185,16 @@ def test_resume_after_a_kill_has_no_duplicates(tiny_colbert, st_models, tmp_path
 QUERIES = ["a cat", "the capital of france", "bird on a road", "music and sound", "seven eight"]
 
 
+def text_corpus(tmp_path, n: int):
+    """({id: text} of n documents, their manifest, a manifest of QUERIES)."""
+    docs = {f"d{i}": f"{TEXTS[i % len(TEXTS)]} {i}" for i in range(n)}
+    corpus = tmp_path / "corpus.parquet"
+    pq.write_table(pa.table({"id": list(docs), "text": list(docs.values())}), corpus)
+    queries = tmp_path / "q.parquet"
+    pq.write_table(pa.table({"id": [f"q{i}" for i in range(len(QUERIES))], "text": QUERIES}), queries)
+    return docs, corpus, queries
+
+
 def st_top_k(st, queries: list, docs: dict, k: int):
     """{query index: [(doc id, score)]} by ST's own MaxSim over its own embeddings."""
     ids = sorted(docs)
@@ -203,11 +213,7 @@ def read_hits(out):
 
 def test_search_is_exact_maxsim_equal_to_st(ray_session, tiny_colbert, st_models, tmp_path):
     st = st_models[tiny_colbert]
-    docs = {f"d{i}": f"{TEXTS[i % len(TEXTS)]} {i}" for i in range(40)}
-    corpus = tmp_path / "corpus.parquet"
-    pq.write_table(pa.table({"id": list(docs), "text": list(docs.values())}), corpus)
-    queries = tmp_path / "q.parquet"
-    pq.write_table(pa.table({"id": [f"q{i}" for i in range(len(QUERIES))], "text": QUERIES}), queries)
+    docs, corpus, queries = text_corpus(tmp_path, 40)
     cdir = tmp_path / "c"
     assert run_job("pipelines.embed", ["--input", corpus, "--output", cdir, "--model", tiny_colbert]) == 0
     stored = read_vectors(cdir)
@@ -410,11 +416,7 @@ def test_retrieve_rerank_with_multi_vector_models_equals_st(ray_session, tiny_co
     reranker (MaxSim of each pair): the candidates are ST's top --retrieve-k and the reranked rows ST's top
     --top-k of them, scores equal to ST's similarity_pairwise."""
     st = st_models[tiny_colbert]
-    docs = {f"d{i}": f"{TEXTS[i % len(TEXTS)]} {i}" for i in range(30)}
-    corpus = tmp_path / "corpus.parquet"
-    pq.write_table(pa.table({"id": list(docs), "text": list(docs.values())}), corpus)
-    queries = tmp_path / "q.parquet"
-    pq.write_table(pa.table({"id": [f"q{i}" for i in range(len(QUERIES))], "text": QUERIES}), queries)
+    docs, corpus, queries = text_corpus(tmp_path, 30)
     out = tmp_path / "rr"
     assert run_job("pipelines.retrieve_rerank", [
         "--queries", queries, "--corpus", corpus, "--embedder", tiny_colbert, "--reranker", tiny_colbert,

@@ -401,6 +401,8 @@ def add_executor_option(compute) -> None:
 
 def add_executor_options(compute) -> None:
     """The embed job's own compute options: decoding on the device, or decoding less (--fast-decode)."""
+    from mmembed.media.device_decode import HW_DECODE_SHARE
+
     compute.add_argument(
         "--fast-decode",
         action="store_true",
@@ -432,11 +434,11 @@ def add_executor_options(compute) -> None:
     compute.add_argument(
         "--hw-decode-share",
         type=float,
-        default=0.75,
+        default=HW_DECODE_SHARE,
         help="With nvImageCodec: the share of each batch's JPEGs given to the hardware decode engines, the rest "
-        "decoded on CUDA cores (default 0.75, after DALI's published A100 figures; not yet measured by "
-        "benchmarks/gpu.py). 0 keeps everything on CUDA cores, 1 on the engines. Cards without the engines "
-        "use CUDA cores for all.",
+        f"decoded on CUDA cores (default {HW_DECODE_SHARE}, after DALI's published A100 figures; not yet "
+        "measured on a card: benchmarks/gpu.py --hw-shares sweeps it). 0 keeps everything on CUDA cores, 1 on "
+        "the engines. Cards without the engines use CUDA cores for all.",
     )
 
 

@@ -13,6 +13,8 @@ import os
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Mapping, TypeVar
 
+from mmembed.media.device_decode import HW_DECODE_SHARE
+
 C = TypeVar("C")
 
 
@@ -120,7 +122,7 @@ class EmbedConfig(ModelOptions, EmbeddingOptions, InputOptions, ComputeOptions, 
     split_modalities: bool = False
     decode_on_device: bool = False
     device_decoder: str = "auto"
-    hw_decode_share: float = 0.75
+    hw_decode_share: float = HW_DECODE_SHARE
     fast_decode: bool = False
 
 

@@ -140,7 +140,7 @@ def plan(cfg: EmbedConfig, *, standin: bool = False) -> dict:
 
 def device_decoder_kwargs(p: dict) -> dict:
     decode = p.get("device_decode")
-    return {"device_decoder": decode["decoder"], "hw_decode_share": decode.get("hw_share", 0.75)} if decode else {}
+    return {"device_decoder": decode["decoder"], "hw_decode_share": decode.get("hw_share")} if decode else {}
 
 
 def device_decode_plan(cfg) -> dict:

@@ -5,7 +5,8 @@ forward pass's rate (benchmarks/RESULTS.md, "GPU"). With this option the CPU poo
 fetches a photo's bytes and checks its header; the encoder decodes a batch, with nvImageCodec where
 it is installed (`--device-decoder`: a batch split between the GPU's hardware JPEG engines and its
 CUDA cores, `--hw-decode-share`) or torchvision's nvJPEG (`decode_jpeg(device="cuda")`, one decoder
-per process), and hands the decoded tensors to the model's own image processor with `device=`, so resizing, cropping and normalising are the processor's own
+per process), and hands the decoded tensors to the model's own image processor with `device=`, so
+resizing, cropping and normalising are the processor's own
 code, run on the GPU. On a CPU encoder the same code runs with device="cpu".
 
 Only records a device decode reproduces go this way: baseline RGB JPEGs with no EXIF rotation,
@@ -67,6 +68,9 @@ def image_processor(model):
 
 
 DECODERS = ("nvimgcodec", "torchvision")
+# --hw-decode-share's default: DALI's published A100 figures put the best split near 75% on the hardware
+# engines; not yet measured on a card here (benchmarks/gpu.py --hw-shares).
+HW_DECODE_SHARE = 0.75
 
 
 def nvimgcodec_installed() -> bool:
@@ -85,7 +89,8 @@ def resolve_decoder(choice: str) -> str:
         return "nvimgcodec" if nvimgcodec_installed() else "torchvision"
     if choice == "nvimgcodec" and not nvimgcodec_installed():
         raise ValueError("--device-decoder nvimgcodec: nvImageCodec is not installed; pip install "
-                         "'mmembed[nvimgcodec-cu13]' (or -cu12, matching torch's CUDA), or use --device-decoder torchvision")
+                         "'mmembed[nvimgcodec-cu13]' (or -cu12, matching torch's CUDA), or use "
+                         "--device-decoder torchvision")
     if choice not in DECODERS:
         raise ValueError(f"--device-decoder {choice!r} is not one of auto, {', '.join(DECODERS)}")
     return choice
@@ -99,7 +104,7 @@ class NvImageCodecJpegs:
     decodes (what the tests check parity with). Fancy upsampling, as libjpeg-turbo's default, which
     torchvision and Pillow use for ST."""
 
-    def __init__(self, device, hw_share: float = 0.75):
+    def __init__(self, device, hw_share: float = HW_DECODE_SHARE):
         from nvidia import nvimgcodec
 
         self.nvimgcodec = nvimgcodec
@@ -137,7 +142,7 @@ class NvImageCodecJpegs:
 class DeviceImageDecoder:
     """Decodes batches of JPEG bytes on a device into the features ST's preprocess builds for an image."""
 
-    def __init__(self, model, decoder: str = "torchvision", hw_share: float = 0.75):
+    def __init__(self, model, decoder: str = "torchvision", hw_share: float = HW_DECODE_SHARE):
         import torch
         from PIL import Image
 

@@ -122,7 +122,8 @@ def _patch_rows(features: dict[str, Any], n: int) -> dict[str, tuple]:
     return out
 
 
-def same_features(a: dict[str, Any], b: dict[str, Any]) -> bool:
+def same_features(a: dict[str, Any], b: dict[str, Any], exact: bool = False) -> bool:
+    """The same keys, shapes, dtypes and values; float tensors within 1e-6, or bit for bit with `exact`."""
     import torch
 
     if a.keys() != b.keys():
@@ -134,7 +135,7 @@ def same_features(a: dict[str, Any], b: dict[str, Any]) -> bool:
         if isinstance(x, torch.Tensor):
             if x.shape != y.shape or x.dtype != y.dtype:
                 return False
-            if x.is_floating_point():
+            if x.is_floating_point() and not exact:
                 if not torch.allclose(x, y, rtol=0, atol=1e-6):
                     return False
             elif not torch.equal(x, y):

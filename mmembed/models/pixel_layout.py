@@ -72,6 +72,7 @@ def channels_last_exact(model) -> bool:
     from PIL import Image
 
     from mmembed.media.device_decode import image_processor
+    from mmembed.models.features import same_features
 
     ip = image_processor(model)
     if ip is None or not hasattr(type(ip), "process_image") or not model.supports("image"):
@@ -92,26 +93,11 @@ def channels_last_exact(model) -> bool:
         want = [model.preprocess([p]) for p in probes]
         keep_channels_last(ip)
         got = [model.preprocess([p]) for p in probes]
-        same = all(_equal(a, b) for a, b in zip(want, got))
+        same = all(same_features(a, b, exact=True) for a, b in zip(want, got))
     except Exception:  # noqa: BLE001 - any doubt keeps the processor's own path
         same = False
     release(ip, "process_image")
     return same
-
-
-def _equal(a: dict, b: dict) -> bool:
-    import torch
-
-    if a.keys() != b.keys():
-        return False
-    for k, v in a.items():
-        w = b[k]
-        if isinstance(v, torch.Tensor):
-            if not isinstance(w, torch.Tensor) or v.dtype != w.dtype or v.shape != w.shape or not torch.equal(v, w):
-                return False
-        elif v != w:
-            return False
-    return True
 
 
 # ---------------------------------------------------------------------------------------------

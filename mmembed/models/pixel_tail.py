@@ -147,13 +147,12 @@ def check(model, prompt: str | None = None, task: str | None = None) -> dict:
             if ref.dtype != torch.float32 or ref.shape != got.shape:
                 return {"transport": "float32", "reason": f"pixel_values are {ref.dtype} {tuple(ref.shape)}, raw "
                         f"{got.dtype} {tuple(got.shape)}: not the shape of a tail on uint8 pixels"}
-            others = [k for k in want if k != "pixel_values" and isinstance(want[k], torch.Tensor)
-                      and not torch.equal(want[k], raw[k])]
+            others = _changed(want, raw)
             if others:
                 return {"transport": "float32", "reason": f"turning the tail off changes {others}"}
             worst = max(worst, float((tail.apply(as_uint8(got)) - ref).abs().max()))
             if layout_why is None:
-                layout_why, diff = _frames_diff(model, ip, image, want, prompt, kwargs)
+                layout_why, diff = _frames_diff(model, ip, tail, image, want, prompt, kwargs)
                 frames_worst = max(frames_worst, diff)
     except Exception as exc:  # noqa: BLE001 - any surprise keeps the exact float transport
         return {"transport": "float32", "reason": f"{type(exc).__name__}: {exc}"}
@@ -170,14 +169,21 @@ def check(model, prompt: str | None = None, task: str | None = None) -> dict:
             "reason": "rescale and normalise run on the encoder's device", **layout}
 
 
-def _frames_diff(model, ip, image, want: dict, prompt, kwargs) -> tuple[str | None, float]:
+def _changed(want: dict, got: dict) -> list[str]:
+    """The tensors besides pixel_values that differ between two preprocess outputs."""
+    import torch
+
+    return [k for k in want if k != "pixel_values" and isinstance(want[k], torch.Tensor)
+            and not torch.equal(want[k], got[k])]
+
+
+def _frames_diff(model, ip, tail: PixelTail, image, want: dict, prompt, kwargs) -> tuple[str | None, float]:
     """(None, max |delta|) of frame rows unfolded and given the tail against ST's features for `image`, or
     (why frames do not serve this model, 0)."""
     import torch
 
     from mmembed.models.pixel_layout import release, ship_frames, unfold
 
-    tail = tail_of(ip)[0]
     ship_frames(ip)
     try:
         with without_tail(ip):
@@ -187,11 +193,11 @@ def _frames_diff(model, ip, image, want: dict, prompt, kwargs) -> tuple[str | No
     grid = framed.get("image_grid_thw")
     if not isinstance(grid, torch.Tensor):
         return "the image features have no image_grid_thw", 0.0
-    others = [k for k in want if k != "pixel_values" and isinstance(want[k], torch.Tensor)
-              and not torch.equal(want[k], framed[k])]
+    others = _changed(want, framed)
     if others:
         return f"shipping frames changes {others}", 0.0
     got = tail.apply(unfold(as_uint8(framed["pixel_values"]), grid, ip))
     if got.shape != want["pixel_values"].shape:
-        return f"unfolded frames are {tuple(got.shape)}, the processor's patches {tuple(want['pixel_values'].shape)}", 0.0
+        return (f"unfolded frames are {tuple(got.shape)}, the processor's patches "
+                f"{tuple(want['pixel_values'].shape)}", 0.0)
     return None, float((got - want["pixel_values"]).abs().max())

@@ -335,7 +335,7 @@ class EncodeStage(ModelStage):
         copy_mode: str = "staged",
         decode_on_device: bool = False,
         device_decoder: str = "torchvision",
-        hw_decode_share: float = 0.75,
+        hw_decode_share: float | None = None,
         pixel_frames: bool = False,
     ):
         super().__init__(model, device=device, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
@@ -344,7 +344,8 @@ class EncodeStage(ModelStage):
         if decode_on_device:
             from mmembed.media.device_decode import DeviceImageDecoder
 
-            self._jpeg_decoder = DeviceImageDecoder(self.model, decoder=device_decoder, hw_share=hw_decode_share)
+            share = {} if hw_decode_share is None else {"hw_share": hw_decode_share}
+            self._jpeg_decoder = DeviceImageDecoder(self.model, decoder=device_decoder, **share)
         self.forward_kwargs = {"task": task} if task else {}
         self.normalize = normalize
         self.truncate_dim = truncate_dim if truncate_dim is not None else getattr(self.model, "truncate_dim", None)
